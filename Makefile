@@ -1,0 +1,42 @@
+# Set-up on a fresh machine is `make demo` or `make test`: both create and
+# reuse .venv, install almanet editable with its compiled speedups and the
+# extras they need, and rebuild when a .pyx or the build files change.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install test lint demo bench wheels clean
+
+install: $(INSTALLED)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(INSTALLED): $(BIN)/python pyproject.toml setup.py $(wildcard almanet/_speedups/*.pyx)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,lint]'
+	touch $@
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check almanet tests benchmarks examples setup.py
+	$(BIN)/ruff format --check almanet tests benchmarks examples setup.py
+	$(BIN)/mypy --strict almanet
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: $(INSTALLED)
+	$(BIN)/python examples/demo.py
+
+bench: $(INSTALLED)
+	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+
+# Builds a wheel with each CPython 3.10-3.13 under pyenv, installs it into a
+# fresh venv and checks that the compiled speedups load.
+wheels:
+	tools/check-wheels
+
+clean:
+	rm -rf build dist *.egg-info almanet/_speedups/*.c almanet/_speedups/*.so

@@ -1,0 +1,72 @@
+"""Errors of the NSQ wire protocol.
+
+``ProtocolError``
+    The bytes on a connection broke NSQ protocol V2; the connection cannot go on.
+
+    ``FrameError``
+        A frame sent by nsqd is malformed (client direction): a size below 4 or
+        above the limit, an unknown frame type, a message frame shorter than its
+        26-byte header, or a connection closed in the middle of a frame.
+
+    ``CommandError``
+        A client's command is refused (server direction). ``code`` and
+        ``description`` are the ones nsqd uses; ``data`` is the payload of the
+        error frame to send before closing the connection.
+
+A plain ``ProtocolError`` from the command parser (a command line longer than
+nsqd's read buffer, a connection closed mid-command) closes the connection
+without an error frame, as nsqd does.
+"""
+
+
+class ProtocolError(Exception):
+    """The bytes on an NSQ connection broke protocol V2."""
+
+
+class FrameError(ProtocolError):
+    """A frame received from nsqd is malformed."""
+
+
+class CommandError(ProtocolError):
+    """A command received by the broker is refused with an nsqd error code."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(f"{code} {description}" if description else code)
+        self.code = code
+        self.description = description
+
+    @property
+    def data(self) -> bytes:
+        """The error frame's payload: ``E_CODE description``, raw bytes preserved."""
+        return str(self).encode("utf-8", "surrogateescape")
+
+
+def wire_text(raw: bytes) -> str:
+    """Text of raw wire bytes for an error description, reversible by ``CommandError.data``."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def go_quote(raw: bytes) -> str:
+    """Quote bytes as Go's ``%q`` does, so error texts match nsqd's byte for byte."""
+    out = ['"']
+    for char in raw.decode("utf-8", "surrogateescape"):
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char in '"\\':
+            out.append("\\" + char)
+        elif char in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[char])
+        elif char.isprintable():
+            out.append(char)
+        elif code < 0x80:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
