@@ -52,30 +52,8 @@ from almanet._speedups.frames_py import (
     parse_base10,
     wire_text,
 )
+from almanet._speedups.frames_py import __all__  # the same API, by construction
 
-__all__ = [
-    "Command",
-    "CommandParser",
-    "ErrorFrame",
-    "FrameReader",
-    "MessageFrame",
-    "ResponseFrame",
-    "encode_auth",
-    "encode_dpub",
-    "encode_error",
-    "encode_fin",
-    "encode_identify",
-    "encode_message",
-    "encode_mpub",
-    "encode_pub",
-    "encode_rdy",
-    "encode_req",
-    "encode_response",
-    "encode_sub",
-    "encode_touch",
-    "is_valid_name",
-    "parse_base10",
-]
 
 cdef enum:
     MESSAGE_ID_SIZE = 16
@@ -137,34 +115,29 @@ def is_valid_name(bytes name not None):
 # --- frames (server -> client) ---------------------------------------------
 
 
-@cython.final
-@cython.freelist(64)
-cdef class ResponseFrame:
+cdef class _DataFrame:
     cdef readonly bytes data
 
     def __init__(self, bytes data):
         self.data = data
 
     def __eq__(self, other):
-        return isinstance(other, ResponseFrame) and (<ResponseFrame>other).data == self.data
+        return type(other) is type(self) and (<_DataFrame>other).data == self.data
 
     def __repr__(self):
-        return f"ResponseFrame({self.data!r})"
+        return f"{type(self).__name__}({self.data!r})"
 
 
 @cython.final
 @cython.freelist(64)
-cdef class ErrorFrame:
-    cdef readonly bytes data
+cdef class ResponseFrame(_DataFrame):
+    pass
 
-    def __init__(self, bytes data):
-        self.data = data
 
-    def __eq__(self, other):
-        return isinstance(other, ErrorFrame) and (<ErrorFrame>other).data == self.data
-
-    def __repr__(self):
-        return f"ErrorFrame({self.data!r})"
+@cython.final
+@cython.freelist(64)
+cdef class ErrorFrame(_DataFrame):
+    pass
 
 
 @cython.final
@@ -292,14 +265,9 @@ cdef class FrameReader(_StreamBuffer):
             message.id = PyBytes_FromStringAndSize(<const char*>p + 18, MESSAGE_ID_SIZE)
             message.body = PyBytes_FromStringAndSize(<const char*>p + 8 + MESSAGE_HEADER_SIZE, size - 4 - MESSAGE_HEADER_SIZE)
             return message
-        data = PyBytes_FromStringAndSize(<const char*>p + 8, size - 4)
-        if frame_type == 0:
-            response = ResponseFrame.__new__(ResponseFrame)
-            (<ResponseFrame>response).data = data
-            return response
-        error = ErrorFrame.__new__(ErrorFrame)
-        (<ErrorFrame>error).data = data
-        return error
+        data_frame = ResponseFrame.__new__(ResponseFrame) if frame_type == 0 else ErrorFrame.__new__(ErrorFrame)
+        (<_DataFrame>data_frame).data = PyBytes_FromStringAndSize(<const char*>p + 8, size - 4)
+        return data_frame
 
     def feed_eof(self):
         if self._error is not None:

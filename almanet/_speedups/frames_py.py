@@ -87,34 +87,29 @@ def parse_base10(raw: bytes) -> int | None:
 # --- frames (server -> client) ---------------------------------------------
 
 
-class ResponseFrame:
+class _DataFrame:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _DataFrame) and type(other) is type(self) and other.data == self.data
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.data!r})"
+
+
+class ResponseFrame(_DataFrame):
     """Frame type 0: ``OK``, ``_heartbeat_``, ``CLOSE_WAIT``, IDENTIFY's JSON, ..."""
 
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ResponseFrame) and other.data == self.data
-
-    def __repr__(self) -> str:
-        return f"ResponseFrame({self.data!r})"
+    __slots__ = ()
 
 
-class ErrorFrame:
+class ErrorFrame(_DataFrame):
     """Frame type 1: ``E_CODE description``."""
 
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ErrorFrame) and other.data == self.data
-
-    def __repr__(self) -> str:
-        return f"ErrorFrame({self.data!r})"
+    __slots__ = ()
 
 
 class MessageFrame:
