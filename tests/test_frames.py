@@ -265,3 +265,63 @@ def test_encoded_frames_read_back(frames: ModuleType) -> None:
         frames.MessageFrame(123, 2, MESSAGE_ID, b"payload"),
         frames.ErrorFrame(b"E_FIN_FAILED FIN x failed"),
     ]
+
+
+# --- hostile Python objects (found by an AddressSanitizer fuzz of the compiled twin) ---
+
+
+def test_feeding_a_parser_from_inside_its_iteration_is_refused(frames: ModuleType) -> None:
+    """Code run during parsing (here a comparison) must not move the buffer being parsed."""
+
+    class Timeout(int):
+        def __lt__(self, other: object) -> bool:
+            parser.feed(b"z" * (1 << 20))
+            return False
+
+    parser = frames.CommandParser(max_req_timeout=Timeout(1000))
+    parser.feed(b"  V2DPUB t 5\n\x00\x00\x00\x03abc")
+    with pytest.raises(BufferError, match="while it is reading"):
+        list(parser)
+
+
+def test_mpub_writes_what_it_measured(frames: ModuleType) -> None:
+    class Shifting:  # a different sequence on each iteration
+        iterations = 0
+
+        def __len__(self) -> int:
+            return 1
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            self.iterations += 1
+            return iter([b"a"] if self.iterations == 1 else [b"a" * 4096])
+
+    assert frames.encode_mpub("t", Shifting()) == frames.encode_mpub("t", [b"a"])
+
+    class Growing(bytes):  # measuring it grows an element already measured
+        def __len__(self) -> int:
+            bodies[0] = b"y" * 4096
+            return bytes.__len__(self)
+
+    bodies = [b"y", Growing(b"x")]
+    assert frames.encode_mpub("t", bodies) == frames.encode_mpub("t", [b"y", b"x"])
+
+
+def test_objects_faking_bytes_are_refused(frames: ModuleType) -> None:
+    class Fake(list):  # type: ignore[type-arg]
+        __class__ = bytes  # type: ignore[assignment]
+
+    fake = Fake(range(64))
+    with pytest.raises(TypeError):
+        frames.encode_pub("t", fake)
+    with pytest.raises(TypeError):
+        frames.encode_mpub("t", [fake])
+    with pytest.raises(TypeError):
+        frames.encode_fin(fake)
+
+
+def test_str_subclass_cannot_change_a_topic_name(frames: ModuleType) -> None:
+    class Odd(str):
+        def encode(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
+            return None  # type: ignore[return-value]
+
+    assert frames.encode_pub(Odd("t"), b"body") == b"PUB t\n\x00\x00\x00\x04body"

@@ -13,7 +13,7 @@ each read is preceded by a check that the bytes it touches are there.
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_SIZE
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -29,6 +29,7 @@ from almanet.nsq.protocol import (
 )
 
 from almanet._speedups.frames_py import (
+    _COMMANDS,
     _check_body,
     _check_body_size,
     _check_size,
@@ -175,12 +176,18 @@ cdef class _StreamBuffer:
     cdef Py_ssize_t _end
     cdef Py_ssize_t _capacity
     cdef object _error
+    # Set while a frame or command is being read, which holds pointers into
+    # the buffer: code that runs meanwhile (Python helpers, a finalizer,
+    # another thread) must not move it.
+    cdef bint _reading
 
     def __dealloc__(self):
         free(self._data)
 
     def feed(self, data):
         cdef Py_buffer view
+        if self._reading:
+            raise BufferError("cannot feed a reader while it is reading")
         if self._error is not None:
             raise self._error
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -236,12 +243,19 @@ cdef class FrameReader(_StreamBuffer):
         return self
 
     def __next__(self):
+        if self._error is not None:
+            raise self._error
+        self._reading = True
+        try:
+            return self._read()
+        finally:
+            self._reading = False
+
+    cdef object _read(self):
         cdef const uint8_t* p
         cdef Py_ssize_t available
         cdef int64_t size, frame_type
         cdef MessageFrame message
-        if self._error is not None:
-            raise self._error
         available = self._end - self._start
         if available < 4:
             raise StopIteration
@@ -316,20 +330,7 @@ cdef inline Command make_command(bytes name, list params, object body, object me
 
 
 # Commands nsqd knows; True for those followed by a size-prefixed body.
-cdef dict COMMANDS = {
-    b"IDENTIFY": True,
-    b"AUTH": True,
-    b"PUB": True,
-    b"MPUB": True,
-    b"DPUB": True,
-    b"SUB": False,
-    b"RDY": False,
-    b"FIN": False,
-    b"REQ": False,
-    b"TOUCH": False,
-    b"CLS": False,
-    b"NOP": False,
-}
+cdef dict COMMANDS = _COMMANDS
 
 
 @cython.final
@@ -356,10 +357,13 @@ cdef class CommandParser(_StreamBuffer):
     def __next__(self):
         if self._error is not None:
             raise self._error
+        self._reading = True
         try:
             command = self._parse()
         except ProtocolError as error:
             raise self._fail(error) from None
+        finally:
+            self._reading = False
         if command is None:
             raise StopIteration
         return command
@@ -467,12 +471,17 @@ cdef bytes topic_bytes(object topic):
         raw = (<str>topic).encode("ascii")
         if name_ok(<const uint8_t*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw)):
             return raw
-    return _name_bytes("topic", topic)
+    raw = _name_bytes("topic", topic)  # raises the pure twin's error
+    if not PyBytes_CheckExact(raw):
+        raise TypeError("an NSQ topic name must encode to bytes")
+    return raw
 
 
 cdef inline Py_ssize_t body_size(object body) except -1:
     if type(body) is not bytes or PyBytes_GET_SIZE(body) == 0:
-        _check_body(body)
+        _check_body(body)  # raises the pure twin's error
+        if not PyBytes_Check(body):  # never trust Python code with a C-level type
+            raise TypeError(f"a message body must be bytes, not {type(body).__name__}")
     return PyBytes_GET_SIZE(body)
 
 
@@ -495,13 +504,16 @@ def encode_pub(topic, body):
 
 def encode_mpub(topic, bodies):
     cdef bytes name = topic_bytes(topic)
-    cdef Py_ssize_t count = len(bodies)
+    # Measured and written from one private list, so nothing bodies does
+    # between the two passes can change what is copied.
+    cdef list items = list(bodies)
+    cdef Py_ssize_t count = len(items)
     cdef Py_ssize_t payload = 4
     cdef Py_ssize_t name_length = PyBytes_GET_SIZE(name)
     cdef Py_ssize_t size
     if count == 0:
         raise ValueError("MPUB needs at least one message")
-    for body in bodies:
+    for body in items:
         payload += 4 + body_size(body)
     if payload > INT32_MAX:
         _check_size(payload)
@@ -514,7 +526,7 @@ def encode_mpub(topic, bodies):
     write_u32(p + 1, <uint32_t>payload)
     write_u32(p + 5, <uint32_t>count)
     p += 9
-    for body in bodies:
+    for body in items:
         size = PyBytes_GET_SIZE(body)
         write_u32(p, <uint32_t>size)
         memcpy(p + 4, PyBytes_AS_STRING(body), size)
@@ -524,7 +536,9 @@ def encode_mpub(topic, bodies):
 
 def encode_fin(message_id):
     if type(message_id) is not bytes or PyBytes_GET_SIZE(message_id) != MESSAGE_ID_SIZE:
-        _check_message_id(message_id)
+        _check_message_id(message_id)  # raises the pure twin's error
+        if not PyBytes_Check(message_id) or PyBytes_GET_SIZE(message_id) != MESSAGE_ID_SIZE:
+            raise TypeError(f"a message id must be bytes, not {type(message_id).__name__}")
     out = PyBytes_FromStringAndSize(NULL, 4 + MESSAGE_ID_SIZE + 1)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
     memcpy(p, b"FIN ", 4)

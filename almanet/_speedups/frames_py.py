@@ -146,15 +146,20 @@ class _StreamBuffer:
     so a stream costs linear time whatever its chunking.
     """
 
-    __slots__ = ("_buf", "_error", "_pos")
+    __slots__ = ("_buf", "_error", "_pos", "_reading")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._error: ProtocolError | None = None
+        # Set while a frame or command is being read: code that runs meanwhile
+        # (another thread, a finalizer) must not move the buffer.
+        self._reading = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append a chunk of the stream."""
+        if self._reading:
+            raise BufferError("cannot feed a reader while it is reading")
         if self._error is not None:
             raise self._error
         if self._pos:
@@ -187,6 +192,13 @@ class FrameReader(_StreamBuffer):
     def __next__(self) -> Frame:
         if self._error is not None:
             raise self._error
+        self._reading = True
+        try:
+            return self._read()
+        finally:
+            self._reading = False
+
+    def _read(self) -> Frame:
         buf = self._buf
         pos = self._pos
         available = len(buf) - pos
@@ -321,10 +333,13 @@ class CommandParser(_StreamBuffer):
     def __next__(self) -> Command:
         if self._error is not None:
             raise self._error
+        self._reading = True
         try:
             command = self._parse()
         except ProtocolError as error:
             raise self._fail(error) from None
+        finally:
+            self._reading = False
         if command is None:
             raise StopIteration
         return command
@@ -471,25 +486,31 @@ def _split_mpub(buf: bytes | bytearray, start: int, end: int, max_msg_size: int,
 # --- command encoders (client -> server) -----------------------------------
 
 
+# Type checks use type(), not isinstance(): an object can fake its __class__,
+# and the compiled twin must not be told a fake is bytes.
+
+
 def _name_bytes(kind: str, name: str) -> bytes:
-    if not isinstance(name, str):
+    if not issubclass(type(name), str):
         raise TypeError(f"an NSQ {kind} name must be str, not {type(name).__name__}")
-    if not (name.isascii() and is_valid_name(name.encode())):
+    # str's own methods: a subclass cannot make them return something else.
+    raw = str.encode(name, "utf-8", "surrogateescape")
+    if not (str.isascii(name) and is_valid_name(raw)):
         raise ValueError(
             f"invalid NSQ {kind} name {name!r}: 1 to 64 characters of [.a-zA-Z0-9_-], optionally ending in #ephemeral"
         )
-    return name.encode()
+    return raw
 
 
 def _check_body(body: bytes) -> None:
-    if not isinstance(body, bytes):
+    if not issubclass(type(body), bytes):
         raise TypeError(f"a message body must be bytes, not {type(body).__name__}")
     if not body:
         raise ValueError("a message body must not be empty (nsqd refuses it)")
 
 
 def _check_message_id(message_id: bytes) -> None:
-    if not isinstance(message_id, bytes):
+    if not issubclass(type(message_id), bytes):
         raise TypeError(f"a message id must be bytes, not {type(message_id).__name__}")
     if len(message_id) != MESSAGE_ID_SIZE:
         raise ValueError(f"a message id is {MESSAGE_ID_SIZE} bytes, not {len(message_id)}")
@@ -541,15 +562,16 @@ def encode_pub(topic: str, body: bytes) -> bytes:
 def encode_mpub(topic: str, bodies: Sequence[bytes]) -> bytes:
     """``MPUB <topic>`` with several messages, published all or nothing."""
     name = _name_bytes("topic", topic)
-    if len(bodies) == 0:
+    items = list(bodies)  # what is measured is what is written, whatever bodies does
+    if not items:
         raise ValueError("MPUB needs at least one message")
     payload = 4
-    for body in bodies:
+    for body in items:
         _check_body(body)
         payload += 4 + len(body)
     _check_size(payload)
-    parts = [b"MPUB ", name, b"\n", _UINT32.pack(payload), _UINT32.pack(len(bodies))]
-    for body in bodies:
+    parts = [b"MPUB ", name, b"\n", _UINT32.pack(payload), _UINT32.pack(len(items))]
+    for body in items:
         parts.append(_UINT32.pack(len(body)))
         parts.append(body)
     return b"".join(parts)
