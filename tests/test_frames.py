@@ -325,3 +325,26 @@ def test_str_subclass_cannot_change_a_topic_name(frames: ModuleType) -> None:
             return None  # type: ignore[return-value]
 
     assert frames.encode_pub(Odd("t"), b"body") == b"PUB t\n\x00\x00\x00\x04body"
+
+
+def test_nested_read_cannot_unlock_feeding(frames: ModuleType) -> None:
+    """A next() from inside a read must not clear the guard of the read around it."""
+
+    class Timeout(int):
+        def __lt__(self, other: object) -> bool:
+            next(parser)
+            return False
+
+    parser = frames.CommandParser(max_req_timeout=Timeout(1000))
+    parser.feed(b"  V2DPUB t 5\n\x00\x00\x00\x03abc")
+    with pytest.raises(BufferError, match="while it is reading"):
+        list(parser)
+
+
+def test_body_sizes_are_real_sizes(frames: ModuleType) -> None:
+    class Lying(bytes):
+        def __len__(self) -> int:
+            return 3
+
+    assert frames.encode_pub("t", Lying(b"0123456789")) == frames.encode_pub("t", b"0123456789")
+    assert frames.encode_mpub("t", [Lying(b"0123456789")]) == frames.encode_mpub("t", [b"0123456789"])

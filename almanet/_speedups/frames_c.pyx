@@ -245,6 +245,8 @@ cdef class FrameReader(_StreamBuffer):
     def __next__(self):
         if self._error is not None:
             raise self._error
+        if self._reading:  # a nested next() must not clear the outer read's flag
+            raise BufferError("cannot read from a reader while it is reading")
         self._reading = True
         try:
             return self._read()
@@ -357,6 +359,8 @@ cdef class CommandParser(_StreamBuffer):
     def __next__(self):
         if self._error is not None:
             raise self._error
+        if self._reading:  # a nested next() must not clear the outer read's flag
+            raise BufferError("cannot read from a reader while it is reading")
         self._reading = True
         try:
             command = self._parse()

@@ -192,6 +192,8 @@ class FrameReader(_StreamBuffer):
     def __next__(self) -> Frame:
         if self._error is not None:
             raise self._error
+        if self._reading:  # a nested next() must not clear the outer read's flag
+            raise BufferError("cannot read from a reader while it is reading")
         self._reading = True
         try:
             return self._read()
@@ -333,6 +335,8 @@ class CommandParser(_StreamBuffer):
     def __next__(self) -> Command:
         if self._error is not None:
             raise self._error
+        if self._reading:  # a nested next() must not clear the outer read's flag
+            raise BufferError("cannot read from a reader while it is reading")
         self._reading = True
         try:
             command = self._parse()
@@ -505,7 +509,7 @@ def _name_bytes(kind: str, name: str) -> bytes:
 def _check_body(body: bytes) -> None:
     if not issubclass(type(body), bytes):
         raise TypeError(f"a message body must be bytes, not {type(body).__name__}")
-    if not body:
+    if _byte_size(body) == 0:
         raise ValueError("a message body must not be empty (nsqd refuses it)")
 
 
@@ -523,14 +527,20 @@ def _check_count(what: str, value: int) -> None:
         raise ValueError(f"{what} must not be negative, got {value}")
 
 
+def _byte_size(data: bytes) -> int:
+    """The real size: a bytes subclass may lie in its __len__."""
+    return bytes.__len__(data)
+
+
 def _check_size(size: int) -> None:
     if size > _INT32_MAX:
         raise ValueError(f"a body of {size} bytes does not fit a 32-bit size")
 
 
 def _sized(data: bytes) -> bytes:
-    _check_size(len(data))
-    return _UINT32.pack(len(data)) + data
+    size = _byte_size(data)
+    _check_size(size)
+    return _UINT32.pack(size) + data
 
 
 def encode_identify(config: Mapping[str, Any]) -> bytes:
@@ -568,11 +578,11 @@ def encode_mpub(topic: str, bodies: Sequence[bytes]) -> bytes:
     payload = 4
     for body in items:
         _check_body(body)
-        payload += 4 + len(body)
+        payload += 4 + _byte_size(body)
     _check_size(payload)
     parts = [b"MPUB ", name, b"\n", _UINT32.pack(payload), _UINT32.pack(len(items))]
     for body in items:
-        parts.append(_UINT32.pack(len(body)))
+        parts.append(_UINT32.pack(_byte_size(body)))
         parts.append(body)
     return b"".join(parts)
 
