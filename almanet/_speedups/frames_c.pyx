@@ -227,6 +227,29 @@ cdef class _StreamBuffer:
         self._end = needed
         return 0
 
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._reading:  # a nested next() must not clear the outer read's flag
+            raise BufferError("cannot read from a reader while it is reading")
+        if self._error is not None:
+            raise self._error
+        self._reading = True
+        try:
+            item = self._read()
+        except ProtocolError as error:
+            raise self._fail(error) from None
+        finally:
+            self._reading = False
+        if item is None:
+            raise StopIteration
+        return item
+
+    cdef object _read(self):
+        """The next complete item, None while it is incomplete."""
+        raise NotImplementedError
+
     cdef object _fail(self, error):
         self._error = error
         return error
@@ -239,20 +262,6 @@ cdef class FrameReader(_StreamBuffer):
     def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
         self._max_frame_size = max_frame_size
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._error is not None:
-            raise self._error
-        if self._reading:  # a nested next() must not clear the outer read's flag
-            raise BufferError("cannot read from a reader while it is reading")
-        self._reading = True
-        try:
-            return self._read()
-        finally:
-            self._reading = False
-
     cdef object _read(self):
         cdef const uint8_t* p
         cdef Py_ssize_t available
@@ -260,18 +269,18 @@ cdef class FrameReader(_StreamBuffer):
         cdef MessageFrame message
         available = self._end - self._start
         if available < 4:
-            raise StopIteration
+            return None
         p = self._data + self._start
         size = <int32_t>read_u32(p)
         if size < 4 or size > self._max_frame_size:
-            raise self._fail(_frame_header_error(size, None, self._max_frame_size))
+            raise _frame_header_error(size, None, self._max_frame_size)
         if available < 8:
-            raise StopIteration
+            return None
         frame_type = <int32_t>read_u32(p + 4)
         if not (frame_type == 0 or frame_type == 1 or (frame_type == 2 and size >= 4 + MESSAGE_HEADER_SIZE)):
-            raise self._fail(_frame_header_error(size, frame_type, self._max_frame_size))
+            raise _frame_header_error(size, frame_type, self._max_frame_size)
         if available - 4 < size:
-            raise StopIteration
+            return None
         # From here the whole frame, p[0 : 4 + size], is in the buffer.
         self._start += 4 + size
         if frame_type == 2:
@@ -353,32 +362,13 @@ cdef class CommandParser(_StreamBuffer):
         self._max_body_size = max_body_size
         self._max_req_timeout = max_req_timeout
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._error is not None:
-            raise self._error
-        if self._reading:  # a nested next() must not clear the outer read's flag
-            raise BufferError("cannot read from a reader while it is reading")
-        self._reading = True
-        try:
-            command = self._parse()
-        except ProtocolError as error:
-            raise self._fail(error) from None
-        finally:
-            self._reading = False
-        if command is None:
-            raise StopIteration
-        return command
-
     def feed_eof(self):
         if self._error is not None:
             raise self._error
         if self._end > self._start:
             raise self._fail(_truncated_command_error(self._end - self._start))
 
-    cdef object _parse(self):
+    cdef object _read(self):
         cdef const uint8_t* data = self._data
         cdef Py_ssize_t pos = self._start
         cdef Py_ssize_t end = self._end

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from almanet.nsq.errors import CommandError, FrameError, ProtocolError, go_quote, wire_text
 from almanet.nsq.protocol import (
@@ -58,6 +58,7 @@ __all__ = [
     "parse_base10",
 ]
 
+_Item = TypeVar("_Item")
 _INT32 = struct.Struct(">i")
 _UINT32 = struct.Struct(">I")
 _FRAME_HEADER = struct.Struct(">ii")
@@ -139,7 +140,7 @@ class MessageFrame:
 Frame = ResponseFrame | ErrorFrame | MessageFrame
 
 
-class _StreamBuffer:
+class _StreamBuffer(Generic[_Item]):
     """Bytes fed but not yet consumed; consumed bytes are dropped on the next feed.
 
     Dropping a bytearray's prefix is O(1) in CPython and appends are amortised,
@@ -172,12 +173,35 @@ class _StreamBuffer:
         """How many bytes are fed and not yet consumed."""
         return len(self._buf) - self._pos
 
+    def __iter__(self) -> Iterator[_Item]:
+        return self
+
+    def __next__(self) -> _Item:
+        if self._reading:  # a nested next() must not clear the outer read's flag
+            raise BufferError("cannot read from a reader while it is reading")
+        if self._error is not None:
+            raise self._error
+        self._reading = True
+        try:
+            item = self._read()
+        except ProtocolError as error:
+            raise self._fail(error) from None
+        finally:
+            self._reading = False
+        if item is None:
+            raise StopIteration
+        return item
+
+    def _read(self) -> _Item | None:
+        """The next complete item, None while it is incomplete."""
+        raise NotImplementedError
+
     def _fail(self, error: ProtocolError) -> ProtocolError:
         self._error = error
         return error
 
 
-class FrameReader(_StreamBuffer):
+class FrameReader(_StreamBuffer[Frame]):
     """Incremental reader of the frames nsqd sends to a client."""
 
     __slots__ = ("_max_frame_size",)
@@ -186,21 +210,7 @@ class FrameReader(_StreamBuffer):
         super().__init__()
         self._max_frame_size = max_frame_size
 
-    def __iter__(self) -> Iterator[Frame]:
-        return self
-
-    def __next__(self) -> Frame:
-        if self._error is not None:
-            raise self._error
-        if self._reading:  # a nested next() must not clear the outer read's flag
-            raise BufferError("cannot read from a reader while it is reading")
-        self._reading = True
-        try:
-            return self._read()
-        finally:
-            self._reading = False
-
-    def _read(self) -> Frame:
+    def _read(self) -> Frame | None:
         buf = self._buf
         pos = self._pos
         available = len(buf) - pos
@@ -210,16 +220,16 @@ class FrameReader(_StreamBuffer):
             if available >= 4:
                 size = _INT32.unpack_from(buf, pos)[0]
                 if not 4 <= size <= self._max_frame_size:
-                    raise self._fail(_frame_header_error(size, None, self._max_frame_size))
-            raise StopIteration
+                    raise _frame_header_error(size, None, self._max_frame_size)
+            return None
         size, frame_type = _FRAME_HEADER.unpack_from(buf, pos)
         if not 4 <= size <= self._max_frame_size or not (
             frame_type == 0 or frame_type == 1 or (frame_type == 2 and size >= 4 + MESSAGE_HEADER_SIZE)
         ):
-            raise self._fail(_frame_header_error(size, frame_type, self._max_frame_size))
+            raise _frame_header_error(size, frame_type, self._max_frame_size)
         end = pos + 4 + size
         if len(buf) < end:
-            raise StopIteration
+            return None
         self._pos = end
         if frame_type == 2:
             timestamp, attempts, message_id = _MESSAGE_HEADER.unpack_from(buf, pos + 8)
@@ -305,7 +315,7 @@ _COMMANDS = {
 }
 
 
-class CommandParser(_StreamBuffer):
+class CommandParser(_StreamBuffer["Command"]):
     """Incremental parser of what a client sends to nsqd, magic first.
 
     It applies nsqd's checks that come before a body is read (parameters,
@@ -329,25 +339,6 @@ class CommandParser(_StreamBuffer):
         self._magic_seen = False
         self._scanned = 0  # bytes of the pending line already searched for "\n"
 
-    def __iter__(self) -> Iterator[Command]:
-        return self
-
-    def __next__(self) -> Command:
-        if self._error is not None:
-            raise self._error
-        if self._reading:  # a nested next() must not clear the outer read's flag
-            raise BufferError("cannot read from a reader while it is reading")
-        self._reading = True
-        try:
-            command = self._parse()
-        except ProtocolError as error:
-            raise self._fail(error) from None
-        finally:
-            self._reading = False
-        if command is None:
-            raise StopIteration
-        return command
-
     def feed_eof(self) -> None:
         """The connection closed: raise ``ProtocolError`` if it cut a command short."""
         if self._error is not None:
@@ -355,7 +346,7 @@ class CommandParser(_StreamBuffer):
         if len(self._buf) > self._pos:
             raise self._fail(_truncated_command_error(self.buffered))
 
-    def _parse(self) -> Command | None:
+    def _read(self) -> Command | None:
         buf = self._buf
         pos = self._pos
         if not self._magic_seen:
