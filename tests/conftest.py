@@ -1,11 +1,18 @@
-"""Every speedup test runs against both twins through one fixture per hot path."""
+"""Shared fixtures.
+
+Every speedup test runs against both twins through one fixture per hot path.
+Broker tests use the ``almanet_broker`` fixture of almanet's pytest plugin:
+the embedded broker, or an external nsqd with ``ALMANET_TEST_NSQD`` set.
+"""
 
 import importlib
+import uuid
 from types import ModuleType
 
 import pytest
 
 from almanet._speedups import NO_EXTENSIONS
+from almanet.pytest_plugin import BrokerAddresses
 
 IMPLEMENTATIONS = ["c", "py"]
 
@@ -24,3 +31,17 @@ def load_twin(name: str, implementation: str) -> ModuleType:
 @pytest.fixture(params=IMPLEMENTATIONS)
 def frames(request: pytest.FixtureRequest) -> ModuleType:
     return load_twin("frames", request.param)
+
+
+@pytest.fixture
+def topic() -> str:
+    """A topic name no other test uses, so tests can share one broker."""
+    return f"test.{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def embedded(almanet_broker: BrokerAddresses) -> BrokerAddresses:
+    """The shared broker, for tests of what only the embedded broker has (skipped against nsqd)."""
+    if not almanet_broker.embedded:
+        pytest.skip("tests the embedded broker only")
+    return almanet_broker

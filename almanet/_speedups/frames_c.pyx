@@ -39,7 +39,7 @@ from almanet._speedups.frames_py import (
     _frame_header_error,
     _line_too_long_error,
     _name_bytes,
-    _split_mpub,
+    split_mpub,
     _truncated_command_error,
     _truncated_frame_error,
     encode_auth,
@@ -451,7 +451,7 @@ cdef class CommandParser(_StreamBuffer):
                     if offset == length:
                         return messages
         # Something is wrong: the pure twin names it.
-        _split_mpub(
+        split_mpub(
             PyBytes_FromStringAndSize(<const char*>body, length), 0, length, self._max_msg_size, self._max_body_size
         )
         raise AssertionError("MPUB body refused by the compiled parser but not by the pure one")

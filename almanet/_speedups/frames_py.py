@@ -56,6 +56,7 @@ __all__ = [
     "encode_touch",
     "is_valid_name",
     "parse_base10",
+    "split_mpub",
 ]
 
 _Item = TypeVar("_Item")
@@ -390,7 +391,7 @@ class CommandParser(_StreamBuffer["Command"]):
         self._scanned = 0
         if name == b"MPUB":
             return Command(
-                name, parts[1:], None, _split_mpub(buf, size_at + 4, end, self._max_msg_size, self._max_body_size)
+                name, parts[1:], None, split_mpub(buf, size_at + 4, end, self._max_msg_size, self._max_body_size)
             )
         return Command(name, parts[1:], bytes(buf[size_at + 4 : end]))
 
@@ -446,8 +447,10 @@ def _check_body_size(name: bytes, size: int, max_msg_size: int, max_body_size: i
             raise CommandError("E_BAD_BODY", f"{label} invalid body size {size}")
 
 
-def _split_mpub(buf: bytes | bytearray, start: int, end: int, max_msg_size: int, max_body_size: int) -> list[bytes]:
+def split_mpub(buf: bytes | bytearray, start: int, end: int, max_msg_size: int, max_body_size: int) -> list[bytes]:
     """The messages of the MPUB body ``buf[start:end]``, checked as nsqd does.
+
+    Also the body of the broker's ``/mpub?binary=true``.
 
     nsqd reads the messages from the stream whatever size the body declared;
     here they must fill the declared body exactly, so a client whose sizes

@@ -1,0 +1,3 @@
+from almanet.cli import main
+
+main()

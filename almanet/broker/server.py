@@ -1,0 +1,128 @@
+"""The embedded broker: its topics, clients and listening sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import socket
+import time
+from typing import Any
+
+from almanet import __version__
+from almanet.broker.http import HTTPConnection
+from almanet.broker.options import BrokerOptions, split_address
+from almanet.broker.tcp import ClientConnection
+from almanet.broker.topics import Topic
+
+logger = logging.getLogger("almanet.broker")
+
+
+class Broker:
+    """A single-node, in-memory broker speaking nsqd's TCP protocol V2 and HTTP API.
+
+    ``Broker(**settings)`` takes the fields of ``BrokerOptions``. Use it as
+    ``async with Broker(tcp_address="127.0.0.1:0", ...) as broker:`` or with
+    ``await start()`` and ``await stop()``; once started, ``tcp_address`` and
+    ``http_address`` tell where it listens (the ports it bound for port 0).
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.options = BrokerOptions(**settings)
+        self.version = __version__
+        self.max_req_timeout_ms = round(self.options.max_req_timeout * 1000)
+        self.broadcast_address = self.options.broadcast_address or socket.gethostname()
+        self.start_time = 0
+        self.topics: dict[str, Topic] = {}
+        self.clients: set[ClientConnection] = set()
+        self._http_connections: set[HTTPConnection] = set()
+        self._message_ids = itertools.count(1)
+        self._servers: list[asyncio.Server] = []
+        self.tcp_address = ""
+        self.http_address = ""
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def tcp_port(self) -> int:
+        return split_address(self.tcp_address)[1]
+
+    @property
+    def http_port(self) -> int:
+        return split_address(self.http_address)[1]
+
+    async def start(self) -> None:
+        """Listen on the TCP and HTTP addresses."""
+        if self._servers:
+            raise RuntimeError("the broker is already started")
+        loop = asyncio.get_running_loop()
+        self.start_time = int(time.time())
+        try:
+            tcp = await loop.create_server(lambda: ClientConnection(self), *split_address(self.options.tcp_address))
+            self._servers.append(tcp)
+            http = await loop.create_server(
+                lambda: HTTPConnection(self, self._http_connections), *split_address(self.options.http_address)
+            )
+            self._servers.append(http)
+        except BaseException:
+            await self.stop()
+            raise
+        self.tcp_address = _bound_address(tcp)
+        self.http_address = _bound_address(http)
+        logger.info("TCP: listening on %s", self.tcp_address)
+        logger.info("HTTP: listening on %s", self.http_address)
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection and drop the messages (nothing is durable)."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        for client in list(self.clients):
+            client.close()
+        for http_connection in list(self._http_connections):
+            http_connection.close()
+        for topic in list(self.topics.values()):
+            topic.delete()
+        for server in servers:
+            await server.wait_closed()
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        try:
+            await self.start()
+            await stopping.wait()
+            logger.info("stopping")
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            await self.stop()
+
+    def new_message_id(self) -> bytes:
+        """16 hex digits, like nsqd's message ids."""
+        return b"%016x" % next(self._message_ids)
+
+    def get_topic(self, name: str) -> Topic:
+        """The topic named ``name`` (already validated), created if need be."""
+        topic = self.topics.get(name)
+        if topic is None:
+            topic = self.topics[name] = Topic(name, self.options.mem_queue_size, self.new_message_id, self._forget)
+        return topic
+
+    def _forget(self, topic: Topic) -> None:
+        if self.topics.get(topic.name) is topic:
+            del self.topics[topic.name]
+
+
+def _bound_address(server: asyncio.Server) -> str:
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

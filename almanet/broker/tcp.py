@@ -1,0 +1,519 @@
+"""One client connection of the embedded broker: nsqd's TCP protocol V2.
+
+Commands are handled as nsqd handles them (``protocol_v2.go`` and
+``client_v2.go`` in nsqd's source), with its error codes and texts. Only
+FIN, REQ and TOUCH failures leave the connection open; every other error
+frame is followed by closing it. Frames produced while handling one read are
+written together once per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from almanet._speedups.frames import (
+    Command,
+    CommandParser,
+    encode_error,
+    encode_message,
+    encode_response,
+    is_valid_name,
+    parse_base10,
+)
+from almanet.broker.topics import Channel, Message, QueueFull
+from almanet.nsq.errors import CommandError, ProtocolError, go_quote, wire_text
+from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, MESSAGE_ID_SIZE, OK
+
+if TYPE_CHECKING:
+    from almanet.broker.server import Broker
+
+logger = logging.getLogger("almanet.broker")
+
+# nsqd's client states, as /stats reports them.
+STATE_INIT = 0
+STATE_SUBSCRIBED = 3
+STATE_CLOSING = 4
+
+# nsqd's default: half its 60 s client timeout.
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+
+_OK_FRAME = encode_response(OK)
+_HEARTBEAT_FRAME = encode_response(HEARTBEAT)
+_CLOSE_WAIT_FRAME = encode_response(CLOSE_WAIT)
+
+# IDENTIFY fields nsqd decodes, by JSON type; others are ignored, as Go's JSON
+# decoder does (which also matches names case-insensitively).
+_IDENTIFY_FIELDS: dict[str, type] = {
+    "client_id": str,
+    "hostname": str,
+    "user_agent": str,
+    "feature_negotiation": bool,
+    "tls_v1": bool,
+    "deflate": bool,
+    "snappy": bool,
+    "heartbeat_interval": int,
+    "output_buffer_size": int,
+    "output_buffer_timeout": int,
+    "deflate_level": int,
+    "msg_timeout": int,
+    "sample_rate": int,
+}
+_INT64_RANGE = range(-(2**63), 2**63)
+_INT32_RANGE = range(-(2**31), 2**31)
+
+
+class ClientConnection(asyncio.Protocol):
+    """nsqd's side of one client connection."""
+
+    def __init__(self, broker: Broker) -> None:
+        options = broker.options
+        self._broker = broker
+        self._loop = asyncio.get_running_loop()
+        self._parser = CommandParser(options.max_msg_size, options.max_body_size, broker.max_req_timeout_ms)
+        self._transport: asyncio.Transport | None = None
+        self._output: list[bytes] = []
+        self._handlers: dict[bytes, Callable[[Command], None]] = {
+            b"IDENTIFY": self._identify,
+            b"AUTH": self._auth,
+            b"SUB": self._sub,
+            b"RDY": self._rdy,
+            b"FIN": self._fin,
+            b"REQ": self._req,
+            b"TOUCH": self._touch,
+            b"CLS": self._cls,
+            b"NOP": self._nop,
+            b"PUB": self._pub,
+            b"MPUB": self._mpub,
+            b"DPUB": self._dpub,
+        }
+        self.state = STATE_INIT
+        self.closed = False
+        self.channel: Channel | None = None
+        self.in_flight: dict[bytes, Message] = {}  # in order of deadline (see _touch)
+        self.ready_count = 0
+        # Negotiated with IDENTIFY; seconds as floats.
+        self.client_id = ""
+        self.hostname = ""
+        self.user_agent = ""
+        self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
+        self.msg_timeout = options.msg_timeout
+        self.output_buffer_size = 16 * 1024
+        self.output_buffer_timeout = options.output_buffer_timeout
+        self.sample_rate = 0
+        # For /stats.
+        self.remote_address = ""
+        self.connect_ts = int(time.time())
+        self.message_count = 0
+        self.finish_count = 0
+        self.requeue_count = 0
+        self.pub_counts: dict[str, int] = {}
+        self._last_read = self._loop.time()
+        self._reading_paused = False
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._read_deadline_timer: asyncio.TimerHandle | None = None
+        self._timeout_timer: asyncio.TimerHandle | None = None
+
+    # --- connection -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.remote_address = f"{peer[0]}:{peer[1]}"
+        self._broker.clients.add(self)
+        self._arm_heartbeat()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        parser = self._parser
+        parser.feed(data)
+        handlers = self._handlers
+        try:
+            for command in parser:
+                handlers[command.name](command)
+                if self.closed:
+                    return
+        except CommandError as error:
+            self._send(encode_error(error.data))
+            self.close()
+        except ProtocolError as error:
+            logger.debug("closing %s: %s", self.remote_address, error)
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        # The client does not read what we send: stop reading its commands
+        # (and do not hold its unread NOPs against its read deadline).
+        self._reading_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._reading_paused = False
+        self._last_read = self._loop.time()
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._output.clear()
+        self._broker.clients.discard(self)
+        self._stop_heartbeat()
+        channel = self.channel
+        if channel is not None and not channel.deleted:
+            channel.remove_client(self)
+
+    def close(self) -> None:
+        """Flush what is pending and close, as nsqd does after a fatal error."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ready_count = 0
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _send(self, frame: bytes) -> None:
+        if not self._output:
+            self._loop.call_soon(self._flush)
+        self._output.append(frame)
+
+    def _flush(self) -> None:
+        output = self._output
+        if output and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(output[0] if len(output) == 1 else b"".join(output))
+        output.clear()
+
+    def _send_error(self, code: str, description: str) -> None:
+        """An error frame that leaves the connection open (FIN, REQ and TOUCH failures)."""
+        self._send(encode_error(CommandError(code, description).data))
+
+    # --- timers -----------------------------------------------------------
+
+    def _stop_heartbeat(self) -> None:
+        for timer in (self._heartbeat_timer, self._read_deadline_timer):
+            if timer is not None:
+                timer.cancel()
+        self._heartbeat_timer = self._read_deadline_timer = None
+
+    def _arm_heartbeat(self) -> None:
+        """(Re)start heartbeats and the read deadline at the negotiated interval."""
+        self._stop_heartbeat()
+        if self.heartbeat_interval > 0:
+            self._heartbeat_timer = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
+            self._read_deadline_timer = self._loop.call_at(
+                self._last_read + 2 * self.heartbeat_interval, self._check_read_deadline
+            )
+
+    def _heartbeat(self) -> None:
+        self._send(_HEARTBEAT_FRAME)
+        self._heartbeat_timer = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
+
+    def _check_read_deadline(self) -> None:
+        # nsqd closes a connection that sends nothing for two heartbeat
+        # intervals. Reads only note their time; the timer catches up here.
+        if self._reading_paused:
+            self._last_read = self._loop.time()
+        deadline = self._last_read + 2 * self.heartbeat_interval
+        if self._loop.time() < deadline:
+            self._read_deadline_timer = self._loop.call_at(deadline, self._check_read_deadline)
+            return
+        self._read_deadline_timer = None
+        logger.debug("closing %s: nothing read for two heartbeat intervals", self.remote_address)
+        self.close()
+
+    def _arm_timeouts(self) -> None:
+        if self._timeout_timer is None and self.in_flight:
+            first = next(iter(self.in_flight.values()))
+            self._timeout_timer = self._loop.call_at(first.deadline, self._expire_in_flight)
+
+    def _expire_in_flight(self) -> None:
+        """Give back the messages whose msg_timeout passed (to the channel's tail, as nsqd)."""
+        self._timeout_timer = None
+        now = self._loop.time()
+        expired = []
+        for message in self.in_flight.values():
+            if message.deadline > now:
+                break
+            expired.append(message)
+        self._give_back_expired(expired)
+
+    def _expire_any_in_flight(self) -> None:
+        """The check for touched messages whose deadline is capped out of order."""
+        now = self._loop.time()
+        self._give_back_expired([message for message in self.in_flight.values() if message.deadline <= now])
+
+    def _give_back_expired(self, expired: list[Message]) -> None:
+        channel = self.channel
+        assert channel is not None
+        for message in expired:
+            del self.in_flight[message.id]
+        if self.closed and not self.in_flight and self in channel.departed:
+            channel.departed.remove(self)
+        for message in expired:
+            channel.requeue(message, 0.0, timed_out=True)
+        self._arm_timeouts()
+
+    def forget_in_flight(self) -> None:
+        """The channel was emptied: its in-flight messages are gone."""
+        self.in_flight.clear()
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+            self._timeout_timer = None
+
+    # --- delivery -----------------------------------------------------------
+
+    def deliver(self, message: Message, channel: Channel, now: float) -> None:
+        """Send ``message`` and hold it in flight until FIN, REQ or msg_timeout."""
+        if self.sample_rate and random.randrange(100) > self.sample_rate:
+            return  # nsqd drops the messages a sampling client does not take
+        message.attempts += 1
+        message.delivered_at = now
+        message.deadline = now + self.msg_timeout
+        self.in_flight[message.id] = message
+        channel.in_flight_count += 1
+        self.message_count += 1
+        if self._timeout_timer is None:
+            self._timeout_timer = self._loop.call_at(message.deadline, self._expire_in_flight)
+        # attempts is a uint16 on the wire and wraps there, as in nsqd.
+        self._send(encode_message(message.timestamp, message.attempts & 0xFFFF, message.id, message.body))
+
+    # --- commands -----------------------------------------------------------
+
+    def _identify(self, command: Command) -> None:
+        if self.state != STATE_INIT:
+            raise CommandError("E_INVALID", "cannot IDENTIFY in current state")
+        assert command.body is not None
+        data = _decode_identify(command.body)
+        options = self._broker.options
+        heartbeat_interval = data.get("heartbeat_interval", 0)
+        if heartbeat_interval == -1:
+            self.heartbeat_interval = 0
+        elif heartbeat_interval != 0:
+            _check_range("heartbeat interval", heartbeat_interval, 1000, options.max_heartbeat_interval * 1000)
+            self.heartbeat_interval = heartbeat_interval / 1000
+        buffer_timeout = data.get("output_buffer_timeout", 0)
+        if buffer_timeout == -1:
+            self.output_buffer_timeout = 0
+        elif buffer_timeout != 0:
+            _check_range(
+                "output buffer timeout",
+                buffer_timeout,
+                options.min_output_buffer_timeout * 1000,
+                options.max_output_buffer_timeout * 1000,
+            )
+            self.output_buffer_timeout = buffer_timeout / 1000
+        buffer_size = data.get("output_buffer_size", 0)
+        if buffer_size == -1:
+            self.output_buffer_size = 1
+            self.output_buffer_timeout = 0
+        elif buffer_size != 0:
+            _check_range("output buffer size", buffer_size, 64, options.max_output_buffer_size)
+            self.output_buffer_size = buffer_size
+        sample_rate = data.get("sample_rate", 0)
+        _check_range("sample rate", sample_rate, 0, 99)
+        msg_timeout = data.get("msg_timeout", 0)
+        if msg_timeout != 0:
+            _check_range("msg timeout", msg_timeout, 1000, options.max_msg_timeout * 1000)
+            self.msg_timeout = msg_timeout / 1000
+        self.sample_rate = sample_rate
+        self.client_id = data.get("client_id", "")
+        self.hostname = data.get("hostname", "")
+        self.user_agent = data.get("user_agent", "")
+        self._arm_heartbeat()
+        if not data.get("feature_negotiation", False):
+            self._send(_OK_FRAME)
+            return
+        # Go's encoding/json field order; TLS and compression are not offered.
+        response = {
+            "max_rdy_count": options.max_rdy_count,
+            "version": self._broker.version,
+            "max_msg_timeout": int(options.max_msg_timeout * 1000),
+            "msg_timeout": int(self.msg_timeout * 1000),
+            "tls_v1": False,
+            "deflate": False,
+            "deflate_level": 6,
+            "max_deflate_level": options.max_deflate_level,
+            "snappy": False,
+            "sample_rate": self.sample_rate,
+            "auth_required": False,
+            "output_buffer_size": self.output_buffer_size,
+            "output_buffer_timeout": int(self.output_buffer_timeout * 1000),
+        }
+        self._send(encode_response(json.dumps(response, separators=(",", ":")).encode()))
+
+    def _auth(self, command: Command) -> None:
+        if self.state != STATE_INIT:
+            raise CommandError("E_INVALID", "cannot AUTH in current state")
+        raise CommandError("E_AUTH_DISABLED", "AUTH disabled")
+
+    def _sub(self, command: Command) -> None:
+        if self.state != STATE_INIT:
+            raise CommandError("E_INVALID", "cannot SUB in current state")
+        if self.heartbeat_interval <= 0:
+            raise CommandError("E_INVALID", "cannot SUB with heartbeats disabled")
+        params = command.params
+        if len(params) < 2:
+            raise CommandError("E_INVALID", "SUB insufficient number of parameters")
+        if not is_valid_name(params[0]):
+            raise CommandError("E_BAD_TOPIC", f"SUB topic name {go_quote(params[0])} is not valid")
+        if not is_valid_name(params[1]):
+            raise CommandError("E_BAD_CHANNEL", f"SUB channel name {go_quote(params[1])} is not valid")
+        channel = self._broker.get_topic(params[0].decode()).get_channel(params[1].decode())
+        channel.add_client(self)
+        self.channel = channel
+        self.state = STATE_SUBSCRIBED
+        self._send(_OK_FRAME)
+
+    def _rdy(self, command: Command) -> None:
+        if self.state == STATE_CLOSING:
+            return  # nsqd ignores RDY once CLS was sent
+        if self.state != STATE_SUBSCRIBED:
+            raise CommandError("E_INVALID", "cannot RDY in current state")
+        count = 1
+        if command.params:
+            parsed = parse_base10(command.params[0])
+            if parsed is None:
+                raise CommandError("E_INVALID", f"RDY could not parse count {wire_text(command.params[0])}")
+            count = parsed
+        max_rdy_count = self._broker.options.max_rdy_count
+        if count > max_rdy_count:
+            raise CommandError("E_INVALID", f"RDY count {count} out of range 0-{max_rdy_count}")
+        self.ready_count = count
+        assert self.channel is not None
+        self.channel.dispatch()
+
+    def _in_flight_command(self, command: Command, label: str, count: int) -> tuple[Channel, bytes]:
+        """The checks FIN, REQ and TOUCH share: state, parameter count, message id."""
+        if self.state != STATE_SUBSCRIBED and self.state != STATE_CLOSING:
+            raise CommandError("E_INVALID", f"cannot {label} in current state")
+        if len(command.params) < count:
+            raise CommandError("E_INVALID", f"{label} insufficient number of params")
+        message_id = command.params[0]
+        if len(message_id) != MESSAGE_ID_SIZE:
+            raise CommandError("E_INVALID", "invalid message ID")
+        assert self.channel is not None
+        return self.channel, message_id
+
+    def _not_in_flight(self, channel: Channel, code: str, label: str, message_id: bytes) -> None:
+        owner = channel.owner_of(message_id)
+        reason = "ID not in flight" if owner is None else "client does not own message"
+        self._send_error(code, f"{label} {wire_text(message_id)} failed {reason}")
+
+    def _fin(self, command: Command) -> None:
+        channel, message_id = self._in_flight_command(command, "FIN", 1)
+        if self.in_flight.pop(message_id, None) is None:
+            self._not_in_flight(channel, "E_FIN_FAILED", "FIN", message_id)
+            return
+        channel.in_flight_count -= 1
+        self.finish_count += 1
+        channel.dispatch()
+
+    def _req(self, command: Command) -> None:
+        channel, message_id = self._in_flight_command(command, "REQ", 2)
+        timeout_ms = parse_base10(command.params[1])
+        if timeout_ms is None:
+            raise CommandError("E_INVALID", f"REQ could not parse timeout {wire_text(command.params[1])}")
+        # nsqd clamps an out-of-range timeout instead of refusing it.
+        timeout_ms = min(timeout_ms, self._broker.max_req_timeout_ms)
+        message = self.in_flight.pop(message_id, None)
+        if message is None:
+            self._not_in_flight(channel, "E_REQ_FAILED", "REQ", message_id)
+            return
+        self.requeue_count += 1
+        channel.requeue(message, timeout_ms / 1000)
+
+    def _touch(self, command: Command) -> None:
+        channel, message_id = self._in_flight_command(command, "TOUCH", 1)
+        message = self.in_flight.pop(message_id, None)
+        if message is None:
+            self._not_in_flight(channel, "E_TOUCH_FAILED", "TOUCH", message_id)
+            return
+        deadline = self._loop.time() + self.msg_timeout
+        latest = message.delivered_at + self._broker.options.max_msg_timeout
+        if deadline >= latest:
+            # Capped by max_msg_timeout, it may now expire before messages
+            # ahead of it in in_flight: a timer of its own catches that.
+            deadline = latest
+            self._loop.call_at(deadline, self._expire_any_in_flight)
+        message.deadline = deadline
+        self.in_flight[message_id] = message  # to the end: in_flight stays in deadline order
+
+    def _cls(self, command: Command) -> None:
+        if self.state != STATE_SUBSCRIBED:
+            raise CommandError("E_INVALID", "cannot CLS in current state")
+        self.ready_count = 0
+        self.state = STATE_CLOSING
+        self._send(_CLOSE_WAIT_FRAME)
+
+    def _nop(self, command: Command) -> None:
+        pass
+
+    def _publish(self, label: str, topic_name: bytes, bodies: list[bytes], delay: float = 0.0) -> None:
+        name = topic_name.decode()
+        try:
+            self._broker.get_topic(name).publish(bodies, time.time_ns(), delay)
+        except QueueFull as error:
+            raise CommandError(f"E_{label}_FAILED", f"{label} failed {error}") from None
+        self.pub_counts[name] = self.pub_counts.get(name, 0) + len(bodies)
+        self._send(_OK_FRAME)
+
+    def _pub(self, command: Command) -> None:
+        assert command.body is not None
+        self._publish("PUB", command.params[0], [command.body])
+
+    def _mpub(self, command: Command) -> None:
+        assert command.messages is not None
+        self._publish("MPUB", command.params[0], command.messages)
+
+    def _dpub(self, command: Command) -> None:
+        assert command.body is not None
+        defer_ms = parse_base10(command.params[1])
+        assert defer_ms is not None  # checked by the parser
+        self._publish("DPUB", command.params[0], [command.body], defer_ms / 1000)
+
+
+def _decode_identify(body: bytes) -> dict[str, Any]:
+    """IDENTIFY's JSON as nsqd's Go decoder reads it into its struct."""
+    try:
+        decoded = json.loads(body.decode("utf-8", "replace"), parse_constant=_reject_constant)
+    except ValueError:
+        raise _bad_identify_json() from None
+    if decoded is None:
+        return {}
+    if not isinstance(decoded, dict):
+        raise _bad_identify_json()
+    fields: dict[str, Any] = {}
+    for key, value in decoded.items():
+        field = key.lower()
+        kind = _IDENTIFY_FIELDS.get(field)
+        if kind is None or value is None:
+            continue
+        if type(value) is not kind or (
+            kind is int and value not in (_INT32_RANGE if field == "sample_rate" else _INT64_RANGE)
+        ):
+            raise _bad_identify_json()
+        fields[field] = value
+    return fields
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _bad_identify_json() -> CommandError:
+    return CommandError("E_BAD_BODY", "IDENTIFY failed to decode JSON body")
+
+
+def _check_range(what: str, value: int, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise CommandError("E_BAD_BODY", f"IDENTIFY {what} ({value}) is invalid")
