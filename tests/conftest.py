@@ -14,6 +14,8 @@ import pytest
 from almanet._speedups import NO_EXTENSIONS
 from almanet.pytest_plugin import BrokerAddresses
 
+pytest_plugins = ["pytester"]
+
 IMPLEMENTATIONS = ["c", "py"]
 
 

@@ -1,0 +1,125 @@
+"""Broker relay throughput (issue 3): 200-byte messages through one topic and channel.
+
+One client publishes with MPUB x200, one consumes with RDY 2500 and FINs each
+message; both are bare asyncio protocols on the compiled codec, in this
+process, while the broker runs in a process of its own, as nsqd would. Set
+ALMANET_TEST_NSQD=host:port to measure a real nsqd with the same clients.
+Target: at least a quarter of nsqd's figure on the same machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from almanet._speedups.frames import (
+    FrameReader,
+    MessageFrame,
+    ResponseFrame,
+    encode_fin,
+    encode_mpub,
+    encode_rdy,
+    encode_sub,
+)
+from almanet.nsq.protocol import MAGIC_V2
+
+BODY = b"x" * 200
+BATCH = [BODY] * 200
+MESSAGES = 100_000
+WINDOW = 5_000  # published but not yet consumed, well under the default mem-queue-size
+_topics = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def broker_address() -> Iterator[tuple[str, str]]:
+    """(name, host:port) of the broker under test: a subprocess embedded broker, or ALMANET_TEST_NSQD."""
+    external = os.environ.get("ALMANET_TEST_NSQD")
+    if external:
+        yield "nsqd", external
+        return
+    process = subprocess.Popen(
+        [sys.executable, "-m", "almanet", "broker", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    line = next(line for line in process.stderr if "TCP: listening on" in line)
+    try:
+        yield "embedded", line.rsplit(" ", 1)[1].strip()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class Consumer(asyncio.Protocol):
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.received = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.progress = asyncio.Event()
+        self._reader = FrameReader()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        fins = [encode_fin(frame.id) for frame in self._reader if type(frame) is MessageFrame]
+        if fins:
+            assert self._transport is not None
+            self._transport.write(b"".join(fins))
+            self.received += len(fins)
+            self.progress.set()
+            if self.received >= self.expected and not self.done.done():
+                self.done.set_result(None)
+
+
+class Publisher(asyncio.Protocol):
+    """Reads the broker's answers: every MPUB must be answered OK."""
+
+    def __init__(self) -> None:
+        self._reader = FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        for frame in self._reader:
+            assert type(frame) is ResponseFrame, frame
+
+
+async def relay(address: str) -> None:
+    loop = asyncio.get_running_loop()
+    host, _, port = address.rpartition(":")
+    topic = f"bench.relay.{os.getpid()}.{next(_topics)}"
+    consumer_transport, consumer = await loop.create_connection(lambda: Consumer(MESSAGES), host, int(port))
+    consumer_transport.write(MAGIC_V2 + encode_sub(topic, "relay") + encode_rdy(2500))
+    publisher_transport, _ = await loop.create_connection(Publisher, host, int(port))
+    publisher_transport.write(MAGIC_V2)
+    command = encode_mpub(topic, BATCH)
+    published = 0
+    while published < MESSAGES:
+        if published - consumer.received < WINDOW:
+            publisher_transport.write(command)
+            published += len(BATCH)
+        else:
+            consumer.progress.clear()
+            await consumer.progress.wait()
+    await asyncio.wait_for(consumer.done, 60)
+    consumer_transport.close()
+    publisher_transport.close()
+
+
+def test_relay_throughput(benchmark: BenchmarkFixture, broker_address: tuple[str, str]) -> None:
+    name, address = broker_address
+    benchmark.group = "broker relay, 100k x 200 B"
+    benchmark.name = name
+    benchmark.pedantic(lambda: asyncio.run(relay(address)), rounds=5, warmup_rounds=1)
+    benchmark.extra_info["msgs_per_s"] = MESSAGES / benchmark.stats.stats.median
