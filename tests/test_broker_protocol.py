@@ -542,3 +542,45 @@ async def test_ephemeral_channel_and_topic_go_with_their_last_consumer(
     assert set(channel_stats(almanet_broker, ephemeral_topic) or {}) == {"c#ephemeral"}
     await consumers[1].close()
     await wait_until(lambda: channel_stats(almanet_broker, ephemeral_topic) is None)
+
+
+async def test_nothing_acknowledged_is_lost(almanet_broker: BrokerAddresses, tcp: str, topic: str) -> None:
+    """Three publishers and two consumers that roll back every seventh delivery: each message is FINed once."""
+    consumers = [await RawConnection.consumer(tcp, topic, "c", rdy=50) for _ in range(2)]
+    expected = {b"%d-%d" % (publisher, n) for publisher in range(3) for n in range(1000)}
+
+    async def publish_all(publisher: int) -> None:
+        connection = await RawConnection.open(tcp)
+        bodies = [b"%d-%d" % (publisher, n) for n in range(1000)]
+        for start in range(0, 1000, 100):
+            connection.send(encode_mpub(topic, bodies[start : start + 50]))
+            connection.send(b"".join(encode_pub(topic, body) for body in bodies[start + 50 : start + 100]))
+        for _ in range(10 * 51):
+            assert await connection.frame() == ResponseFrame(OK)
+        await connection.close()
+
+    finished: set[bytes] = set()
+    deliveries = 0
+
+    async def consume(consumer: RawConnection) -> None:
+        nonlocal deliveries
+        while len(finished) < len(expected):
+            try:
+                message = await consumer.message(0.2)
+            except asyncio.TimeoutError:
+                continue
+            deliveries += 1
+            if deliveries % 7 == 0:
+                consumer.send(encode_req(message.id, 0))
+            else:
+                assert message.body not in finished
+                finished.add(message.body)
+                consumer.send(encode_fin(message.id))
+
+    await asyncio.wait_for(asyncio.gather(*map(publish_all, range(3)), *map(consume, consumers)), 30)
+    assert finished == expected
+    await wait_until(lambda: (channel_stats(almanet_broker, topic) or {})["c"]["in_flight_count"] == 0)
+    channel = (channel_stats(almanet_broker, topic) or {})["c"]
+    assert (channel["depth"], channel["deferred_count"], channel["message_count"]) == (0, 0, 3000)
+    for consumer in consumers:
+        await consumer.close()

@@ -5,6 +5,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -14,8 +16,9 @@ def python_blocks(section: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", body, re.DOTALL)
 
 
-def test_frame_codec_example_runs_and_prints_what_it_says() -> None:
-    (block,) = python_blocks("## The frame codec")
+@pytest.mark.parametrize("section", ["## The frame codec", "## The embedded broker"])
+def test_example_runs_and_prints_what_it_says(section: str) -> None:
+    (block,) = python_blocks(section)
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         exec(compile(block, str(README), "exec"), {})

@@ -3,21 +3,29 @@
 Responses are rendered as nsqd v1.2+ renders them (``http_api.V1``): errors
 as ``{"message":"CODE"}`` with their status, ``OK`` and text as plain
 bodies, JSON compact, an empty body for the admin routes, and the
-``X-NSQ-Content-Type`` header on all but ``/ping``. A minimal HTTP/1.1
-server: keep-alive, ``Content-Length`` or chunked request bodies,
-``Expect: 100-continue``.
+``X-NSQ-Content-Type`` header on all but ``/ping``. Handlers check their
+arguments in nsqd's order, and read the query string and the body only
+where nsqd does.
+
+A minimal HTTP/1.1 server that behaves as Go's net/http where a client can
+tell: keep-alive, ``Content-Length`` or chunked request bodies, ``Expect:
+100-continue``, and a plain-text 400 (or 417, 431, 501, 505) followed by
+closing the connection for a request it cannot parse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
+import logging
 import re
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from almanet._speedups.frames import is_valid_name, split_mpub
 from almanet.broker.stats import stats, stats_text
@@ -27,7 +35,16 @@ from almanet.nsq.errors import CommandError
 if TYPE_CHECKING:
     from almanet.broker.server import Broker
 
-_MAX_HEAD = 64 * 1024
+logger = logging.getLogger("almanet.broker")
+
+# Go's http.DefaultMaxHeaderBytes and the slack it adds (nsqd sets no limit of its own).
+_MAX_HEAD = (1 << 20) + 4096
+# Go's limit on a chunk-size line.
+_MAX_CHUNK_LINE = 4096
+# Seconds a connection closed with request bytes unread keeps reading (and dropping)
+# them: closing at once would reset it, and the client could lose the reply (Go's
+# rstAvoidanceDelay).
+_LINGER = 0.5
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json; charset=utf-8"
 _REASONS = {
@@ -37,12 +54,21 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Request Entity Too Large",
+    417: "Expectation Failed",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
-_BAD_ESCAPE = re.compile(rb"%(?![0-9a-fA-F]{2})")
+_HEAD_END = re.compile(rb"\n\r?\n")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
+_CHUNK_SIZE = re.compile(rb"([0-9a-fA-F]{1,16})(?:;.*)?")
+_INT32 = struct.Struct(">i")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
@@ -55,24 +81,57 @@ class HTTPError(Exception):
         self.message = message
 
 
-class Response:
-    __slots__ = ("body", "content_type", "nsq_header", "status")
+class Unread(enum.Enum):
+    """Why a request body was not read; the connection closes after the reply."""
 
-    def __init__(self, status: int, body: bytes, content_type: str | None, nsq_header: bool = True) -> None:
+    TOO_BIG = "larger than the route reads"
+    MALFORMED = "malformed chunked encoding"
+
+
+class Response:
+    __slots__ = ("allow", "body", "content_type", "nsq_header", "status")
+
+    def __init__(
+        self, status: int, body: bytes, content_type: str | None, nsq_header: bool = True, allow: str | None = None
+    ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.nsq_header = nsq_header
+        self.allow = allow
 
 
 class Request:
-    __slots__ = ("body", "method", "path", "query")
+    """A request as the handlers see it: query and body are looked at on demand, as nsqd does."""
 
-    def __init__(self, method: str, path: str, query: dict[str, str], body: bytes) -> None:
+    __slots__ = ("_body", "_query", "_raw_query", "content_length", "method", "path")
+
+    def __init__(
+        self, method: str, path: str, raw_query: str, content_length: int | None, body: bytes | Unread
+    ) -> None:
         self.method = method
         self.path = path
-        self.query = query
-        self.body = body
+        self.content_length = content_length  # None when chunked
+        self._raw_query = raw_query
+        self._query: dict[str, str] | None = None
+        self._body = body
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The first value of each parameter; 400 INVALID_REQUEST where Go's ``url.ParseQuery`` fails."""
+        if self._query is None:
+            try:
+                self._query = _parse_query(self._raw_query)
+            except ValueError:
+                raise HTTPError(400, "INVALID_REQUEST") from None
+        return self._query
+
+    def read_body(self) -> bytes | None:
+        """The body, None if larger than the route reads; a malformed one fails as nsqd's read does."""
+        body = self._body
+        if body is Unread.MALFORMED:
+            raise HTTPError(500, "INTERNAL_ERROR")
+        return None if body is Unread.TOO_BIG else body
 
     def topic_name(self) -> str:
         """The ``topic`` parameter, checked as nsqd's ``getTopicFromQuery`` checks it."""
@@ -96,15 +155,121 @@ class Request:
         return names[0], names[1]
 
 
+class _BadRequest(Exception):
+    """A request Go's HTTP server refuses before any handler sees it."""
+
+    def __init__(self, status: int, detail: str = "") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+    def response(self) -> Response:
+        text = f"{self.status} {_REASONS[self.status]}" + (f": {self.detail}" if self.detail else "")
+        return Response(self.status, text.encode(), _TEXT, nsq_header=False)
+
+
+class _Head:
+    """A request line and header section, as far as the server needs them."""
+
+    __slots__ = ("content_length", "expects_continue", "http10", "keep_alive", "method", "path", "raw_query")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        raw_query: str,
+        http10: bool,
+        content_length: int | None,
+        keep_alive: bool,
+        expects_continue: bool,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.raw_query = raw_query
+        self.http10 = http10
+        self.content_length = content_length  # None when chunked
+        self.keep_alive = keep_alive
+        self.expects_continue = expects_continue
+
+
+class _SizedBody:
+    """A request body of a declared length."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        self._length = length
+        self._limit = limit
+
+    def feed(self, buffer: bytearray) -> bytes | Unread | None:
+        """The body, taken from the head of ``buffer``; None while incomplete."""
+        if self._length > self._limit:
+            return Unread.TOO_BIG
+        if len(buffer) < self._length:
+            return None
+        body = bytes(buffer[: self._length])
+        del buffer[: self._length]
+        return body
+
+
+class _ChunkedBody:
+    """A chunked request body, decoded as its bytes arrive."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._data = bytearray()
+        self._chunk_left = 0  # bytes of the current chunk yet to come
+        self._in_chunk = False  # from a chunk-size line to the CRLF after its data
+        self._in_trailer = False  # after the last chunk
+
+    def feed(self, buffer: bytearray) -> bytes | Unread | None:
+        """Take the body's bytes from the head of ``buffer``: the body once complete, None until then."""
+        while True:
+            if self._in_chunk:
+                data = buffer[: self._chunk_left]
+                del buffer[: len(data)]
+                self._data += data
+                self._chunk_left -= len(data)
+                if self._chunk_left or len(buffer) < 2:
+                    return None
+                if buffer[:2] != b"\r\n":
+                    return Unread.MALFORMED
+                del buffer[:2]
+                self._in_chunk = False
+            line_end = buffer.find(b"\r\n", 0, _MAX_CHUNK_LINE)
+            if line_end < 0:
+                return Unread.MALFORMED if len(buffer) >= _MAX_CHUNK_LINE else None
+            line = bytes(buffer[:line_end])
+            del buffer[: line_end + 2]
+            if self._in_trailer:
+                if not line:
+                    return bytes(self._data)
+                continue
+            size_match = _CHUNK_SIZE.fullmatch(line.rstrip(b" \t"))
+            if size_match is None:
+                return Unread.MALFORMED
+            size = int(size_match[1], 16)
+            if size == 0:
+                self._in_trailer = True
+            elif len(self._data) + size > self._limit:
+                return Unread.TOO_BIG
+            else:
+                self._chunk_left = size
+                self._in_chunk = True
+
+
 class HTTPConnection(asyncio.Protocol):
-    """One HTTP client of the broker."""
+    """One HTTP client of the broker; its requests are answered in order."""
 
     def __init__(self, broker: Broker, connections: set[HTTPConnection]) -> None:
         self._api = API(broker)
         self._connections = connections
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        self._head_searched = 0  # bytes at the start of the buffer known to hold no end of head
+        self._head: _Head | None = None  # of the request whose body is awaited
+        self._body: _SizedBody | _ChunkedBody | None = None
         self._continue_sent = False
+        self._closing = False
+        self._close_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -114,88 +279,99 @@ class HTTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
         self._transport = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # the client is still sending what will never be read
         self._buffer += data
-        while self._transport is not None and not self._transport.is_closing():
-            if not self._handle_one():
-                break
+        while not self._closing:
+            if self._head is None:
+                try:
+                    head = self._read_head()
+                except _BadRequest as error:
+                    self._respond(error.response(), close=True)
+                    return
+                if head is None:
+                    return
+                self._head = head
+                limit = self._api.body_limit(head.path)
+                self._body = (
+                    _ChunkedBody(limit) if head.content_length is None else _SizedBody(head.content_length, limit)
+                )
+            assert self._body is not None
+            body = self._body.feed(self._buffer)
+            if body is None:
+                self._expect_continue(self._head)
+                return
+            self._answer(self._head, body)
 
-    def _handle_one(self) -> bool:
-        """Answer the request at the head of the buffer if complete; False to wait for more bytes."""
+    def _read_head(self) -> _Head | None:
+        """The next request's head, taken from the buffer; None while incomplete."""
         buffer = self._buffer
-        head_end = buffer.find(b"\r\n\r\n")
-        if head_end < 0:
+        if buffer.startswith((b"\r", b"\n")):
+            # Go skips empty lines before a request line.
+            del buffer[: len(buffer) - len(buffer.lstrip(b"\r\n"))]
+            self._head_searched = 0
+        end = _HEAD_END.search(buffer, max(0, self._head_searched - 2))
+        if end is None:
+            line_end = buffer.find(b"\n")
+            if line_end >= 0:
+                # Refuse a bad request line at once rather than wait for headers that may never come.
+                _parse_request_line(buffer[:line_end].decode("latin-1").removesuffix("\r"))
             if len(buffer) > _MAX_HEAD:
-                self._respond(Response(431, b"", None, nsq_header=False), keep_alive=False)
-            return False
-        try:
-            method, target, version, headers = _parse_head(bytes(buffer[:head_end]))
-        except ValueError:
-            self._respond(Response(400, b"", None, nsq_header=False), keep_alive=False)
-            return False
-        keep_alive = _keeps_alive(version, headers)
-        path, _, raw_query = target.partition("?")
-        limit, too_big = self._api.body_limit(path)
-        body_start = head_end + 4
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            decoded = _decode_chunked(buffer, body_start, limit)
-            if decoded is None:
-                self._expect_continue(headers)
-                return False
-            if isinstance(decoded, HTTPError):
-                self._respond(_error_response(decoded), keep_alive=False)
-                return False
-            body, request_end = decoded
-        else:
-            length_text = headers.get("content-length", "0")
-            if not length_text.isdigit():
-                self._respond(Response(400, b"", None, nsq_header=False), keep_alive=False)
-                return False
-            length = int(length_text)
-            if length > limit:
-                self._respond(_error_response(HTTPError(413, too_big)), keep_alive=False)
-                return False
-            request_end = body_start + length
-            if len(buffer) < request_end:
-                self._expect_continue(headers)
-                return False
-            body = bytes(buffer[body_start:request_end])
-        del buffer[:request_end]
-        self._continue_sent = False
-        try:
-            query = _parse_query(raw_query.encode("latin-1"))
-        except ValueError:
-            response = _error_response(HTTPError(400, "INVALID_REQUEST"))
-        else:
-            response = self._api.handle(Request(method, path, query, body))
-        self._respond(response, keep_alive)
-        return True
+                raise _BadRequest(431)
+            self._head_searched = len(buffer)
+            return None
+        if end.start() > _MAX_HEAD:
+            raise _BadRequest(431)
+        head = _parse_head(buffer[: end.start()].decode("latin-1"))
+        del buffer[: end.end()]
+        self._head_searched = 0
+        return head
 
-    def _expect_continue(self, headers: dict[str, str]) -> None:
-        if not self._continue_sent and headers.get("expect", "").lower() == "100-continue":
+    def _expect_continue(self, head: _Head) -> None:
+        if head.expects_continue and not self._continue_sent:
             self._continue_sent = True
             assert self._transport is not None
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _respond(self, response: Response, keep_alive: bool) -> None:
-        assert self._transport is not None
-        lines = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}"]
+    def _answer(self, head: _Head, body: bytes | Unread) -> None:
+        self._head = self._body = None
+        self._continue_sent = False
+        response = self._api.handle(Request(head.method, head.path, head.raw_query, head.content_length, body))
+        # What is left of an unread body would be taken for the next request.
+        close = not head.keep_alive or isinstance(body, Unread)
+        self._respond(response, close=close, http10=head.http10, head_only=head.method == "HEAD")
+
+    def _respond(self, response: Response, *, close: bool, http10: bool = False, head_only: bool = False) -> None:
+        transport = self._transport
+        assert transport is not None
+        lines = [f"HTTP/1.{0 if http10 else 1} {response.status} {_REASONS.get(response.status, '')}"]
+        if response.allow is not None:
+            lines.append(f"Allow: {response.allow}")
         if response.content_type is not None:
             lines.append(f"Content-Type: {response.content_type}")
         if response.nsq_header:
             lines.append("X-Nsq-Content-Type: nsq; version=1.0")
         lines.append(f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}")
         lines.append(f"Content-Length: {len(response.body)}")
-        if not keep_alive:
+        if close:
             lines.append("Connection: close")
-        self._transport.write(("\r\n".join(lines) + "\r\n\r\n").encode() + response.body)
-        if not keep_alive:
-            self._transport.close()
+        elif http10:
+            lines.append("Connection: keep-alive")
+        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else response.body))
+        if close:
+            self._closing = True
+            self._buffer.clear()
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._close_timer = asyncio.get_running_loop().call_later(_LINGER, transport.close)
 
 
 class API:
@@ -218,26 +394,27 @@ class API:
             "/lookup": ("GET", self._lookup),
         }
 
-    def body_limit(self, path: str) -> tuple[int, str]:
-        """The largest body a route reads, and the error for a larger one."""
+    def body_limit(self, path: str) -> int:
+        """The most a route reads of a body: /pub refuses a larger one unread, as nsqd does."""
         options = self._broker.options
-        if path == "/pub":
-            return options.max_msg_size, "MSG_TOO_BIG"
-        return options.max_body_size, "BODY_TOO_BIG"
+        return options.max_msg_size if path == "/pub" else options.max_body_size
 
     def handle(self, request: Request) -> Response:
         route = self._routes.get(request.path)
+        if route is None:
+            return _error_response(HTTPError(404, "NOT_FOUND"))
+        method, handler = route
+        if request.method != method:
+            # httprouter names the route's methods in Allow.
+            return Response(405, _error_body("METHOD_NOT_ALLOWED"), _JSON, allow=method)
         try:
-            if route is None:
-                raise HTTPError(404, "NOT_FOUND")
-            method, handler = route
-            if request.method != method:
-                raise HTTPError(405, "METHOD_NOT_ALLOWED")
             return handler(request)
         except HTTPError as error:
-            if request.path == "/ping":
-                return Response(error.status, error.message.encode(), _TEXT, nsq_header=False)
             return _error_response(error)
+        except Exception:
+            # As nsqd's router answers a handler's panic.
+            logger.exception("HTTP %s %s failed", request.method, request.path)
+            return _error_response(HTTPError(500, "INTERNAL_ERROR"))
 
     def _topic(self, request: Request) -> Topic:
         """The existing topic named by the query: 404 TOPIC_NOT_FOUND otherwise."""
@@ -274,7 +451,9 @@ class API:
     def _stats(self, request: Request) -> Response:
         query = request.query
         include_clients = _BOOLEANS.get(query.get("include_clients", ""), True)
-        report = stats(self._broker, query.get("topic"), query.get("channel"), include_clients)
+        # An empty name filters nothing, as in nsqd.
+        topic_name = query.get("topic") or None
+        report = stats(self._broker, topic_name, query.get("channel") or None, include_clients)
         if query.get("format") == "json":
             return _json(report)
         return Response(200, stats_text(self._broker, report).encode(), _TEXT)
@@ -287,7 +466,11 @@ class API:
         return Response(200, b"OK", _TEXT)
 
     def _pub(self, request: Request) -> Response:
-        if not request.body:
+        # nsqd reads the body before it looks at the query.
+        body = request.read_body()
+        if body is None:
+            raise HTTPError(413, "MSG_TOO_BIG")
+        if not body:
             raise HTTPError(400, "MSG_EMPTY")
         topic = self._broker.get_topic(request.topic_name())
         delay = 0.0
@@ -299,21 +482,26 @@ class API:
             if not 0 <= defer_ms <= self._broker.max_req_timeout_ms:
                 raise HTTPError(400, "INVALID_DEFER")
             delay = defer_ms / 1000
-        return self._publish(topic, [request.body], delay)
+        return self._publish(topic, [body], delay)
 
     def _mpub(self, request: Request) -> Response:
-        topic = self._broker.get_topic(request.topic_name())
         options = self._broker.options
+        if request.content_length is not None and request.content_length > options.max_body_size:
+            raise HTTPError(413, "BODY_TOO_BIG")
+        topic = self._broker.get_topic(request.topic_name())
         binary = request.query.get("binary")
+        body = request.read_body()
+        if body is None:
+            raise HTTPError(413, "BODY_TOO_BIG")
         if binary is not None and _BOOLEANS.get(binary, True):
             try:
-                bodies = split_mpub(request.body, 0, len(request.body), options.max_msg_size, options.max_body_size)
+                bodies = split_mpub(body, 0, _binary_mpub_end(body), options.max_msg_size, options.max_body_size)
             except CommandError as error:
                 raise HTTPError(413, error.code[2:]) from None
         else:
             # One message per line; nsqd skips empty lines.
-            bodies = [line for line in request.body.split(b"\n") if line]
-            if any(len(body) > options.max_msg_size for body in bodies):
+            bodies = [line for line in body.split(b"\n") if line]
+            if any(len(line) > options.max_msg_size for line in bodies):
                 raise HTTPError(413, "MSG_TOO_BIG")
         return self._publish(topic, bodies)
 
@@ -331,7 +519,7 @@ class API:
         return _EMPTY
 
     def _channel_create(self, request: Request) -> Response:
-        _topic_name, channel_name = request.topic_and_channel_names()
+        _, channel_name = request.topic_and_channel_names()
         self._topic(request).get_channel(channel_name)
         return _EMPTY
 
@@ -374,72 +562,98 @@ def _json(data: Any) -> Response:
     return Response(200, json.dumps(data, separators=(",", ":")).encode(), _JSON)
 
 
+def _error_body(message: str) -> bytes:
+    return json.dumps({"message": message}, separators=(",", ":")).encode()
+
+
 def _error_response(error: HTTPError) -> Response:
-    return Response(error.status, json.dumps({"message": error.message}, separators=(",", ":")).encode(), _JSON)
+    return Response(error.status, _error_body(error.message), _JSON)
 
 
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
-    request_line, *header_lines = head.decode("latin-1").split("\r\n")
-    method, target, version = request_line.split(" ")
-    if not version.startswith("HTTP/1.") or not target.startswith("/"):
-        raise ValueError(request_line)
-    headers = {}
-    for line in header_lines:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise ValueError(line)
-        headers[name.lower()] = value.strip()
-    return method, target, version, headers
+def _binary_mpub_end(body: bytes) -> int:
+    """Where the messages a binary ``/mpub`` body counts end: nsqd ignores what follows them."""
+    if len(body) < 4:
+        return len(body)
+    end = 4
+    for _ in range(_INT32.unpack_from(body)[0]):
+        size = _INT32.unpack_from(body, end)[0] if end + 4 <= len(body) else 0
+        if size <= 0 or end + 4 + size > len(body):
+            return len(body)  # a faulty message, for split_mpub to report as nsqd does
+        end += 4 + size
+    return end
 
 
-def _keeps_alive(version: str, headers: dict[str, str]) -> bool:
-    connection = headers.get("connection", "").lower()
-    if version == "HTTP/1.0":
-        return connection == "keep-alive"
-    return connection != "close"
+def _parse_request_line(line: str) -> tuple[str, str, str, bool]:
+    """Method, path, raw query and whether it is HTTP/1.0, as Go's server reads a request line."""
+    method, _, rest = line.partition(" ")
+    target, _, version = rest.partition(" ")
+    version_match = _VERSION.fullmatch(version)
+    raw_path, _, raw_query = target.partition("?")
+    if (
+        version_match is None
+        or not _TOKEN.fullmatch(method)
+        or not (raw_path.startswith("/") or target == "*")
+        or _CONTROL.search(target)
+        or _BAD_ESCAPE.search(raw_path)
+    ):
+        raise _BadRequest(400)
+    if version_match[1] != "1":
+        raise _BadRequest(505, "unsupported protocol version")
+    return method, unquote(raw_path, errors="surrogateescape"), raw_query, version == "HTTP/1.0"
 
 
-def _decode_chunked(buffer: bytearray, start: int, limit: int) -> tuple[bytes, int] | HTTPError | None:
-    """A chunked body and where the request ends; None while incomplete."""
-    body = bytearray()
-    position = start
-    while True:
-        line_end = buffer.find(b"\r\n", position)
-        if line_end < 0:
-            return None
-        size_text = bytes(buffer[position:line_end]).split(b";")[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            return HTTPError(400, "INVALID_REQUEST")
-        position = line_end + 2
-        if size == 0:
-            trailer_end = buffer.find(b"\r\n", position)
-            while trailer_end > position:  # skip trailer fields
-                position = trailer_end + 2
-                trailer_end = buffer.find(b"\r\n", position)
-            if trailer_end < 0:
-                return None
-            return bytes(body), trailer_end + 2
-        if len(body) + size > limit:
-            return HTTPError(413, "BODY_TOO_BIG")
-        if len(buffer) < position + size + 2:
-            return None
-        body += buffer[position : position + size]
-        position += size + 2
+def _parse_head(head: str) -> _Head:
+    request_line, *field_lines = head.split("\n")
+    method, path, raw_query, http10 = _parse_request_line(request_line.removesuffix("\r"))
+    fields: dict[str, list[str]] = {}
+    for line in field_lines:
+        name, colon, value = line.removesuffix("\r").partition(":")
+        value = value.strip(" \t")
+        if not colon or not _TOKEN.fullmatch(name) or _CONTROL_BUT_TAB.search(value):
+            raise _BadRequest(400)
+        fields.setdefault(name.lower(), []).append(value)
+    hosts = fields.get("host", [])
+    if not hosts and not http10:
+        raise _BadRequest(400, "missing required Host header")
+    if len(hosts) > 1:
+        raise _BadRequest(400, "too many Host headers")
+    # Go ignores Transfer-Encoding in HTTP/1.0, knows only chunked, and then ignores Content-Length.
+    transfer_encodings = [] if http10 else [value.lower() for value in fields.get("transfer-encoding", [])]
+    if transfer_encodings not in ([], ["chunked"]):
+        raise _BadRequest(501, "unsupported transfer encoding")
+    content_length = None if transfer_encodings else _content_length(fields.get("content-length", []))
+    connection = fields.get("connection", [""])[0]
+    keep_alive = _has_token(connection, "keep-alive") if http10 else not _has_token(connection, "close")
+    expect = fields.get("expect", [""])[0]
+    expects_continue = _has_token(expect, "100-continue")
+    if expect and not expects_continue:
+        raise _BadRequest(417)
+    return _Head(method, path, raw_query, http10, content_length, keep_alive, expects_continue and not http10)
 
 
-def _parse_query(raw: bytes) -> dict[str, str]:
+def _content_length(values: list[str]) -> int:
+    """The declared body size: 0 when none is (Go's rule for requests)."""
+    if not values:
+        return 0
+    text = values[0]
+    if any(value != text for value in values) or not re.fullmatch(r"[0-9]{1,19}", text) or int(text) >= 2**63:
+        raise _BadRequest(400)
+    return int(text)
+
+
+def _has_token(value: str, token: str) -> bool:
+    return token in (part.strip(" \t").lower() for part in value.split(","))
+
+
+def _parse_query(raw: str) -> dict[str, str]:
     """The first value of each parameter; ValueError where Go's ``url.ParseQuery`` fails."""
     query: dict[str, str] = {}
-    if not raw:
-        return query
-    if _BAD_ESCAPE.search(raw) or b";" in raw:
+    if _BAD_ESCAPE.search(raw) or ";" in raw:
         raise ValueError("invalid query")
-    for pair in raw.split(b"&"):
+    for pair in raw.split("&"):
         if not pair:
             continue
-        key, _, value = pair.partition(b"=")
-        name = unquote_plus(key.decode("latin-1"), errors="surrogateescape")
-        query.setdefault(name, unquote_plus(value.decode("latin-1"), errors="surrogateescape"))
+        key, _, value = pair.partition("=")
+        name = unquote_plus(key, errors="surrogateescape")
+        query.setdefault(name, unquote_plus(value, errors="surrogateescape"))
     return query

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -13,32 +14,53 @@ if TYPE_CHECKING:
 
 # nsqd reports latency percentiles only when configured to; by default none.
 _NO_LATENCY: dict[str, Any] = {"count": 0, "percentiles": None}
+_SECOND = 1_000_000_000  # nanoseconds
 
 
 def stats(broker: Broker, topic_name: str | None, channel_name: str | None, include_clients: bool) -> dict[str, Any]:
-    """What nsqd's ``/stats?format=json`` answers (without ``memory``: there is no Go heap)."""
+    """What nsqd's ``/stats?format=json`` answers (without ``memory``: there is no Go heap).
+
+    Filtered as nsqd's GetStats filters: an unknown topic gives ``null`` topics
+    and producers, and a topic without the channel is left out.
+    """
     if topic_name is None:
-        topics: list[dict[str, Any]] | None = [
-            _topic(topic, channel_name, include_clients) for _, topic in sorted(broker.topics.items())
-        ]
+        topics = [topic for _, topic in sorted(broker.topics.items())]
+    elif topic_name in broker.topics:
+        topics = [broker.topics[topic_name]]
     else:
-        topic = broker.topics.get(topic_name)
-        topics = None if topic is None else [_topic(topic, channel_name, include_clients)]
-    producers = [_client(client) for client in broker.clients if client.pub_counts] if include_clients else []
+        return _report(broker, None, None)
+    topic_reports = [
+        _topic(topic, channel_name, topic_name, include_clients)
+        for topic in topics
+        if channel_name is None or channel_name in topic.channels
+    ]
+    if not include_clients:
+        return _report(broker, topic_reports, None)
+    producers = [_client(client, topic_name) for client in broker.clients if client.pub_counts]
+    return _report(broker, topic_reports, producers or None)
+
+
+def _report(
+    broker: Broker, topics: list[dict[str, Any]] | None, producers: list[dict[str, Any]] | None
+) -> dict[str, Any]:
     return {
         "version": broker.version,
         "health": "OK",
         "start_time": broker.start_time,
         "topics": topics,
-        "producers": producers or None,
+        "producers": producers,
     }
 
 
-def _topic(topic: Topic, channel_name: str | None, include_clients: bool) -> dict[str, Any]:
+def _topic(topic: Topic, channel_name: str | None, topic_filter: str | None, include_clients: bool) -> dict[str, Any]:
     channels = sorted(topic.channels.items())
     return {
         "topic_name": topic.name,
-        "channels": [_channel(channel, include_clients) for name, channel in channels if channel_name in (None, name)],
+        "channels": [
+            _channel(channel, topic_filter, include_clients)
+            for name, channel in channels
+            if channel_name in (None, name)
+        ],
         "depth": len(topic.waiting),
         "backend_depth": 0,
         "message_count": topic.message_count,
@@ -48,7 +70,7 @@ def _topic(topic: Topic, channel_name: str | None, include_clients: bool) -> dic
     }
 
 
-def _channel(channel: Channel, include_clients: bool) -> dict[str, Any]:
+def _channel(channel: Channel, topic_filter: str | None, include_clients: bool) -> dict[str, Any]:
     return {
         "channel_name": channel.name,
         "depth": len(channel.queue),
@@ -59,13 +81,13 @@ def _channel(channel: Channel, include_clients: bool) -> dict[str, Any]:
         "requeue_count": channel.requeue_count,
         "timeout_count": channel.timeout_count,
         "client_count": len(channel.clients),
-        "clients": [_client(client) for client in channel.clients] if include_clients else None,
+        "clients": [_client(client, topic_filter) for client in channel.clients] if include_clients else None,
         "paused": False,
         "e2e_processing_latency": _NO_LATENCY,
     }
 
 
-def _client(client: ClientConnection) -> dict[str, Any]:
+def _client(client: ClientConnection, topic_filter: str | None) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "client_id": client.client_id,
         "hostname": client.hostname,
@@ -83,8 +105,11 @@ def _client(client: ClientConnection) -> dict[str, Any]:
         "snappy": False,
         "user_agent": client.user_agent,
     }
-    if client.pub_counts:
-        fields["pub_counts"] = [{"topic": topic, "count": count} for topic, count in client.pub_counts.items()]
+    # nsqd reports a single topic's count (ClientV2.Stats breaks out of its loop), the filtered topic's if any.
+    for topic, count in client.pub_counts.items():
+        if topic_filter in (None, topic):
+            fields["pub_counts"] = [{"topic": topic, "count": count}]
+            break
     fields.update(
         tls=False,
         tls_cipher_suite="",
@@ -97,12 +122,13 @@ def _client(client: ClientConnection) -> dict[str, Any]:
 
 def stats_text(broker: Broker, report: dict[str, Any]) -> str:
     """nsqd's plain-text ``/stats`` for a report made by ``stats()``, written as nsqd's printStats writes it."""
-    now = time.time()
+    now_ns = time.time_ns()
     start = datetime.fromtimestamp(broker.start_time, timezone.utc).astimezone()
     out = [
-        f"nsqd v{broker.version} (almanet embedded broker)\n",
+        # nsqd names the Go release it was built with.
+        f"nsqd v{broker.version} (built w/python{platform.python_version()})\n",
         f"start_time {start.isoformat(timespec='seconds').replace('+00:00', 'Z')}\n",
-        f"uptime {_go_duration(now - broker.start_time)}\n",
+        f"uptime {_go_duration(max(0, now_ns - broker.start_time * _SECOND))}\n",
         f"\nHealth: {report['health']}\n",
     ]
     topics = report["topics"] or []
@@ -119,15 +145,16 @@ def stats_text(broker: Broker, report: dict[str, Any]) -> str:
                 f"def: {channel['deferred_count']:<4} re-q: {channel['requeue_count']:<5} "
                 f"timeout: {channel['timeout_count']:<5} msgs: {channel['message_count']:<8} e2e%: \n"
             )
-            out.extend(f"        {_client_text(client, now)}\n" for client in channel["clients"] or [])
+            out.extend(f"        {_client_text(client, now_ns)}\n" for client in channel["clients"] or [])
     producers = report["producers"] or []
     out.append("\nProducers:\n" if producers else "\nProducers: None\n")
-    out.extend(f"   {_client_text(client, now)}\n" for client in producers)
+    out.extend(f"   {_client_text(client, now_ns)}\n" for client in producers)
     return "".join(out)
 
 
-def _client_text(client: dict[str, Any], now: float) -> str:
-    connected = _go_duration(int(now - client["connect_ts"]))
+def _client_text(client: dict[str, Any], now_ns: int) -> str:
+    # nsqd truncates the connection's age to the second.
+    connected = _go_duration(max(0, now_ns // _SECOND - client["connect_ts"]) * _SECOND)
     port = client["remote_address"].rpartition(":")[2]
     name = f"{client['hostname']}:{port} {client['user_agent']}"
     if "pub_counts" in client:
@@ -141,15 +168,25 @@ def _client_text(client: dict[str, Any], now: float) -> str:
     )
 
 
-def _go_duration(seconds: float) -> str:
-    """Go's ``Duration.String()`` to the second or below: ``1h2m3.5s``."""
-    whole = int(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    fraction = f"{seconds - whole:.6f}".rstrip("0").rstrip(".")[1:] if seconds != whole else ""
-    text = f"{secs}{fraction}s"
+def _go_duration(nanoseconds: int) -> str:
+    """Go's ``Duration.String()``: ``1h2m3.5s``, ``1.5ms``, ``0s``."""
+    if nanoseconds == 0:
+        return "0s"
+    for unit, size in (("ns", 1), ("µs", 1_000), ("ms", 1_000_000)):
+        if nanoseconds < size * 1000:
+            return _decimal(nanoseconds, size) + unit
+    minutes, nanoseconds = divmod(nanoseconds, 60 * _SECOND)
+    hours, minutes = divmod(minutes, 60)
+    seconds = _decimal(nanoseconds, _SECOND) + "s"
     if hours:
-        return f"{hours}h{minutes}m{text}"
+        return f"{hours}h{minutes}m{seconds}"
     if minutes:
-        return f"{minutes}m{text}"
-    return text
+        return f"{minutes}m{seconds}"
+    return seconds
+
+
+def _decimal(value: int, unit: int) -> str:
+    """``value / unit`` as Go writes it in durations: no trailing zeros, no point for a whole number."""
+    whole, fraction = divmod(value, unit)
+    digits = f"{fraction:0{len(str(unit)) - 1}d}".rstrip("0") if fraction else ""
+    return f"{whole}.{digits}" if digits else str(whole)
