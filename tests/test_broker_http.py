@@ -878,6 +878,21 @@ def test_pipelined_requests(address: str, topic: str) -> None:
     assert_empty(replies[3])
 
 
+def test_a_client_that_does_not_read_its_replies_is_no_longer_read(address: str, topic: str) -> None:
+    # Go's server writes each reply before it reads the next request: once the client's socket
+    # buffers are full it stops reading, where answering on would buffer replies without end.
+    request = b"POST /pub?topic=%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx" % topic.encode()
+    with connect(address) as sock:
+        sock.settimeout(0.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            while time.monotonic() - started < TIMEOUT:
+                sock.sendall(request * 1000)
+        published = topic_stats(address, topic)["message_count"]
+        time.sleep(0.3)
+        assert topic_stats(address, topic)["message_count"] == published
+
+
 def test_bare_newlines_end_header_lines(address: str) -> None:
     with connect(address) as sock:
         sock.sendall(b"GET /ping HTTP/1.1\nHost: x\n\n")

@@ -95,6 +95,8 @@ async def test_identify_negotiates_features(tcp: str) -> None:
         "msg_timeout": 5000,
         "tls_v1": False,
         "deflate": False,
+        "deflate_level": 6,
+        "max_deflate_level": 6,
         "snappy": False,
         "sample_rate": 0,
         "auth_required": False,
@@ -134,7 +136,7 @@ async def test_identify_refuses_invalid_settings(tcp: str, settings: dict[str, A
     assert await connection.error_then_closed() == error
 
 
-@pytest.mark.parametrize("body", [b"{", b"[1]", b'"text"', b"\xff\xfe"])
+@pytest.mark.parametrize("body", [b"{", b"[1]", b'"text"', b"\xff\xfe", b"[" * 100_000])
 async def test_identify_refuses_a_body_that_is_not_a_json_object(tcp: str, body: bytes) -> None:
     connection = await RawConnection.open(tcp)
     connection.send(b"IDENTIFY\n" + len(body).to_bytes(4, "big") + body)
@@ -145,6 +147,24 @@ async def test_identify_ignores_unknown_fields(tcp: str) -> None:
     connection = await RawConnection.open(tcp)
     negotiated = await connection.identify(some_future_field={"x": 1}, long_id="old client")
     assert negotiated["max_rdy_count"] > 0
+    await connection.close()
+
+
+async def test_identify_reads_a_lone_surrogate_escape_as_a_replacement_character(
+    almanet_broker: BrokerAddresses, tcp: str, topic: str
+) -> None:
+    connection = await RawConnection.open(tcp)
+    body = b'{"hostname": "\\ud800host"}'
+    connection.send(b"IDENTIFY\n" + len(body).to_bytes(4, "big") + body)
+    assert await connection.frame() == ResponseFrame(OK)
+    connection.send(encode_sub(topic, "c"))
+    assert await connection.frame() == ResponseFrame(OK)
+    assert [client["hostname"] for client in (channel_stats(almanet_broker, topic) or {})["c"]["clients"]] == [
+        "\ufffdhost"
+    ]
+    url = f"http://{almanet_broker.http_address}/stats?topic={urllib.parse.quote(topic)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert "\ufffdhost" in response.read().decode()
     await connection.close()
 
 
@@ -186,6 +206,25 @@ async def test_a_client_silent_for_two_heartbeat_intervals_is_closed(tcp: str) -
     started = time.monotonic()
     await connection.closed()
     assert 1.8 <= time.monotonic() - started <= 2.8
+
+
+async def test_the_read_deadline_runs_from_command_to_command(tcp: str, topic: str) -> None:
+    connection = await RawConnection.open(tcp)
+    await connection.identify(heartbeat_interval=1000)
+    started = time.monotonic()
+    connection.send(b"PUB " + topic.encode() + b"\n" + (25).to_bytes(4, "big"))
+
+    async def trickle() -> None:  # the body, a byte at a time: 5 s in all
+        for _ in range(25):
+            connection.send(b"x")
+            await asyncio.sleep(0.2)
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        await connection.closed()  # nsqd: two heartbeat intervals after the IDENTIFY
+        assert time.monotonic() - started < 3
+    finally:
+        trickling.cancel()
 
 
 async def test_sub_needs_heartbeats(tcp: str, topic: str) -> None:
@@ -375,6 +414,22 @@ async def test_touch_extends_the_msg_timeout(tcp: str, topic: str) -> None:
     await connection.close()
 
 
+async def test_each_message_times_out_on_time_after_another_comes_back(tcp: str, topic: str) -> None:
+    connection = await RawConnection.consumer(tcp, topic, "c", rdy=2, msg_timeout=1000)
+    await publish(tcp, topic, b"first")
+    await connection.message()
+    await asyncio.sleep(0.3)
+    await publish(tcp, topic, b"second")
+    second = await connection.message()
+    delivered = time.monotonic()
+    # "first" times out 0.3 s earlier and comes back to this consumer: "second" still times out 1 s after it came.
+    again = [await connection.message() for _ in range(2)]
+    assert [message.body for message in again] == [b"first", b"second"]
+    assert time.monotonic() - delivered < 1.4
+    connection.send(encode_fin(second.id))
+    await connection.close()
+
+
 async def test_cls_stops_deliveries_but_fin_still_works(almanet_broker: BrokerAddresses, tcp: str, topic: str) -> None:
     connection = await RawConnection.consumer(tcp, topic, "c", rdy=10)
     await publish(tcp, topic, b"held")
@@ -525,6 +580,48 @@ async def test_a_consumer_that_does_not_read_delays_no_one(tcp: str, topic: str)
     assert len(await healthy.messages(160)) == 160
     for connection in (stuck, healthy, publisher):
         await connection.close()
+
+
+async def publish_16_mb(address: str, topic: str) -> None:
+    """More than the socket buffers between the broker and a client can hold."""
+    publisher = await RawConnection.open(address)
+    body = b"x" * 100_000
+    for _ in range(4):
+        publisher.send(encode_mpub(topic, [body] * 40))
+    for _ in range(4):
+        assert await publisher.frame() == ResponseFrame(OK)
+    await publisher.close()
+
+
+async def test_a_consumer_that_does_not_read_takes_no_more_of_its_channel(
+    almanet_broker: BrokerAddresses, tcp: str, topic: str
+) -> None:
+    stuck = await RawConnection.consumer(tcp, topic, "c", rdy=2500)  # never reads
+    await publish_16_mb(tcp, topic)
+    healthy = await RawConnection.consumer(tcp, topic, "c", rdy=2500)
+    await wait_until(
+        lambda: (
+            sorted(client["ready_count"] for client in (channel_stats(almanet_broker, topic) or {})["c"]["clients"])
+            == [2500, 2500]
+        )
+    )
+    small = {b"%d" % n for n in range(50)}
+    await publish(tcp, topic, *small)
+    received: set[bytes] = set()
+    while not small <= received:  # after what the stuck one could not take of the 16 MB (nsqd)
+        received.add((await healthy.message()).body)
+    await stuck.close()
+    await healthy.close()
+
+
+async def test_a_consumer_that_neither_reads_nor_writes_is_closed(
+    almanet_broker: BrokerAddresses, tcp: str, topic: str
+) -> None:
+    silent = await RawConnection.consumer(tcp, topic, "c", rdy=2500, heartbeat_interval=1000)
+    await publish_16_mb(tcp, topic)
+    # nsqd gives it up once its read deadline (two heartbeat intervals) or write deadline (one) passes.
+    await wait_until(lambda: (channel_stats(almanet_broker, topic) or {})["c"]["client_count"] == 0)
+    await silent.close()
 
 
 async def test_ephemeral_channel_and_topic_go_with_their_last_consumer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,9 +16,21 @@ from typing import Any
 import pytest
 from rawnsq import RawConnection
 
-from almanet._speedups.frames import ResponseFrame, encode_mpub, encode_pub, encode_rdy, encode_req, encode_touch
+from almanet._speedups.frames import (
+    ErrorFrame,
+    ResponseFrame,
+    encode_dpub,
+    encode_fin,
+    encode_mpub,
+    encode_pub,
+    encode_rdy,
+    encode_req,
+    encode_touch,
+)
 from almanet.broker import Broker
 from almanet.broker.options import parse_duration
+from almanet.broker.tcp import ClientConnection
+from almanet.broker.topics import Channel
 from almanet.nsq.protocol import OK
 
 LOOPBACK = {"tcp_address": "127.0.0.1:0", "http_address": "127.0.0.1:0"}
@@ -67,6 +80,70 @@ async def test_a_port_in_use_is_reported(start_broker: Any) -> None:
     running = await start_broker()
     with pytest.raises(OSError):
         await Broker(tcp_address=running.tcp_address, http_address="127.0.0.1:0").start()
+
+
+async def fill_the_socket_buffers(broker: Broker) -> RawConnection:
+    """A consumer of topic "t" that does not read, and more messages than the socket buffers hold."""
+    stuck = await RawConnection.consumer(broker.tcp_address, "t", "c", rdy=2500)
+    publisher = await RawConnection.open(broker.tcp_address)
+    for _ in range(4):
+        publisher.send(encode_mpub("t", [b"x" * 100_000] * 40))
+    for _ in range(4):
+        assert await publisher.frame() == ResponseFrame(OK)
+    return stuck
+
+
+async def test_stop_closes_even_connections_whose_clients_do_not_read() -> None:
+    broker = Broker(**LOOPBACK)
+    await broker.start()
+    stuck = await fill_the_socket_buffers(broker)
+    host, _, port = broker.http_address.rpartition(":")
+    _, http_writer = await asyncio.open_connection(host, int(port))
+    with contextlib.suppress(TimeoutError):
+        for _ in range(1000):  # until the broker reads no more: its replies fill the socket buffers
+            http_writer.write(b"GET /stats?format=json HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+            await asyncio.wait_for(http_writer.drain(), 0.5)
+    await asyncio.wait_for(broker.stop(), 5)
+    await asyncio.sleep(0.1)
+    assert not broker.clients
+    assert not broker._http_connections  # no public view of them
+    await stuck.close()
+    http_writer.close()
+
+
+def record_timers(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.TimerHandle]:
+    """The timers the broker's connections and channels schedule from now on (call_later goes through call_at)."""
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    call_at = loop.call_at
+
+    def recording_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        timer = call_at(when, callback, *args, **kwargs)
+        if isinstance(getattr(callback, "__self__", None), (ClientConnection, Channel)):
+            timers.append(timer)
+        return timer
+
+    monkeypatch.setattr(loop, "call_at", recording_call_at)
+    return timers
+
+
+async def test_stop_leaves_no_timer_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    timers = record_timers(monkeypatch)
+    broker = Broker(**LOOPBACK)
+    await broker.start()
+    holder = await RawConnection.consumer(broker.tcp_address, "t", "c")
+    departing = await RawConnection.consumer(broker.tcp_address, "t", "c")
+    publisher = await RawConnection.open(broker.tcp_address)
+    publisher.send(encode_pub("t", b"1") + encode_pub("t", b"2") + encode_dpub("t", 60_000, b"later"))
+    await holder.message()
+    await departing.message()
+    await departing.close()  # leaves its message in flight
+    await broker.stop()
+    await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    assert [timer for timer in timers if not timer.cancelled() and timer.when() > loop.time()] == []
+    for connection in (holder, publisher):
+        await connection.close()
 
 
 @pytest.mark.parametrize(
@@ -149,6 +226,28 @@ async def test_touch_is_capped_by_max_msg_timeout(start_broker: Any) -> None:
     consumer.send(encode_touch(message.id))  # would move the deadline to 1.8 s; capped at 1.5 s
     assert (await consumer.message()).attempts == 2
     assert 1.4 <= time.monotonic() - delivered < 1.75
+
+
+async def test_touching_a_capped_message_again_schedules_nothing_more(
+    start_broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = await start_broker(msg_timeout=1.0, max_msg_timeout=1.0)  # every TOUCH is capped
+    consumer = await RawConnection.consumer(broker.tcp_address, "t", "c")
+    connection = await RawConnection.open(broker.tcp_address)
+    connection.send(encode_pub("t", b"x"))
+    message = await consumer.message()
+    timers = record_timers(monkeypatch)
+    unknown = b"0" * 16
+    consumer.send(encode_touch(message.id) * 1000 + encode_fin(unknown))
+    assert await consumer.frame() == ErrorFrame(b"E_FIN_FAILED FIN " + unknown + b" failed ID not in flight")
+    assert len(timers) <= 1
+
+
+async def test_deflate_level_is_capped_by_max_deflate_level(start_broker: Any) -> None:
+    broker = await start_broker(max_deflate_level=3)
+    connection = await RawConnection.open(broker.tcp_address)
+    negotiated = await connection.identify()
+    assert (negotiated["deflate"], negotiated["deflate_level"], negotiated["max_deflate_level"]) == (False, 3, 3)
 
 
 # --- command line -----------------------------------------------------------------

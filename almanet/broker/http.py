@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, unquote_plus
 
 from almanet._speedups.frames import is_valid_name, split_mpub
@@ -269,11 +269,12 @@ class HTTPConnection(asyncio.Protocol):
         self._body: _SizedBody | _ChunkedBody | None = None
         self._continue_sent = False
         self._closing = False
+        self._writing_paused = False  # the client does not read its replies
         self._close_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its API.
+        self._transport = cast(asyncio.Transport, transport)
         self._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -282,15 +283,32 @@ class HTTPConnection(asyncio.Protocol):
         if self._close_timer is not None:
             self._close_timer.cancel()
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """Close at once, dropping what the client has not read yet."""
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
+
+    def pause_writing(self) -> None:
+        # As Go's server, blocked writing a reply, read no more requests meanwhile.
+        self._writing_paused = True
+        if self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+            self._answer_requests()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return  # the client is still sending what will never be read
         self._buffer += data
-        while not self._closing:
+        self._answer_requests()
+
+    def _answer_requests(self) -> None:
+        """Answer the requests complete in the buffer, in order, while the client reads the replies."""
+        while not self._closing and not self._writing_paused:
             if self._head is None:
                 try:
                     head = self._read_head()

@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Any
 
-from almanet import __version__
+from almanet._version import __version__
 from almanet.broker.http import HTTPConnection
 from almanet.broker.options import BrokerOptions, split_address
 from almanet.broker.tcp import ClientConnection
@@ -83,10 +83,11 @@ class Broker:
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        # Closing would wait for clients that do not read.
         for client in list(self.clients):
-            client.close()
+            client.abort()
         for http_connection in list(self._http_connections):
-            http_connection.close()
+            http_connection.abort()
         for topic in list(self.topics.values()):
             topic.delete()
         for server in servers:

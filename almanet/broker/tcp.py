@@ -13,9 +13,10 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from almanet._speedups.frames import (
     Command,
@@ -26,8 +27,9 @@ from almanet._speedups.frames import (
     is_valid_name,
     parse_base10,
 )
-from almanet.broker.topics import Channel, Message, QueueFull
+from almanet.broker.topics import Channel, Message, QueueFull, Topic
 from almanet.nsq.errors import CommandError, ProtocolError, go_quote, wire_text
+from almanet.nsq.output import CoalescedOutput
 from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, MESSAGE_ID_SIZE, OK
 
 if TYPE_CHECKING:
@@ -42,6 +44,9 @@ STATE_CLOSING = 4
 
 # nsqd's default: half its 60 s client timeout.
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
+
+# How many topics a connection remembers it published to.
+_PUBLISHED_TOPICS_CACHED = 64
 
 _OK_FRAME = encode_response(OK)
 _HEARTBEAT_FRAME = encode_response(HEARTBEAT)
@@ -66,6 +71,8 @@ _IDENTIFY_FIELDS: dict[str, type] = {
 }
 _INT64_RANGE = range(-(2**63), 2**63)
 _INT32_RANGE = range(-(2**31), 2**31)
+# What Go's decoder reads as U+FFFD: a \uXXXX escape of half a surrogate pair.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ClientConnection(asyncio.Protocol):
@@ -77,7 +84,7 @@ class ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = CommandParser(options.max_msg_size, options.max_body_size, broker.max_req_timeout_ms)
         self._transport: asyncio.Transport | None = None
-        self._output: list[bytes] = []
+        self._output = CoalescedOutput(self._loop)
         self._handlers: dict[bytes, Callable[[Command], None]] = {
             b"IDENTIFY": self._identify,
             b"AUTH": self._auth,
@@ -97,6 +104,7 @@ class ClientConnection(asyncio.Protocol):
         self.channel: Channel | None = None
         self.in_flight: dict[bytes, Message] = {}  # in order of deadline (see _touch)
         self.ready_count = 0
+        self.writing_paused = False  # the client does not read what we send
         # Negotiated with IDENTIFY; seconds as floats.
         self.client_id = ""
         self.hostname = ""
@@ -113,17 +121,20 @@ class ClientConnection(asyncio.Protocol):
         self.finish_count = 0
         self.requeue_count = 0
         self.pub_counts: dict[str, int] = {}
+        self._published_topics: dict[bytes, Topic] = {}  # by wire name: no decode and lookup per PUB
         self._last_read = self._loop.time()
-        self._reading_paused = False
+        self._finished = False  # FINs of this read freed RDY slots
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._read_deadline_timer: asyncio.TimerHandle | None = None
+        self._write_deadline_timer: asyncio.TimerHandle | None = None
         self._timeout_timer: asyncio.TimerHandle | None = None
 
     # --- connection -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its API.
+        self._transport = cast(asyncio.Transport, transport)
+        self._output.attach(self._transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.remote_address = f"{peer[0]}:{peer[1]}"
@@ -131,10 +142,10 @@ class ClientConnection(asyncio.Protocol):
         self._arm_heartbeat()
 
     def data_received(self, data: bytes) -> None:
-        self._last_read = self._loop.time()
         parser = self._parser
         parser.feed(data)
         handlers = self._handlers
+        command = None
         try:
             for command in parser:
                 handlers[command.name](command)
@@ -143,31 +154,49 @@ class ClientConnection(asyncio.Protocol):
         except CommandError as error:
             self._send(encode_error(error.data))
             self.close()
+            return
         except ProtocolError as error:
             logger.debug("closing %s: %s", self.remote_address, error)
             self.close()
+            return
+        if command is not None:
+            # nsqd's read deadline runs from one whole command to the next:
+            # a command trickling in byte by byte does not put it off.
+            self._last_read = self._loop.time()
+        if self._finished:
+            # The channel refills the RDY slots FINs freed once per read, not once per FIN.
+            self._finished = False
+            assert self.channel is not None
+            self.channel.dispatch()
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def pause_writing(self) -> None:
-        # The client does not read what we send: stop reading its commands
-        # (and do not hold its unread NOPs against its read deadline).
-        self._reading_paused = True
+        # The client does not read what we send. Blocked writing to it, nsqd
+        # reads no more of its commands (so unread NOPs do not count against
+        # its read deadline), sends it no more messages (see Channel.dispatch),
+        # and gives it up when its write deadline passes.
+        self.writing_paused = True
         if self._transport is not None:
             self._transport.pause_reading()
+        self._arm_write_deadline()
 
     def resume_writing(self) -> None:
-        self._reading_paused = False
+        self.writing_paused = False
         self._last_read = self._loop.time()
         if self._transport is not None and not self.closed:
+            self._cancel_write_deadline()
             self._transport.resume_reading()
+            if self.channel is not None:
+                self.channel.dispatch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._output.clear()
+        self._output.discard()
         self._broker.clients.discard(self)
         self._stop_heartbeat()
+        self._cancel_write_deadline()
         channel = self.channel
         if channel is not None and not channel.deleted:
             channel.remove_client(self)
@@ -178,20 +207,22 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.ready_count = 0
-        self._flush()
+        self._output.flush()
         if self._transport is not None:
             self._transport.close()
+            if self._transport.get_write_buffer_size():
+                self._arm_write_deadline()  # the client may never read it
+
+    def abort(self) -> None:
+        """Close at once, dropping what the client has not read yet."""
+        self.closed = True
+        self.ready_count = 0
+        self._output.discard()
+        if self._transport is not None:
+            self._transport.abort()
 
     def _send(self, frame: bytes) -> None:
-        if not self._output:
-            self._loop.call_soon(self._flush)
-        self._output.append(frame)
-
-    def _flush(self) -> None:
-        output = self._output
-        if output and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(output[0] if len(output) == 1 else b"".join(output))
-        output.clear()
+        self._output.write(frame)
 
     def _send_error(self, code: str, description: str) -> None:
         """An error frame that leaves the connection open (FIN, REQ and TOUCH failures)."""
@@ -220,8 +251,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _check_read_deadline(self) -> None:
         # nsqd closes a connection that sends nothing for two heartbeat
-        # intervals. Reads only note their time; the timer catches up here.
-        if self._reading_paused:
+        # intervals. Commands only note their time; the timer catches up here.
+        if self.writing_paused:
             self._last_read = self._loop.time()
         deadline = self._last_read + 2 * self.heartbeat_interval
         if self._loop.time() < deadline:
@@ -230,6 +261,27 @@ class ClientConnection(asyncio.Protocol):
         self._read_deadline_timer = None
         logger.debug("closing %s: nothing read for two heartbeat intervals", self.remote_address)
         self.close()
+
+    def _arm_write_deadline(self) -> None:
+        """nsqd's write deadline: a heartbeat interval for the client to read some of what is pending."""
+        if self.heartbeat_interval > 0 and self._write_deadline_timer is None and self._transport is not None:
+            self._write_deadline_timer = self._loop.call_later(
+                self.heartbeat_interval, self._check_write_deadline, self._transport.get_write_buffer_size()
+            )
+
+    def _cancel_write_deadline(self) -> None:
+        if self._write_deadline_timer is not None:
+            self._write_deadline_timer.cancel()
+            self._write_deadline_timer = None
+
+    def _check_write_deadline(self, pending_before: int) -> None:
+        self._write_deadline_timer = None
+        assert self._transport is not None
+        if self._transport.get_write_buffer_size() < pending_before:
+            self._arm_write_deadline()  # it reads, if slowly
+            return
+        logger.debug("closing %s: it read nothing for a heartbeat interval", self.remote_address)
+        self.abort()
 
     def _arm_timeouts(self) -> None:
         if self._timeout_timer is None and self.in_flight:
@@ -259,9 +311,11 @@ class ClientConnection(asyncio.Protocol):
             del self.in_flight[message.id]
         if self.closed and not self.in_flight and self in channel.departed:
             channel.departed.remove(self)
+        # Before the requeues, which may deliver to this client again: those
+        # new deadlines come after the earliest one still in flight.
+        self._arm_timeouts()
         for message in expired:
             channel.requeue(message, 0.0, timed_out=True)
-        self._arm_timeouts()
 
     def forget_in_flight(self) -> None:
         """The channel was emptied: its in-flight messages are gone."""
@@ -341,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
             "msg_timeout": int(self.msg_timeout * 1000),
             "tls_v1": False,
             "deflate": False,
-            "deflate_level": 6,
+            "deflate_level": min(6, options.max_deflate_level),
             "max_deflate_level": options.max_deflate_level,
             "snappy": False,
             "sample_rate": self.sample_rate,
@@ -416,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
             return
         channel.in_flight_count -= 1
         self.finish_count += 1
-        channel.dispatch()
+        self._finished = True
 
     def _req(self, command: Command) -> None:
         channel, message_id = self._in_flight_command(command, "REQ", 2)
@@ -442,9 +496,11 @@ class ClientConnection(asyncio.Protocol):
         latest = message.delivered_at + self._broker.options.max_msg_timeout
         if deadline >= latest:
             # Capped by max_msg_timeout, it may now expire before messages
-            # ahead of it in in_flight: a timer of its own catches that.
+            # ahead of it in in_flight: a timer of its own catches that, set
+            # once however often the client touches it.
+            if message.deadline != latest:
+                self._loop.call_at(latest, self._expire_any_in_flight)
             deadline = latest
-            self._loop.call_at(deadline, self._expire_any_in_flight)
         message.deadline = deadline
         self.in_flight[message_id] = message  # to the end: in_flight stays in deadline order
 
@@ -459,12 +515,17 @@ class ClientConnection(asyncio.Protocol):
         pass
 
     def _publish(self, label: str, topic_name: bytes, bodies: list[bytes], delay: float = 0.0) -> None:
-        name = topic_name.decode()
+        topic = self._published_topics.get(topic_name)
+        if topic is None or topic.deleted:
+            if len(self._published_topics) >= _PUBLISHED_TOPICS_CACHED:
+                self._published_topics.clear()
+            topic = self._published_topics[topic_name] = self._broker.get_topic(topic_name.decode())
         try:
-            self._broker.get_topic(name).publish(bodies, time.time_ns(), delay)
+            topic.publish(bodies, time.time_ns(), delay)
         except QueueFull as error:
             raise CommandError(f"E_{label}_FAILED", f"{label} failed {error}") from None
-        self.pub_counts[name] = self.pub_counts.get(name, 0) + len(bodies)
+        pub_counts = self.pub_counts
+        pub_counts[topic.name] = pub_counts.get(topic.name, 0) + len(bodies)
         self._send(_OK_FRAME)
 
     def _pub(self, command: Command) -> None:
@@ -486,7 +547,7 @@ def _decode_identify(body: bytes) -> dict[str, Any]:
     """IDENTIFY's JSON as nsqd's Go decoder reads it into its struct."""
     try:
         decoded = json.loads(body.decode("utf-8", "replace"), parse_constant=_reject_constant)
-    except ValueError:
+    except (ValueError, RecursionError):  # Go's decoder refuses deep nesting too
         raise _bad_identify_json() from None
     if decoded is None:
         return {}
@@ -502,7 +563,7 @@ def _decode_identify(body: bytes) -> dict[str, Any]:
             kind is int and value not in (_INT32_RANGE if field == "sample_rate" else _INT64_RANGE)
         ):
             raise _bad_identify_json()
-        fields[field] = value
+        fields[field] = _LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
     return fields
 
 
