@@ -10,13 +10,8 @@ Target: at least a quarter of nsqd's figure on the same machine.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
+from typing import cast
 
-import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from almanet._speedups.frames import (
@@ -29,33 +24,12 @@ from almanet._speedups.frames import (
     encode_sub,
 )
 from almanet.nsq.protocol import MAGIC_V2
+from conftest import BenchBroker
 
 BODY = b"x" * 200
 BATCH = [BODY] * 200
 MESSAGES = 100_000
 WINDOW = 5_000  # published but not yet consumed, well under the default mem-queue-size
-_topics = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def broker_address() -> Iterator[tuple[str, str]]:
-    """(name, host:port) of the broker under test: a subprocess embedded broker, or ALMANET_TEST_NSQD."""
-    external = os.environ.get("ALMANET_TEST_NSQD")
-    if external:
-        yield "nsqd", external
-        return
-    process = subprocess.Popen(
-        [sys.executable, "-m", "almanet", "broker", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    line = next(line for line in process.stderr if "TCP: listening on" in line)
-    try:
-        yield "embedded", line.rsplit(" ", 1)[1].strip()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 class Consumer(asyncio.Protocol):
@@ -68,8 +42,8 @@ class Consumer(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its API.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -95,10 +69,9 @@ class Publisher(asyncio.Protocol):
             assert type(frame) is ResponseFrame, frame
 
 
-async def relay(address: str) -> None:
+async def relay(address: str, topic: str) -> None:
     loop = asyncio.get_running_loop()
     host, _, port = address.rpartition(":")
-    topic = f"bench.relay.{os.getpid()}.{next(_topics)}"
     consumer_transport, consumer = await loop.create_connection(lambda: Consumer(MESSAGES), host, int(port))
     consumer_transport.write(MAGIC_V2 + encode_sub(topic, "relay") + encode_rdy(2500))
     publisher_transport, _ = await loop.create_connection(Publisher, host, int(port))
@@ -117,9 +90,13 @@ async def relay(address: str) -> None:
     publisher_transport.close()
 
 
-def test_relay_throughput(benchmark: BenchmarkFixture, broker_address: tuple[str, str]) -> None:
-    name, address = broker_address
+def test_relay_throughput(benchmark: BenchmarkFixture, bench_broker: BenchBroker) -> None:
     benchmark.group = "broker relay, 100k x 200 B"
-    benchmark.name = name
-    benchmark.pedantic(lambda: asyncio.run(relay(address)), rounds=5, warmup_rounds=1)
+    benchmark.name = bench_broker.name
+    benchmark.pedantic(
+        lambda topic: asyncio.run(relay(bench_broker.tcp_address, topic)),
+        setup=lambda: ((bench_broker.fresh_topic(),), {}),
+        rounds=5,
+        warmup_rounds=1,
+    )
     benchmark.extra_info["msgs_per_s"] = MESSAGES / benchmark.stats.stats.median

@@ -16,7 +16,7 @@ def python_blocks(section: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", body, re.DOTALL)
 
 
-@pytest.mark.parametrize("section", ["## The frame codec", "## The embedded broker"])
+@pytest.mark.parametrize("section", ["## The frame codec", "## The embedded broker", "## The NSQ client"])
 def test_example_runs_and_prints_what_it_says(section: str) -> None:
     (block,) = python_blocks(section)
     output = io.StringIO()

@@ -1,1 +1,22 @@
-"""NSQ TCP protocol V2: constants, errors, and (later) the asyncio client."""
+"""almanet's NSQ client: ``Producer`` and ``Consumer`` over ``Connection``, on the frame codec.
+
+``protocol`` holds the facts of NSQ protocol V2, ``errors`` its exceptions,
+``connection`` one connection to an nsqd, ``producer`` and ``consumer`` the
+two roles, ``lookupd`` nsqlookupd's ``/lookup``, ``output`` write coalescing.
+"""
+
+from almanet.nsq.connection import Connection, ConnectionOptions, Message
+from almanet.nsq.consumer import Consumer
+from almanet.nsq.errors import CommandError, FrameError, ProtocolError
+from almanet.nsq.producer import Producer
+
+__all__ = [
+    "CommandError",
+    "Connection",
+    "ConnectionOptions",
+    "Consumer",
+    "FrameError",
+    "Message",
+    "Producer",
+    "ProtocolError",
+]

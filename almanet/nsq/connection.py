@@ -1,0 +1,365 @@
+"""One client connection to an nsqd: handshake, pipelined commands, messages.
+
+``Connection.open()`` connects, sends the magic, IDENTIFYs with feature
+negotiation and AUTHs when nsqd requires it. ``request()`` sends a command
+that nsqd answers (PUB, MPUB, DPUB, SUB, CLS) and waits for its answer:
+nsqd answers them in order, so answers are matched first in, first out, and
+any number may be in flight. ``send()`` is for the commands nsqd does not
+answer (RDY, FIN, REQ, TOUCH, NOP). Messages go to the ``on_message``
+callback straight from ``data_received``: no task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from almanet._speedups.frames import (
+    ErrorFrame,
+    FrameReader,
+    MessageFrame,
+    encode_auth,
+    encode_fin,
+    encode_identify,
+    encode_req,
+    encode_touch,
+)
+from almanet._version import __version__
+from almanet.nsq.errors import CommandError, ProtocolError
+from almanet.nsq.output import CoalescedOutput
+from almanet.nsq.protocol import DEFAULT_MAX_FRAME_SIZE, HEARTBEAT, MAGIC_V2, NOP
+
+logger = logging.getLogger("almanet.nsq")
+
+# Error frames nsqd sends without closing the connection; every other one is fatal.
+NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """What a client tells nsqd in IDENTIFY, and its own limits.
+
+    Durations are seconds. ``msg_timeout`` None keeps nsqd's default;
+    ``auth_secret`` is sent when nsqd says auth is required.
+    """
+
+    client_id: str = socket.gethostname().split(".")[0]
+    hostname: str = socket.gethostname()
+    user_agent: str = f"almanet/{__version__}"
+    heartbeat_interval: float = 30.0
+    msg_timeout: float | None = None
+    output_buffer_size: int = 16 * 1024
+    output_buffer_timeout: float = 0.25
+    sample_rate: int = 0
+    auth_secret: bytes | None = None
+    connect_timeout: float = 5.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+
+    def identify_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "client_id": self.client_id,
+            "hostname": self.hostname,
+            "user_agent": self.user_agent,
+            "feature_negotiation": True,
+            "heartbeat_interval": round(self.heartbeat_interval * 1000),
+            "output_buffer_size": self.output_buffer_size,
+            "output_buffer_timeout": round(self.output_buffer_timeout * 1000),
+            "sample_rate": self.sample_rate,
+        }
+        if self.msg_timeout is not None:
+            body["msg_timeout"] = round(self.msg_timeout * 1000)
+        return body
+
+
+class Message:
+    """A message from nsqd; answer it once with ``fin()`` or ``req()``, ``touch()`` meanwhile.
+
+    Answers to a connection that is gone are dropped: nsqd redelivers the
+    message after its msg_timeout.
+    """
+
+    __slots__ = ("_answered", "_connection", "attempts", "body", "id", "timestamp")
+
+    def __init__(self, frame: MessageFrame, connection: Connection) -> None:
+        self.id: bytes = frame.id
+        self.body: bytes = frame.body
+        self.timestamp: int = frame.timestamp
+        self.attempts: int = frame.attempts
+        self._connection = connection
+        self._answered = False
+
+    @property
+    def answered(self) -> bool:
+        return self._answered
+
+    @property
+    def connection(self) -> Connection:
+        return self._connection
+
+    def fin(self) -> None:
+        """Done with it (FIN)."""
+        self._answer(encode_fin(self.id), requeued=False, backoff=False)
+
+    def req(self, delay: float = 0.0, *, backoff: bool = False) -> None:
+        """Give it back for redelivery after ``delay`` seconds (REQ); ``backoff`` counts it as a failure."""
+        self._answer(encode_req(self.id, round(delay * 1000)), requeued=True, backoff=backoff)
+
+    def touch(self) -> None:
+        """Restart its msg_timeout (TOUCH)."""
+        if self._answered:
+            raise RuntimeError("the message was already answered")
+        self._connection.send(encode_touch(self.id))
+
+    def _answer(self, command: bytes, *, requeued: bool, backoff: bool) -> None:
+        if self._answered:
+            raise RuntimeError("the message was already answered")
+        self._answered = True
+        self._connection.answered(command, requeued=requeued, backoff=backoff)
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
+
+
+OnMessage = Callable[[Message], None]
+OnAnswered = Callable[["Connection", bool, bool], None]
+OnClose = Callable[["Connection", BaseException | None], None]
+
+
+class Connection(asyncio.Protocol):
+    """A connection to one nsqd (see the module docstring)."""
+
+    def __init__(
+        self,
+        address: str,
+        options: ConnectionOptions,
+        on_message: OnMessage | None,
+        on_answered: OnAnswered | None,
+        on_close: OnClose | None,
+    ) -> None:
+        self.address = address
+        self.options = options
+        self.negotiated: dict[str, Any] = {}
+        self.in_flight = 0  # messages received and not answered yet
+        self.ready_count = 0  # the last RDY sent
+        self._loop = asyncio.get_running_loop()
+        self._frames = FrameReader(options.max_frame_size)
+        self._output = CoalescedOutput(self._loop)
+        self._answers: deque[asyncio.Future[bytes]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.is_open = False  # connected, and not closing
+        self._on_message = on_message
+        self._on_answered = on_answered
+        self._on_close = on_close
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._error: BaseException | None = None
+        self._last_read = self._loop.time()
+        self._liveness_timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        address: str,
+        options: ConnectionOptions,
+        *,
+        on_message: OnMessage | None = None,
+        on_answered: OnAnswered | None = None,
+        on_close: OnClose | None = None,
+    ) -> Connection:
+        """Connect to ``host:port``, IDENTIFY and AUTH; raises ``ConnectionError`` or ``CommandError``."""
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: cls(address, options, on_message, on_answered, on_close), host.strip("[]"), int(port)
+                ),
+                options.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as error:
+            raise ConnectionError(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
+        try:
+            await asyncio.wait_for(connection._handshake(), options.connect_timeout)
+        except BaseException as error:
+            connection.abort()
+            if isinstance(error, asyncio.TimeoutError):
+                raise ConnectionError(f"nsqd at {address} did not answer IDENTIFY in time") from error
+            raise
+        return connection
+
+    async def _handshake(self) -> None:
+        self.send(MAGIC_V2)
+        answer = await self.request(encode_identify(self.options.identify_body()))
+        self.negotiated = self._json_answer("IDENTIFY", answer) if answer != b"OK" else {}
+        if self.negotiated.get("auth_required"):
+            if self.options.auth_secret is None:
+                raise ConnectionError(f"nsqd at {self.address} requires AUTH and no auth_secret is configured")
+            answer = await self.request(encode_auth(self.options.auth_secret))
+            self.negotiated["auth"] = self._json_answer("AUTH", answer)
+        self._arm_liveness()
+
+    def _json_answer(self, command: str, answer: bytes) -> dict[str, Any]:
+        """nsqd's answer to ``command``, a JSON object: anything else breaks the protocol."""
+        try:
+            decoded = json.loads(answer)
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            error = ProtocolError(f"nsqd at {self.address} answered {command} with {answer[:80]!r}, not a JSON object")
+            raise ConnectionError(str(error)) from error
+        return decoded
+
+    # --- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its API.
+        self._transport = cast(asyncio.Transport, transport)
+        self._output.attach(self._transport)
+        self.is_open = True
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        frames = self._frames
+        frames.feed(data)
+        try:
+            for frame in frames:
+                if isinstance(frame, MessageFrame):
+                    self._receive_message(frame)
+                elif isinstance(frame, ErrorFrame):
+                    self._receive_error(frame.data)
+                elif frame.data == HEARTBEAT:
+                    self.send(NOP)
+                else:
+                    self._receive_answer(frame.data)
+        except ProtocolError as error:
+            logger.error("closing the connection to %s: %s", self.address, error)
+            self.abort(error)
+
+    def eof_received(self) -> bool:
+        try:
+            self._frames.feed_eof()
+        except ProtocolError as error:
+            self._error = error
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_open = False
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+        self._output.discard()
+        error = self._error or exc
+        lost = ConnectionError(f"connection to nsqd at {self.address} lost" + (f": {error}" if error else ""))
+        lost.__cause__ = error
+        answers, self._answers = self._answers, deque()
+        for answer in answers:
+            if not answer.done():
+                answer.set_exception(lost)
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if self._on_close is not None:
+            self._on_close(self, error)
+
+    # --- frames -------------------------------------------------------------------
+
+    def _receive_message(self, frame: MessageFrame) -> None:
+        self.in_flight += 1
+        if self._on_message is None:
+            raise ProtocolError("nsqd sent a message to a connection that did not subscribe")
+        self._on_message(Message(frame, self))
+
+    def _receive_answer(self, data: bytes) -> None:
+        if not self._answers:
+            raise ProtocolError(f"nsqd sent {data[:80]!r} with no command waiting for an answer")
+        answer = self._answers.popleft()
+        if not answer.done():  # its caller may have stopped waiting
+            answer.set_result(data)
+
+    def _receive_error(self, data: bytes) -> None:
+        code, _, description = data.decode("utf-8", "replace").partition(" ")
+        error = CommandError(code, description)
+        if code in NON_FATAL_ERRORS:
+            logger.warning("nsqd at %s: %s", self.address, error)
+            return
+        # A fatal error answers the oldest command; nsqd closes the connection after it.
+        if self._answers:
+            answer = self._answers.popleft()
+            if not answer.done():
+                answer.set_exception(error)
+        else:
+            logger.error("nsqd at %s: %s", self.address, error)
+        self._error = error
+        self.close_soon()
+
+    # --- commands -------------------------------------------------------------------
+
+    def send(self, command: bytes) -> None:
+        """A command nsqd does not answer; coalesced with the others of this loop iteration."""
+        if self.is_open:
+            self._output.write(command)
+
+    def request(self, command: bytes) -> asyncio.Future[bytes]:
+        """Send a command nsqd answers; the future gets the answer, ``CommandError`` or ``ConnectionError``."""
+        answer: asyncio.Future[bytes] = self._loop.create_future()
+        if not self.is_open:
+            answer.set_exception(ConnectionError(f"connection to nsqd at {self.address} is closed"))
+            return answer
+        self._answers.append(answer)
+        self._output.write(command)
+        return answer
+
+    def answered(self, command: bytes, *, requeued: bool, backoff: bool) -> None:
+        """A message of this connection was answered with ``command`` (FIN or REQ)."""
+        self.in_flight -= 1
+        # The RDY this answer leads to goes first: a REQ ahead of a backoff's
+        # RDY 0 would have nsqd hand the message straight back.
+        if self._on_answered is not None:
+            self._on_answered(self, requeued, backoff)
+        self.send(command)
+
+    # --- liveness and closing -------------------------------------------------------
+
+    def _arm_liveness(self) -> None:
+        interval = self.options.heartbeat_interval
+        if interval > 0:
+            self._liveness_timer = self._loop.call_at(self._last_read + 2 * interval, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        # nsqd sends a heartbeat every interval: two missed mean the peer is gone.
+        if self._loop.time() >= self._last_read + 2 * self.options.heartbeat_interval:
+            self._error = ConnectionError(f"no heartbeat from nsqd at {self.address}")
+            logger.warning("%s", self._error)
+            self.abort()
+        else:
+            self._arm_liveness()
+
+    def close_soon(self) -> None:
+        """Close after writing what is pending."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._output.flush()
+            self._transport.close()
+        self.is_open = False
+
+    def abort(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self._error = error
+        if self._transport is not None:
+            self._transport.abort()
+        self.is_open = False
+
+    async def wait_answered(self) -> None:
+        """Wait until the commands sent so far are answered, or the connection is lost."""
+        if self._answers:
+            await asyncio.wait(list(self._answers))
+
+    async def close(self) -> None:
+        """Close after writing what is pending, and wait until closed."""
+        self.close_soon()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)

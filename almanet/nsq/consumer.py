@@ -1,0 +1,377 @@
+"""Consuming a topic through a channel, from nsqd instances given or found via nsqlookupd.
+
+Every message goes to the ``on_message`` callback, called from the
+connection's ``data_received`` (no task per message); it answers the
+message now or later with ``fin()``, ``req()`` or ``touch()``. An exception
+from the callback requeues the message with a delay growing with its
+attempts. ``max_in_flight`` is shared out as RDY across the connections: nsqd
+keeps sending to a connection while its in-flight count is below its RDY,
+so answering a message makes room for the next one without another RDY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from almanet._speedups.frames import encode_rdy, encode_sub, is_valid_name
+from almanet.nsq.connection import Connection, ConnectionOptions, Message, OnMessage
+from almanet.nsq.errors import ProtocolError
+from almanet.nsq.lookupd import http_host_port, lookup
+from almanet.nsq.protocol import CLS
+
+logger = logging.getLogger("almanet.nsq")
+
+# When max_in_flight is below the number of connections, the connections
+# given RDY 1 change this often, so that none is starved; so does the
+# connection given a backoff's probe.
+_RDY_ROTATION_INTERVAL = 5.0
+# How long a connection to an nsqd that nsqlookupd no longer lists gets to finish its messages.
+_RETIRE_TIMEOUT = 30.0
+
+
+class Consumer:
+    """Consumes ``topic`` through ``channel`` (see the module docstring).
+
+    ``backoff``: after a message is requeued with ``backoff=True`` (or its
+    callback raised), every connection gets RDY 0 for ``backoff_unit`` x 2^(n-1)
+    seconds (n failures in a row, capped by ``max_backoff``), then one
+    connection gets RDY 1 to probe; successes climb back out. Off by default.
+    ``max_attempts``: a message delivered more often is given to
+    ``on_give_up`` (default: logged) and FINed instead of being handled.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        channel: str,
+        on_message: OnMessage,
+        *,
+        nsqd_tcp_addresses: Sequence[str] = (),
+        lookupd_http_addresses: Sequence[str] = (),
+        max_in_flight: int = 1,
+        options: ConnectionOptions | None = None,
+        lookupd_poll_interval: float = 60.0,
+        requeue_delay: float = 1.0,
+        max_attempts: int = 0,
+        on_give_up: Callable[[Message], None] | None = None,
+        backoff: bool = False,
+        backoff_unit: float = 1.0,
+        max_backoff: float = 120.0,
+        max_reconnect_interval: float = 15.0,
+    ) -> None:
+        for kind, name in (("topic", topic), ("channel", channel)):
+            if not is_valid_name(name.encode("utf-8", "surrogateescape")):
+                raise ValueError(f"{name!r} is not a valid NSQ {kind} name ([.a-zA-Z0-9_-], 1 to 64, #ephemeral)")
+        if not nsqd_tcp_addresses and not lookupd_http_addresses:
+            raise ValueError("a consumer needs nsqd_tcp_addresses or lookupd_http_addresses")
+        if max_in_flight < 0:
+            raise ValueError("max_in_flight must not be negative")
+        for address in lookupd_http_addresses:
+            http_host_port(address)
+        self.topic = topic
+        self.channel = channel
+        self.max_in_flight = max_in_flight
+        self.options = options or ConnectionOptions()
+        self.connections: dict[str, Connection] = {}
+        self._on_message = on_message
+        self._on_give_up = on_give_up
+        self._direct = list(nsqd_tcp_addresses)
+        self._lookupd = list(lookupd_http_addresses)
+        self._discovered: set[str] = set()
+        self._lookupd_poll_interval = lookupd_poll_interval
+        self._requeue_delay = requeue_delay
+        self._max_attempts = max_attempts
+        self._backoff_enabled = backoff
+        self._backoff_unit = backoff_unit
+        self._max_backoff = max_backoff
+        self._max_reconnect_interval = max_reconnect_interval
+        self._backoff_level = 0
+        self._backoff_timer: asyncio.TimerHandle | None = None
+        self._probing = False
+        self._rotation = 0
+        self._rotation_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reconnecting: set[str] = set()
+        self._draining: dict[Connection, asyncio.Event] = {}  # connections being retired
+        self._started = False
+        self._stopping = False
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(connection.in_flight for connection in self.connections.values())
+
+    async def start(self) -> None:
+        """Connect and subscribe; raises ``ConnectionError`` when only nsqd addresses were given and none answers."""
+        if self._started:
+            raise RuntimeError("the consumer is already started")
+        self._started = True
+        results = await asyncio.gather(*(self._connect(address) for address in self._direct), return_exceptions=True)
+        for address, result in zip(self._direct, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, ConnectionError):
+                    await self.stop()
+                    raise result
+                logger.warning("%s; retrying", result)
+                self._reconnect_later(address)
+        if self._direct and not self.connections and not self._lookupd:
+            await self.stop()
+            raise ConnectionError(f"no nsqd reachable for {self.topic}/{self.channel}: {results[0]}")
+        if self._lookupd:
+            await self._poll_lookupd()
+            self._spawn(self._poll_lookupd_forever())
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully: RDY 0, wait up to ``timeout`` for in-flight messages to be answered, CLS, close.
+
+        Messages still unanswered then are redelivered by nsqd after their msg_timeout.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        for timer in (self._backoff_timer, self._rotation_timer):
+            if timer is not None:
+                timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self._retire(connection, timeout) for connection in list(self.connections.values())))
+
+    # --- connections -----------------------------------------------------------
+
+    async def _connect(self, address: str) -> None:
+        connection = await Connection.open(
+            address,
+            self.options,
+            on_message=self._deliver,
+            on_answered=self._on_answered,
+            on_close=self._on_close,
+        )
+        try:
+            await connection.request(encode_sub(self.topic, self.channel))
+        except BaseException:
+            connection.abort()
+            raise
+        if self._stopping:
+            await connection.close()
+            return
+        self.connections[address] = connection
+        logger.info("consuming %s/%s from %s", self.topic, self.channel, address)
+        self._distribute_rdy()
+
+    async def _retire(self, connection: Connection, timeout: float) -> None:
+        """RDY 0, up to ``timeout`` for its in-flight messages to be answered, CLS, close.
+
+        Messages still unanswered then are redelivered by nsqd after their msg_timeout.
+        """
+        self._set_rdy(connection, 0)
+        try:
+            if connection.in_flight:
+                drained = self._draining[connection] = asyncio.Event()
+                try:
+                    await asyncio.wait_for(drained.wait(), timeout)
+                except asyncio.TimeoutError:
+                    logger.warning("closing %s with %d messages unanswered", connection.address, connection.in_flight)
+                finally:
+                    del self._draining[connection]
+            await asyncio.wait_for(connection.request(CLS), timeout)
+        except (ConnectionError, asyncio.TimeoutError) as error:
+            logger.debug("CLS to %s: %s", connection.address, error)
+        finally:
+            connection.close_soon()  # cancelled too: stop() cancels the retiring of a vanished nsqd
+        await connection.wait_closed()
+
+    def _wanted(self, address: str) -> bool:
+        return not self._stopping and (address in self._direct or address in self._discovered)
+
+    def _on_close(self, connection: Connection, error: BaseException | None) -> None:
+        if self.connections.get(connection.address) is not connection:
+            return
+        del self.connections[connection.address]
+        if self._wanted(connection.address):
+            logger.warning("lost %s (%s); reconnecting", connection.address, error)
+            self._reconnect_later(connection.address)
+        self._distribute_rdy()
+        self._check_drained(connection)
+
+    def _reconnect_later(self, address: str) -> None:
+        if address not in self._reconnecting:
+            self._reconnecting.add(address)
+            self._spawn(self._reconnect(address))
+
+    async def _reconnect(self, address: str) -> None:
+        """Exponential backoff with jitter, for as long as the address is wanted."""
+        delay = 0.1
+        try:
+            while self._wanted(address) and address not in self.connections:
+                await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+                try:
+                    await self._connect(address)
+                except (ConnectionError, ProtocolError) as error:
+                    # nsqd refusing IDENTIFY, AUTH or SUB (CommandError) may be fixed
+                    # on its side: retried as well, and told louder.
+                    level = logging.DEBUG if isinstance(error, ConnectionError) else logging.WARNING
+                    logger.log(level, "reconnecting to %s: %s", address, error)
+                    delay = min(delay * 2, self._max_reconnect_interval)
+        finally:
+            self._reconnecting.discard(address)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- nsqlookupd -------------------------------------------------------------
+
+    async def _poll_lookupd_forever(self) -> None:
+        while True:
+            # Jitter keeps many consumers from polling in step.
+            await asyncio.sleep(self._lookupd_poll_interval * random.uniform(0.9, 1.1))
+            await self._poll_lookupd()
+
+    async def _poll_lookupd(self) -> None:
+        results = await asyncio.gather(
+            *(lookup(address, self.topic) for address in self._lookupd), return_exceptions=True
+        )
+        found: set[str] = set()
+        answered = False
+        for address, result in zip(self._lookupd, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("nsqlookupd %s: %s", address, result)
+            else:
+                answered = True
+                found.update(result)
+        if not answered:
+            return  # keep what we have rather than drop everything
+        vanished = self._discovered - found
+        self._discovered = found
+        for address in found:
+            if address not in self.connections:
+                self._reconnect_later(address)
+        for address in vanished:
+            connection = self.connections.get(address)
+            if connection is not None and address not in self._direct:
+                logger.info("%s no longer has %s: disconnecting", address, self.topic)
+                del self.connections[address]
+                self._spawn(self._retire(connection, _RETIRE_TIMEOUT))
+        if vanished:
+            self._distribute_rdy()
+
+    # --- RDY, backoff ---------------------------------------------------------------
+
+    def _set_rdy(self, connection: Connection, count: int) -> None:
+        count = min(count, connection.negotiated.get("max_rdy_count", count))
+        if connection.ready_count != count and connection.is_open:
+            connection.ready_count = count
+            connection.send(encode_rdy(count))
+
+    def _distribute_rdy(self) -> None:
+        """Share max_in_flight out as RDY (nothing while stopping or backing off)."""
+        if self._stopping or self._backoff_level:
+            return
+        connections = sorted(self.connections.values(), key=lambda connection: connection.address)
+        count = len(connections)
+        if not count:
+            return
+        share, extra = divmod(self.max_in_flight, count)
+        if share == 0:
+            # Fewer RDY than connections: a rotating few get RDY 1.
+            start = self._rotation % count
+            chosen = {connections[(start + offset) % count] for offset in range(extra)}
+            for connection in connections:
+                self._set_rdy(connection, 1 if connection in chosen else 0)
+            if self._rotation_timer is None and extra:
+                self._rotation_timer = asyncio.get_running_loop().call_later(_RDY_ROTATION_INTERVAL, self._rotate)
+            return
+        for index, connection in enumerate(connections):
+            self._set_rdy(connection, share + (index < extra))
+
+    def _rotate(self) -> None:
+        self._rotation_timer = None
+        self._rotation += 1
+        if self._probing:
+            self._probe()
+        else:
+            self._distribute_rdy()
+
+    def _on_answered(self, connection: Connection, requeued: bool, backoff: bool) -> None:
+        if self._backoff_enabled and not self._stopping and self._backoff_timer is None:
+            if backoff:
+                self._backoff_level += 1
+                self._start_backoff()
+            elif self._backoff_level and not requeued:
+                self._backoff_level -= 1
+                if self._backoff_level:
+                    self._start_backoff()
+                else:
+                    logger.info("%s/%s: backoff over", self.topic, self.channel)
+                    self._probing = False
+                    self._distribute_rdy()
+        self._check_drained(connection)
+
+    def _start_backoff(self) -> None:
+        self._probing = False
+        for connection in self.connections.values():
+            self._set_rdy(connection, 0)
+        duration = min(self._max_backoff, self._backoff_unit * 2 ** (self._backoff_level - 1))
+        logger.info("%s/%s: backing off for %.3g s", self.topic, self.channel, duration)
+        self._backoff_timer = asyncio.get_running_loop().call_later(duration, self._probe)
+
+    def _probe(self) -> None:
+        """After a backoff, one message on one connection tells whether to go on.
+
+        The probe's RDY 1 moves on to the next connection every rotation
+        interval, as the one it is on may have no message to send.
+        """
+        self._backoff_timer = None
+        if self._stopping:
+            return
+        self._probing = True
+        connections = sorted(self.connections.values(), key=lambda connection: connection.address)
+        if connections:
+            probe = connections[self._rotation % len(connections)]
+            for connection in connections:
+                self._set_rdy(connection, 1 if connection is probe else 0)
+        if self._rotation_timer is None:
+            self._rotation_timer = asyncio.get_running_loop().call_later(_RDY_ROTATION_INTERVAL, self._rotate)
+
+    def _check_drained(self, connection: Connection) -> None:
+        drained = self._draining.get(connection)
+        if drained is not None and (not connection.in_flight or not connection.is_open):
+            drained.set()
+
+    # --- delivery ---------------------------------------------------------------
+
+    def _deliver(self, message: Message) -> None:
+        if self._max_attempts and message.attempts > self._max_attempts:
+            self._give_up(message)
+            return
+        try:
+            self._on_message(message)
+        except Exception:
+            logger.exception("%s/%s: the message handler raised; requeuing %r", self.topic, self.channel, message.id)
+            if not message.answered:
+                message.req(self._requeue_delay * message.attempts, backoff=True)
+
+    def _give_up(self, message: Message) -> None:
+        if self._on_give_up is None:
+            logger.warning(
+                "%s/%s: giving up on %r after %d attempts", self.topic, self.channel, message, message.attempts
+            )
+        else:
+            try:
+                self._on_give_up(message)
+            except Exception:
+                logger.exception("%s/%s: on_give_up raised", self.topic, self.channel)
+        if not message.answered:
+            message.fin()
