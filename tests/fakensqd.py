@@ -89,10 +89,10 @@ class FakeClient:
         self.send(encode_response(OK))
 
     async def answer_publishes(self) -> None:
-        """OK to every PUB until the client closes the connection."""
+        """OK to every PUB, MPUB and DPUB until the client closes the connection."""
         with contextlib.suppress(EOFError):
             while True:
-                if (await self.command()).name == b"PUB":
+                if (await self.command()).name in (b"PUB", b"MPUB", b"DPUB"):
                     self.send(encode_response(OK))
 
     async def closed(self, timeout: float = TIMEOUT, *, answer_cls: bool = True) -> None:

@@ -154,8 +154,10 @@ async def test_pipelined_publishes_are_delivered_in_publish_order(almanet_broker
 
 
 async def test_publishes_of_one_loop_iteration_go_out_in_one_write(almanet_broker: BrokerAddresses, topic: str) -> None:
-    """Write coalescing: one ``transport.write`` per loop iteration, however many commands."""
-    async with Producer(almanet_broker.tcp_address) as producer:
+    """Publishes to a topic in one loop iteration become one MPUB; all commands of the iteration, one write."""
+    tcp = almanet_broker.tcp_address
+    inbox = Inbox()
+    async with Producer(tcp) as producer, consumer(tcp, topic, inbox, max_in_flight=200):
         connection = await producer.connect()
         transport = connection._transport
         assert transport is not None
@@ -167,9 +169,50 @@ async def test_publishes_of_one_loop_iteration_go_out_in_one_write(almanet_broke
             write(data)
 
         transport.write = counting_write  # type: ignore[method-assign]
-        await asyncio.wait_for(asyncio.gather(*(producer.publish(topic, b"%d" % n) for n in range(100))), TIMEOUT)
+        publishes = [producer.publish(topic, b"%d" % n) for n in range(100)]
+        publishes.append(producer.publish(topic, b"deferred", delay=0.01))
+        publishes.append(producer.publish(f"{topic}.other", b"alone"))
+        publishes.append(producer.publish_batch(topic, [b"explicit", b"batch"]))
+        publishes.append(producer.publish(topic, b"100"))  # joins the first MPUB
+        assert await asyncio.wait_for(asyncio.gather(*publishes), TIMEOUT) == [b"OK"] * 104
+        assert await inbox.take(104) == [b"%d" % n for n in range(101)] + [b"explicit", b"batch", b"deferred"]
     assert len(writes) == 1
-    assert writes[0].count(b"PUB ") == 100
+    commands = writes[0]
+    assert commands.startswith(f"MPUB {topic}\n".encode())
+    assert commands.count(b"MPUB ") == 2
+    assert commands.count(b"DPUB ") == 1
+    assert commands.count(b"PUB ") == 4  # the two MPUBs, the DPUB and one PUB
+
+
+async def test_coalesced_publishes_split_at_max_body_size(almanet_broker: BrokerAddresses, topic: str) -> None:
+    tcp = almanet_broker.tcp_address
+    inbox = Inbox()
+    bodies = [b"%03d" % n + b"x" * 97 for n in range(25)]
+    async with Producer(tcp, max_body_size=4 + 10 * 104) as producer, consumer(tcp, topic, inbox, max_in_flight=25):
+        connection = await producer.connect()
+        sent: list[bytes] = []
+        send_request = connection.send_request
+        connection.send_request = lambda command, answer: (sent.append(command), send_request(command, answer))[1]  # type: ignore[method-assign]
+        await asyncio.wait_for(asyncio.gather(*(producer.publish(topic, body) for body in bodies)), TIMEOUT)
+        assert await inbox.take(25) == bodies
+    assert [command.split(b"\n", 1)[0].split(b" ")[0] for command in sent] == [b"MPUB", b"MPUB", b"MPUB"]
+
+
+async def test_a_publisher_that_stops_waiting_does_not_cancel_the_others(
+    almanet_broker: BrokerAddresses, topic: str
+) -> None:
+    tcp = almanet_broker.tcp_address
+    inbox = Inbox()
+    async with Producer(tcp) as producer, consumer(tcp, topic, inbox, max_in_flight=3):
+        await producer.connect()
+        kept = producer.publish(topic, b"kept")
+        abandoned = asyncio.ensure_future(producer.publish(topic, b"abandoned"))
+        also_kept = producer.publish(topic, b"also kept")
+        await asyncio.sleep(0)
+        abandoned.cancel()
+        assert await asyncio.wait_for(asyncio.gather(kept, also_kept), TIMEOUT) == [b"OK", b"OK"]
+        # Cancelling the wait does not take the message back: it was published with the others.
+        assert sorted(await inbox.take(3)) == [b"abandoned", b"also kept", b"kept"]
 
 
 async def test_publish_batch_delivers_every_message_in_order(almanet_broker: BrokerAddresses, topic: str) -> None:
@@ -274,22 +317,21 @@ async def test_bad_bodies_are_refused_and_the_connection_goes_on(almanet_broker:
 
 
 async def test_refused_publishes_raise_command_error_and_the_next_publish_reconnects(topic: str) -> None:
-    """nsqd answers a refused publish with an error frame and closes: the publishes behind it are lost."""
-    async with own_broker(mem_queue_size=2, max_msg_size=100) as broker, Producer(broker.tcp_address) as producer:
+    """nsqd refuses an MPUB whole, with an error frame, and closes: every publish coalesced into it fails."""
+    async with own_broker(mem_queue_size=3, max_msg_size=100) as broker, Producer(broker.tcp_address) as producer:
         first = await producer.connect()
+        assert await producer.publish(topic, b"0") == b"OK"
+        assert await producer.publish(topic, b"1") == b"OK"
         results = await asyncio.gather(
-            *(producer.publish(topic, b"%d" % number) for number in range(5)), return_exceptions=True
+            *(producer.publish(topic, b"%d" % number) for number in range(2, 5)), return_exceptions=True
         )
-        assert results[:2] == [b"OK", b"OK"]
-        refused = results[2]
-        assert isinstance(refused, CommandError)
-        assert refused.code == "E_PUB_FAILED"
-        assert [type(result) for result in results[3:]] == [ConnectionError, ConnectionError]
+        assert all(isinstance(result, CommandError) and result.code == "E_MPUB_FAILED" for result in results)
+        assert await producer.connect() is not first  # the next publish reconnects
+        stats = await channel_stats(broker.http_address, topic)
+        assert stats is None  # no channel: the two published messages wait in the topic, none of the three joined
 
         await producer.publish(f"{topic}.other", b"room here")
         second = await producer.connect()
-        assert second is not first
-
         with pytest.raises(CommandError) as too_big:
             await producer.publish(f"{topic}.other", b"x" * 101)  # the broker's limit, not the producer's
         assert too_big.value.code == "E_BAD_MESSAGE"

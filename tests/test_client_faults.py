@@ -66,8 +66,7 @@ async def test_garbage_fails_the_publishes_in_flight_and_the_next_publish_reconn
     async def serve(client: FakeClient) -> None:
         await client.handshake()
         if client.number == 0:
-            for _ in range(3):
-                await client.expect(b"PUB")
+            await client.expect(b"MPUB")  # the three publishes, coalesced
             client.send(garbage)
             await client.closed()
         else:
@@ -380,16 +379,17 @@ async def test_stop_closes_a_vanished_nsqd_whose_cls_is_unanswered() -> None:
         await eventually(lambda: nsqd.served == 1)  # the connection closed
 
 
-async def test_closing_a_producer_while_it_connects_leaves_no_connection() -> None:
+async def test_closing_a_producer_while_it_connects_sends_what_was_published_then_closes() -> None:
     async def serve(client: FakeClient) -> None:
         await client.handshake()
         await client.answer_publishes()
 
     async with FakeNsqd(serve) as nsqd:
         producer = Producer(nsqd.address)
-        publishing = asyncio.ensure_future(producer.publish(TOPIC, b"too late"))
+        publishing = producer.publish(TOPIC, b"published before close")
         await asyncio.sleep(0)  # connecting
-        await producer.close()
+        await asyncio.wait_for(producer.close(), TIMEOUT)
+        assert publishing.result() == OK
         with pytest.raises(ConnectionError, match="closed"):
-            await asyncio.wait_for(publishing, TIMEOUT)
+            producer.publish(TOPIC, b"too late")
         await eventually(lambda: nsqd.served == len(nsqd.clients) == 1)

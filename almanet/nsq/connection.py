@@ -2,9 +2,10 @@
 
 ``Connection.open()`` connects, sends the magic, IDENTIFYs with feature
 negotiation and AUTHs when nsqd requires it. ``request()`` sends a command
-that nsqd answers (PUB, MPUB, DPUB, SUB, CLS) and waits for its answer:
-nsqd answers them in order, so answers are matched first in, first out, and
-any number may be in flight. ``send()`` is for the commands nsqd does not
+that nsqd answers (PUB, MPUB, DPUB, SUB, CLS) and returns a future of its
+answer; ``send_request()`` does the same for a waiter of the caller's (the
+producer's batches). nsqd answers in order, so answers are matched first in,
+first out, and any number may be in flight. ``send()`` is for the commands nsqd does not
 answer (RDY, FIN, REQ, TOUCH, NOP). Messages go to the ``on_message``
 callback straight from ``data_received``: no task per message.
 """
@@ -18,7 +19,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from almanet._speedups.frames import (
     ErrorFrame,
@@ -126,6 +127,14 @@ class Message:
         return f"Message(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
 
 
+class AnswerWaiter(Protocol):
+    """What waits for nsqd's answer to a command: an ``asyncio.Future[bytes]`` or alike."""
+
+    def done(self) -> bool: ...
+    def set_result(self, answer: bytes, /) -> None: ...
+    def set_exception(self, error: BaseException, /) -> None: ...
+
+
 OnMessage = Callable[[Message], None]
 OnAnswered = Callable[["Connection", bool, bool], None]
 OnClose = Callable[["Connection", BaseException | None], None]
@@ -150,7 +159,8 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._frames = FrameReader(options.max_frame_size)
         self._output = CoalescedOutput(self._loop)
-        self._answers: deque[asyncio.Future[bytes]] = deque()
+        self._answers: deque[AnswerWaiter] = deque()
+        self._drained: list[asyncio.Future[None]] = []  # wait_answered() callers
         self._transport: asyncio.Transport | None = None
         self.is_open = False  # connected, and not closing
         self._on_message = on_message
@@ -259,6 +269,7 @@ class Connection(asyncio.Protocol):
         for answer in answers:
             if not answer.done():
                 answer.set_exception(lost)
+        self._wake_drained()
         if not self._closed.done():
             self._closed.set_result(None)
         if self._on_close is not None:
@@ -278,6 +289,8 @@ class Connection(asyncio.Protocol):
         answer = self._answers.popleft()
         if not answer.done():  # its caller may have stopped waiting
             answer.set_result(data)
+        if not self._answers and self._drained:
+            self._wake_drained()
 
     def _receive_error(self, data: bytes) -> None:
         code, _, description = data.decode("utf-8", "replace").partition(" ")
@@ -290,6 +303,8 @@ class Connection(asyncio.Protocol):
             answer = self._answers.popleft()
             if not answer.done():
                 answer.set_exception(error)
+            if not self._answers:
+                self._wake_drained()
         else:
             logger.error("nsqd at %s: %s", self.address, error)
         self._error = error
@@ -305,12 +320,20 @@ class Connection(asyncio.Protocol):
     def request(self, command: bytes) -> asyncio.Future[bytes]:
         """Send a command nsqd answers; the future gets the answer, ``CommandError`` or ``ConnectionError``."""
         answer: asyncio.Future[bytes] = self._loop.create_future()
+        self.send_request(command, answer)
+        return answer
+
+    def send_request(self, command: bytes, answer: AnswerWaiter) -> None:
+        """Send a command nsqd answers; ``answer`` gets the answer, ``CommandError`` or ``ConnectionError``."""
         if not self.is_open:
             answer.set_exception(ConnectionError(f"connection to nsqd at {self.address} is closed"))
-            return answer
+            return
         self._answers.append(answer)
         self._output.write(command)
-        return answer
+
+    def flush(self) -> None:
+        """Write what is pending now, for a caller that coalesced its own commands for this loop iteration."""
+        self._output.flush()
 
     def answered(self, command: bytes, *, requeued: bool, backoff: bool) -> None:
         """A message of this connection was answered with ``command`` (FIN or REQ)."""
@@ -352,9 +375,17 @@ class Connection(asyncio.Protocol):
         self.is_open = False
 
     async def wait_answered(self) -> None:
-        """Wait until the commands sent so far are answered, or the connection is lost."""
+        """Wait until every command sent is answered, or the connection is lost."""
         if self._answers:
-            await asyncio.wait(list(self._answers))
+            drained = self._loop.create_future()
+            self._drained.append(drained)
+            await drained
+
+    def _wake_drained(self) -> None:
+        drained, self._drained = self._drained, []
+        for waiter in drained:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def close(self) -> None:
         """Close after writing what is pending, and wait until closed."""

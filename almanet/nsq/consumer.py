@@ -33,6 +33,13 @@ _RDY_ROTATION_INTERVAL = 5.0
 _RETIRE_TIMEOUT = 30.0
 
 
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a valid NSQ ``kind`` (topic or channel) name, else ``ValueError``."""
+    if not is_valid_name(name.encode("utf-8", "surrogateescape")):
+        raise ValueError(f"{name!r} is not a valid NSQ {kind} name ([.a-zA-Z0-9_-], 1 to 64, #ephemeral)")
+    return name
+
+
 class Consumer:
     """Consumes ``topic`` through ``channel`` (see the module docstring).
 
@@ -63,9 +70,8 @@ class Consumer:
         max_backoff: float = 120.0,
         max_reconnect_interval: float = 15.0,
     ) -> None:
-        for kind, name in (("topic", topic), ("channel", channel)):
-            if not is_valid_name(name.encode("utf-8", "surrogateescape")):
-                raise ValueError(f"{name!r} is not a valid NSQ {kind} name ([.a-zA-Z0-9_-], 1 to 64, #ephemeral)")
+        check_name("topic", topic)
+        check_name("channel", channel)
         if not nsqd_tcp_addresses and not lookupd_http_addresses:
             raise ValueError("a consumer needs nsqd_tcp_addresses or lookupd_http_addresses")
         if max_in_flight < 0:
@@ -99,6 +105,7 @@ class Consumer:
         self._draining: dict[Connection, asyncio.Event] = {}  # connections being retired
         self._started = False
         self._stopping = False
+        self._stopped: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Consumer:
         await self.start()
@@ -131,19 +138,27 @@ class Consumer:
             await self._poll_lookupd()
             self._spawn(self._poll_lookupd_forever())
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> asyncio.Future[None]:
         """Stop gracefully: RDY 0, wait up to ``timeout`` for in-flight messages to be answered, CLS, close.
 
-        Messages still unanswered then are redelivered by nsqd after their msg_timeout.
+        RDY 0 is on its way when this returns, ahead of any FIN or REQ sent
+        after it: a message requeued then is not handed back to this
+        consumer. Await the result for the rest. Messages still unanswered
+        after ``timeout`` are redelivered by nsqd after their msg_timeout.
         """
-        if self._stopping:
-            return
-        self._stopping = True
-        for timer in (self._backoff_timer, self._rotation_timer):
-            if timer is not None:
-                timer.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        if self._stopped is None:
+            self._stopping = True
+            for connection in self.connections.values():
+                self._set_rdy(connection, 0)
+            for timer in (self._backoff_timer, self._rotation_timer):
+                if timer is not None:
+                    timer.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            self._stopped = asyncio.ensure_future(self._retire_all(timeout))
+        return self._stopped
+
+    async def _retire_all(self, timeout: float) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._retire(connection, timeout) for connection in list(self.connections.values())))
 
