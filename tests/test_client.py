@@ -188,7 +188,10 @@ async def test_coalesced_publishes_split_at_max_body_size(almanet_broker: Broker
     tcp = almanet_broker.tcp_address
     inbox = Inbox()
     bodies = [b"%03d" % n + b"x" * 97 for n in range(25)]
-    async with Producer(tcp, max_body_size=4 + 10 * 104) as producer, consumer(tcp, topic, inbox, max_in_flight=25):
+    async with (
+        Producer(tcp, options=ConnectionOptions(max_body_size=4 + 10 * 104)) as producer,
+        consumer(tcp, topic, inbox, max_in_flight=25),
+    ):
         connection = await producer.connect()
         sent: list[bytes] = []
         send_request = connection.send_request
@@ -293,7 +296,9 @@ async def test_invalid_names_are_refused_before_anything_is_sent(name: str) -> N
 
 async def test_bad_bodies_are_refused_and_the_connection_goes_on(almanet_broker: BrokerAddresses, topic: str) -> None:
     """Empty and oversized bodies give a ValueError; had they been sent, nsqd would have closed the connection."""
-    async with Producer(almanet_broker.tcp_address, max_msg_size=100, max_body_size=250) as producer:
+    async with Producer(
+        almanet_broker.tcp_address, options=ConnectionOptions(max_msg_size=100, max_body_size=250)
+    ) as producer:
         connection = await producer.connect()
         with pytest.raises(ValueError, match="empty"):
             await producer.publish(topic, b"")

@@ -1,13 +1,17 @@
-"""One client connection to an nsqd: handshake, pipelined commands, messages.
+"""One client connection to an nsqd: handshake, pipelined commands and publishes, messages.
 
 ``Connection.open()`` connects, sends the magic, IDENTIFYs with feature
 negotiation and AUTHs when nsqd requires it. ``request()`` sends a command
-that nsqd answers (PUB, MPUB, DPUB, SUB, CLS) and returns a future of its
-answer; ``send_request()`` does the same for a waiter of the caller's (the
-producer's batches). nsqd answers in order, so answers are matched first in,
-first out, and any number may be in flight. ``send()`` is for the commands nsqd does not
-answer (RDY, FIN, REQ, TOUCH, NOP). Messages go to the ``on_message``
-callback straight from ``data_received``: no task per message.
+that nsqd answers (SUB, CLS) and returns a future of its answer;
+``send_request()`` does the same for a waiter of the caller's. nsqd answers
+in order, so answers are matched first in, first out, and any number may be
+in flight. ``publish()`` publishes with a waiter of the caller's: publishes to
+one topic made in one event-loop iteration go out as one MPUB (one PUB when
+alone), so nsqd parses one command and sends one answer for all of them;
+the commands of one iteration leave in one write. ``send()`` is for the
+commands nsqd does not answer (RDY, FIN, REQ, TOUCH, NOP). Messages go to
+the ``on_message`` callback straight from ``data_received``: no task per
+message.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -26,15 +30,25 @@ from almanet._speedups.frames import (
     FrameReader,
     MessageFrame,
     encode_auth,
+    encode_dpub,
     encode_fin,
     encode_identify,
+    encode_mpub,
+    encode_pub,
     encode_req,
     encode_touch,
 )
 from almanet._version import __version__
 from almanet.nsq.errors import CommandError, ProtocolError
 from almanet.nsq.output import CoalescedOutput
-from almanet.nsq.protocol import DEFAULT_MAX_FRAME_SIZE, HEARTBEAT, MAGIC_V2, NOP
+from almanet.nsq.protocol import (
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_MSG_SIZE,
+    HEARTBEAT,
+    MAGIC_V2,
+    NOP,
+)
 
 logger = logging.getLogger("almanet.nsq")
 
@@ -48,6 +62,8 @@ class ConnectionOptions:
 
     Durations are seconds. ``msg_timeout`` None keeps nsqd's default;
     ``auth_secret`` is sent when nsqd says auth is required.
+    ``max_msg_size`` and ``max_body_size`` are nsqd's limits (its flags of
+    those names): publishes beyond them are refused before they are sent.
     """
 
     client_id: str = socket.gethostname().split(".")[0]
@@ -61,6 +77,8 @@ class ConnectionOptions:
     auth_secret: bytes | None = None
     connect_timeout: float = 5.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_msg_size: int = DEFAULT_MAX_MSG_SIZE
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
 
     def identify_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -135,6 +153,47 @@ class AnswerWaiter(Protocol):
     def set_exception(self, error: BaseException, /) -> None: ...
 
 
+# MPUB's body: a message count, then each message's size and bytes.
+_MPUB_COUNT_SIZE = 4
+_MPUB_SIZE_FIELD = 4
+
+
+class _Publish:
+    """One PUB, MPUB or DPUB to send, and the waiters of nsqd's answer to it (an ``AnswerWaiter`` itself)."""
+
+    __slots__ = ("bodies", "body_size", "command", "topic", "waiters")
+
+    def __init__(self, topic: str, command: bytes, first_body: bytes | None = None) -> None:
+        self.topic = topic
+        self.command = command  # PUB of the first body, or a command that takes no more (DPUB, explicit MPUB)
+        self.bodies = [] if first_body is None else [first_body]  # the bodies coalesced
+        self.body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in self.bodies)
+        self.waiters: list[AnswerWaiter] = []
+
+    def encode(self) -> bytes:
+        return encode_mpub(self.topic, self.bodies) if len(self.bodies) > 1 else self.command
+
+    def done(self) -> bool:
+        return False  # answered once, by the connection
+
+    def set_result(self, answer: bytes) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():  # its publisher may have stopped waiting
+                waiter.set_result(answer)
+
+    def set_exception(self, error: BaseException) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+
+
+def check_message(options: ConnectionOptions, topic: str, body: bytes) -> None:
+    """Raise what publishing ``body`` to ``topic`` would: ``ValueError`` or ``TypeError``, before anything is sent."""
+    encode_pub(topic, body)
+    if len(body) > options.max_msg_size:
+        raise ValueError(f"a message of {len(body)} bytes exceeds max_msg_size ({options.max_msg_size})")
+
+
 OnMessage = Callable[[Message], None]
 OnAnswered = Callable[["Connection", bool, bool], None]
 OnClose = Callable[["Connection", BaseException | None], None]
@@ -158,7 +217,9 @@ class Connection(asyncio.Protocol):
         self.ready_count = 0  # the last RDY sent
         self._loop = asyncio.get_running_loop()
         self._frames = FrameReader(options.max_frame_size)
-        self._output = CoalescedOutput(self._loop)
+        self._output = CoalescedOutput(self._loop, self._send_publishes)
+        self._publishes: list[_Publish] = []  # made in this loop iteration, in order
+        self._open_publishes: dict[str, _Publish] = {}  # by topic: the ones further publishes join
         self._answers: deque[AnswerWaiter] = deque()
         self._drained: list[asyncio.Future[None]] = []  # wait_answered() callers
         self._transport: asyncio.Transport | None = None
@@ -265,8 +326,10 @@ class Connection(asyncio.Protocol):
         error = self._error or exc
         lost = ConnectionError(f"connection to nsqd at {self.address} lost" + (f": {error}" if error else ""))
         lost.__cause__ = error
+        publishes, self._publishes = self._publishes, []
+        self._open_publishes.clear()
         answers, self._answers = self._answers, deque()
-        for answer in answers:
+        for answer in (*answers, *publishes):
             if not answer.done():
                 answer.set_exception(lost)
         self._wake_drained()
@@ -331,9 +394,57 @@ class Connection(asyncio.Protocol):
         self._answers.append(answer)
         self._output.write(command)
 
-    def flush(self) -> None:
-        """Write what is pending now, for a caller that coalesced its own commands for this loop iteration."""
-        self._output.flush()
+    def publish(self, topic: str, body: bytes, answer: AnswerWaiter, *, delay: float = 0.0) -> None:
+        """Publish ``body`` to ``topic`` (DPUB after ``delay`` seconds); ``answer`` gets nsqd's answer.
+
+        Publishes to one topic in one loop iteration join one MPUB, split at
+        max_body_size: an MPUB nsqd refuses fails every publish in it. Bad
+        arguments raise ``ValueError`` or ``TypeError`` at once.
+        """
+        size = len(body)
+        if size > self.options.max_msg_size:
+            raise ValueError(f"a message of {size} bytes exceeds max_msg_size ({self.options.max_msg_size})")
+        if not self.is_open:
+            check_message(self.options, topic, body)
+            answer.set_exception(ConnectionError(f"connection to nsqd at {self.address} is closed"))
+            return
+        joined = None if delay else self._open_publishes.get(topic)
+        if joined is not None and joined.body_size + _MPUB_SIZE_FIELD + size <= self.options.max_body_size:
+            if type(body) is not bytes or not size:
+                encode_pub(topic, body)  # raises as it would for the first body
+            joined.bodies.append(body)
+            joined.body_size += _MPUB_SIZE_FIELD + size
+            joined.waiters.append(answer)
+            return
+        if delay:
+            publish = _Publish(topic, encode_dpub(topic, round(delay * 1000), body))
+        else:
+            publish = self._open_publishes[topic] = _Publish(topic, encode_pub(topic, body), body)
+        publish.waiters.append(answer)
+        self._publishes.append(publish)
+        self._output.schedule()
+
+    def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: AnswerWaiter) -> None:
+        """Publish ``bodies`` in one MPUB of their own: all of them or none."""
+        command = encode_mpub(topic, bodies)
+        for body in bodies:
+            if len(body) > self.options.max_msg_size:
+                raise ValueError(f"a message of {len(body)} bytes exceeds max_msg_size ({self.options.max_msg_size})")
+        body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in bodies)
+        if body_size > self.options.max_body_size:
+            raise ValueError(f"the batch of {body_size} bytes exceeds max_body_size ({self.options.max_body_size})")
+        publish = _Publish(topic, command)
+        publish.waiters.append(answer)
+        self._publishes.append(publish)
+        self._output.schedule()
+
+    def _send_publishes(self) -> None:
+        """This loop iteration's publishes, into the write that ends it."""
+        if self._publishes:
+            publishes, self._publishes = self._publishes, []
+            self._open_publishes.clear()
+            for publish in publishes:
+                self.send_request(publish.encode(), publish)
 
     def answered(self, command: bytes, *, requeued: bool, backoff: bool) -> None:
         """A message of this connection was answered with ``command`` (FIN or REQ)."""
@@ -375,7 +486,8 @@ class Connection(asyncio.Protocol):
         self.is_open = False
 
     async def wait_answered(self) -> None:
-        """Wait until every command sent is answered, or the connection is lost."""
+        """Wait until every command and publish made so far is answered, or the connection is lost."""
+        self._output.flush()
         if self._answers:
             drained = self._loop.create_future()
             self._drained.append(drained)
