@@ -2,6 +2,27 @@
 
 from almanet._speedups import speedups
 from almanet._version import __version__
+from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, InvalidReply, rpc_error
 from almanet.nsq.errors import CommandError, FrameError, ProtocolError
+from almanet.service import Procedure, Service, new_service
+from almanet.session import ConsumedMessage, Session, Subscription, new_session
 
-__all__ = ["CommandError", "FrameError", "ProtocolError", "__version__", "speedups"]
+__all__ = [
+    "CommandError",
+    "ConsumedMessage",
+    "FrameError",
+    "InternalError",
+    "InvalidEnvelope",
+    "InvalidPayload",
+    "InvalidReply",
+    "Procedure",
+    "ProtocolError",
+    "Service",
+    "Session",
+    "Subscription",
+    "__version__",
+    "new_service",
+    "new_session",
+    "rpc_error",
+    "speedups",
+]

@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from almanet.broker import Broker, BrokerOptions
 from almanet.broker.options import parse_duration
+from almanet.errors import rpc_error
+from almanet.loops import LOOPS
+from almanet.service import Service
+from almanet.session import new_session
 
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
@@ -26,17 +33,90 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Flags are nsqd's; durations are Go durations (250ms, 60s, 15m, 1h). Nothing is durable.",
     )
     _add_option_flags(broker)
-    broker.add_argument("--log-level", choices=list(_LOG_LEVELS), default="info", help="log level (default: info)")
+    serve = commands.add_parser(
+        "serve",
+        help="run a service: almanet serve module:service",
+        description="Import MODULE and serve its Service object SERVICE until SIGINT or SIGTERM.",
+    )
+    serve.add_argument("service", metavar="MODULE:SERVICE", help="e.g. examples.microservice:service")
+    serve.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
+    call = commands.add_parser(
+        "call",
+        help="call a procedure and print its result as JSON",
+        description="Call URI with the JSON PAYLOAD; print the result as JSON, or the error and exit 1.",
+    )
+    call.add_argument("uri", help="the procedure's URI, e.g. net.example.greeting")
+    call.add_argument("payload", help="the payload as JSON, e.g. '\"Aidar\"'")
+    call.add_argument(
+        "--address",
+        action="append",
+        help="an nsqd TCP address host:port, or nsqlookupd's http://host:port (repeatable; default 127.0.0.1:4150)",
+    )
+    call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply (default: 10)")
+    bench = commands.add_parser(
+        "bench",
+        help="measure almanet end to end, beside NATS request/reply and the ansq RPC baseline",
+        description="Runs every workload with its service and client in processes of their own, on the embedded "
+        "broker (or the nsqd given) and, when installed, a nats-server it starts; prints one table.",
+    )
+    bench.add_argument("--nsqd", metavar="HOST:PORT", help="an nsqd to use instead of the embedded broker")
+    bench.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
+    bench.add_argument(
+        "--pure", action="store_true", help="run almanet with ALMANET_NO_EXTENSIONS=1 (default: compiled)"
+    )
+    bench.add_argument("--scale", type=float, default=1.0, help="multiplies every message count (default: 1)")
+    for command, default in ((broker, "info"), (serve, "info"), (call, "warn"), (bench, "warn")):
+        command.add_argument(
+            "--log-level", choices=list(_LOG_LEVELS), default=default, help=f"log level (default: {default})"
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=_LOG_LEVELS[args.log_level], format="[%(name)s] %(asctime)s %(levelname)s: %(message)s", stream=sys.stderr
     )
-    settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(BrokerOptions)}
+    if args.command == "broker":
+        settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(BrokerOptions)}
+        try:
+            server = Broker(**settings)
+        except ValueError as error:
+            parser.error(str(error))
+        asyncio.run(server.serve_until_signal())
+    elif args.command == "bench":
+        from almanet.bench.runner import Settings, run
+
+        print(run(Settings(nsqd=args.nsqd, loop=args.loop, pure=args.pure, scale=args.scale)))
+    elif args.command == "serve":
+        _load_service(parser, args.service).serve(args.loop)
+    else:
+        try:
+            payload = json.loads(args.payload)
+        except ValueError as error:
+            parser.error(f"the payload is not JSON: {error}")
+        sys.exit(asyncio.run(_call(args.address or ["127.0.0.1:4150"], args.uri, payload, args.timeout)))
+
+
+def _load_service(parser: argparse.ArgumentParser, spec: str) -> Service:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        parser.error(f"{spec!r} is not MODULE:SERVICE")
+    sys.path.insert(0, os.getcwd())  # as python -m does: modules of the current directory
     try:
-        server = Broker(**settings)
-    except ValueError as error:
-        parser.error(str(error))
-    asyncio.run(server.serve_until_signal())
+        service = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        parser.error(f"cannot load {spec}: {error}")
+    if not isinstance(service, Service):
+        parser.error(f"{spec} is a {type(service).__name__}, not an almanet Service")
+    return service
+
+
+async def _call(addresses: list[str], uri: str, payload: Any, timeout: float) -> int:
+    try:
+        async with new_session(*addresses) as session:
+            reply = await session.call(uri, payload, timeout=timeout)
+    except (rpc_error, TimeoutError, ConnectionError, ValueError) as error:
+        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply.payload, default=repr))
+    return 0
 
 
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,81 +1,85 @@
-"""The main job of `make demo`.
+"""The main job of `make demo`: almanet's RPC and produce/consume on the embedded broker.
 
-It starts the embedded NSQ-compatible broker on free loopback ports, then a
-consumer and a publisher that speak NSQ protocol V2 through almanet's frame
-codec: the consumer subscribes, the publisher sends PUB, MPUB and DPUB, and
-the consumer commits (FIN) each message but rolls one back once (REQ), which
-brings it back with its attempts counted. Finally the broker's /stats.
+It starts the embedded NSQ-compatible broker on free loopback ports, serves
+examples/microservice.py with `almanet serve`, runs examples/caller.py and
+`almanet call` against it, then examples/producer.py and
+examples/consumer.py, stops the service with SIGTERM (it finishes what is in
+flight) and prints the broker's view of the topics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
+import os
+import signal
+import sys
 import urllib.request
+from pathlib import Path
 
 import almanet
-from almanet._speedups import frames
 from almanet.broker import Broker
-from almanet.nsq.protocol import MAGIC_V2
 
-TOPIC = "net.example.greetings"
+PROJECT = Path(__file__).resolve().parent.parent
 
 
-async def read_frames(reader: asyncio.StreamReader, frame_reader: frames.FrameReader) -> list[frames.Frame]:
-    frame_reader.feed(await reader.read(65536))
-    return list(frame_reader)
+async def run(*command: str, env: dict[str, str], label: str) -> None:
+    """Run a command to its end, printing its output under ``label``."""
+    process = await asyncio.create_subprocess_exec(
+        *command, env=env, cwd=PROJECT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    for line in output.decode().splitlines():
+        print(f"  [{label}] {line}")
+    if process.returncode:
+        raise SystemExit(f"{label} failed with exit code {process.returncode}")
+
+
+async def until_served(broker: Broker, topic: str, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while topic not in broker.topics or not broker.topics[topic].channels:
+        if loop.time() > deadline:
+            raise SystemExit(f"nothing serves {topic} after {timeout} s")
+        await asyncio.sleep(0.05)
 
 
 async def main() -> None:
     print(f"almanet {almanet.__version__}: speedups {almanet.speedups()}")
     async with Broker(tcp_address="127.0.0.1:0", http_address="127.0.0.1:0") as broker:
         print(f"broker: TCP {broker.tcp_address}, HTTP {broker.http_address}")
-        host, port = broker.tcp_address.rsplit(":", 1)
+        env = dict(os.environ, NSQD_ADDRESS=broker.tcp_address)
+        almanet_command = [sys.executable, "-m", "almanet"]
 
-        consumer_in, consumer_out = await asyncio.open_connection(host, int(port))
-        consumer_out.write(MAGIC_V2 + frames.encode_sub(TOPIC, "demo") + frames.encode_rdy(10))
-        publisher_in, publisher_out = await asyncio.open_connection(host, int(port))
-        publisher_out.write(
-            MAGIC_V2
-            + frames.encode_pub(TOPIC, b"Hello, Aidar!")
-            + frames.encode_mpub(TOPIC, [b"Hello, Alice!", b"Hello, Bob!"])
-            + frames.encode_dpub(TOPIC, 300, b"Hello, later!")
+        print("service: almanet serve examples.microservice:service")
+        service = await asyncio.create_subprocess_exec(
+            *almanet_command, "serve", "examples.microservice:service", "--log-level=warn", env=env, cwd=PROJECT
         )
-        started = time.monotonic()
-        publisher_frames = frames.FrameReader()
-        acknowledged = 0
-        while acknowledged < 3:
-            acknowledged += len(await read_frames(publisher_in, publisher_frames))
-        print("publisher: PUB, MPUB and DPUB (300 ms) each answered OK")
+        try:
+            await until_served(broker, "net.example.greeting")
+            print("caller: examples/caller.py")
+            await run(sys.executable, "examples/caller.py", env=env, label="caller")
+            print("""command line: almanet call net.example.greeting '"Demo"'""")
+            await run(
+                *almanet_command, "call", "net.example.greeting", '"Demo"', "--address", broker.tcp_address,
+                env=env, label="almanet call",
+            )  # fmt: skip
+            print("produce and consume: examples/producer.py, then examples/consumer.py")
+            await run(sys.executable, "examples/producer.py", "3", env=env, label="producer")
+            await run(sys.executable, "examples/consumer.py", "3", env=env, label="consumer")
+        finally:
+            service.send_signal(signal.SIGTERM)
+            print(f"service: stopped on SIGTERM, exit code {await service.wait()}")
 
-        consumer_frames = frames.FrameReader()
-        committed = 0
-        rolled_back = False
-        while committed < 4:
-            for frame in await read_frames(consumer_in, consumer_frames):
-                if not isinstance(frame, frames.MessageFrame):
-                    continue
-                elapsed = (time.monotonic() - started) * 1000
-                print(f"consumer: {frame.body.decode()!r} attempts={frame.attempts} at {elapsed:.0f} ms")
-                if frame.body == b"Hello, Bob!" and not rolled_back:
-                    consumer_out.write(frames.encode_req(frame.id, 100))
-                    rolled_back = True
-                    print("consumer:   rolled back (REQ, 100 ms)")
-                else:
-                    consumer_out.write(frames.encode_fin(frame.id))
-                    committed += 1
-
-        await asyncio.sleep(0.05)  # let the last FIN arrive before reading the stats
-        url = f"http://{broker.http_address}/stats?format=json&topic={TOPIC}"
+        url = f"http://{broker.http_address}/stats?format=json"
         stats = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(url, timeout=5)))
-        channel = stats["topics"][0]["channels"][0]
-        print(
-            f"/stats {TOPIC}/{channel['channel_name']}: messages {channel['message_count']}, "
-            f"requeued {channel['requeue_count']}, in flight {channel['in_flight_count']}, depth {channel['depth']}"
-        )
-        for writer in (consumer_out, publisher_out):
-            writer.close()
+        for topic in stats["topics"]:
+            for channel in topic["channels"]:
+                print(
+                    f"/stats {topic['topic_name']}/{channel['channel_name']}: messages {channel['message_count']}, "
+                    f"requeued {channel['requeue_count']}, in flight {channel['in_flight_count']}, "
+                    f"depth {channel['depth']}"
+                )
 
 
 if __name__ == "__main__":

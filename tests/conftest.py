@@ -35,6 +35,16 @@ def frames(request: pytest.FixtureRequest) -> ModuleType:
     return load_twin("frames", request.param)
 
 
+@pytest.fixture(params=IMPLEMENTATIONS)
+def envelope(request: pytest.FixtureRequest) -> ModuleType:
+    return load_twin("envelope", request.param)
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def pending(request: pytest.FixtureRequest) -> ModuleType:
+    return load_twin("pending", request.param)
+
+
 @pytest.fixture
 def topic() -> str:
     """A topic name no other test uses, so tests can share one broker."""

@@ -11,7 +11,7 @@ import almanet
 from almanet._speedups import NO_EXTENSIONS
 from conftest import load_twin
 
-HOT_PATHS = ["frames"]
+HOT_PATHS = ["envelope", "frames", "pending"]
 
 
 @pytest.mark.skipif(NO_EXTENSIONS, reason="ALMANET_NO_EXTENSIONS asks for the pure twins")

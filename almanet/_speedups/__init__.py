@@ -38,6 +38,6 @@ def select(name: str) -> ModuleType:
 
 def speedups() -> dict[str, str]:
     """Which implementation each hot path uses: ``"c"`` (compiled) or ``"py"``."""
-    from almanet._speedups import frames  # noqa: F401  (imports register themselves)
+    from almanet._speedups import envelope, frames, pending  # noqa: F401  (imports register themselves)
 
     return dict(sorted(_selected.items()))

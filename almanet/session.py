@@ -1,0 +1,458 @@
+"""Sessions: routed RPC calls and produce/consume over NSQ.
+
+A session receives replies on a reply topic of its own,
+``_almanet.reply.<id>#ephemeral``, subscribed on first call. A call adds its
+waiter to the compiled pending-call table and publishes an invocation
+envelope to the procedure's topic through the connection its replies come
+by (one write a loop iteration carries the invocations and the FINs of the
+replies; services reply through the connection an invocation came by, so
+the reply comes back through the same nsqd). The reply's call id finds the
+waiter in O(1). One timer, set for the earliest deadline, expires the calls
+nobody answered. ``produce`` goes through a ``Producer`` with failover.
+docs/PROTOCOL.md describes the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from almanet._speedups.envelope import EnvelopeError, Reply, decode, encode_invocation
+from almanet._speedups.frames import is_valid_name
+from almanet._speedups.pending import PendingCalls
+from almanet.errors import rpc_error
+from almanet.nsq import Consumer, Message, Producer
+from almanet.nsq.connection import Connection
+from almanet.nsq.protocol import EPHEMERAL_SUFFIX
+
+if TYPE_CHECKING:
+    from almanet.service import Procedure
+
+logger = logging.getLogger("almanet")
+
+REPLY_TOPIC_PREFIX = "_almanet.reply."
+REPLY_CHANNEL = "reply#ephemeral"
+DEFAULT_TIMEOUT = 60.0
+# Replies are FINed as they arrive: the RDY only needs to keep the pipe full.
+_REPLIES_IN_FLIGHT = 2500
+
+
+@functools.lru_cache(maxsize=4096)
+def check_uri(uri: str) -> str:
+    """``uri`` if it can name a procedure (an NSQ topic, not ephemeral, not ``_``-reserved), else ``ValueError``."""
+    if not isinstance(uri, str):
+        raise TypeError(f"a procedure URI must be str, not {type(uri).__name__}")
+    raw = uri.encode("utf-8", "surrogateescape")
+    if not uri.isascii() or not is_valid_name(raw) or raw.endswith(EPHEMERAL_SUFFIX) or uri.startswith("_"):
+        raise ValueError(
+            f"invalid procedure URI {uri!r}: 1 to 64 characters of [.a-zA-Z0-9_-] (an NSQ topic name), "
+            "not starting with '_' and not ending in #ephemeral"
+        )
+    return uri
+
+
+def split_addresses(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
+    """nsqd TCP addresses (``host:port``) and nsqlookupd HTTP addresses (``http://host:port``)."""
+    nsqd: list[str] = []
+    lookupd: list[str] = []
+    for address in addresses:
+        (lookupd if address.startswith("http://") else nsqd).append(address)
+    if not nsqd:
+        raise ValueError("a session needs at least one nsqd TCP address (host:port) to publish to")
+    return nsqd, lookupd
+
+
+def encode_payload(payload: Any) -> bytes:
+    """A produced message's body: bytes as they are, anything else msgpack-encoded."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    return msgpack.packb(payload)  # type: ignore[no-any-return]
+
+
+class _Call:
+    """A call waiting for its reply: in the pending-call table, and told the answer to its invocation's publish."""
+
+    __slots__ = ("future", "timeout", "uri")
+
+    def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float) -> None:
+        self.future = future
+        self.uri = uri
+        self.timeout = timeout
+
+    def reply(self, reply: Reply) -> bool:
+        """Take ``reply``; True when the call is over."""
+        future = self.future
+        if not future.done():
+            if reply.ok:
+                future.set_result(reply)
+            else:
+                future.set_exception(rpc_error.from_reply_payload(reply.payload))
+        return True
+
+    def expire(self) -> None:
+        if not self.future.done():
+            self.future.set_exception(TimeoutError(f"no reply from {self.uri} within {self.timeout:g} s"))
+
+    # Told nsqd's answer to the publish of the invocation (see almanet.nsq.connection.AnswerWaiter).
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, answer: bytes) -> None:
+        pass  # nsqd has the invocation: now the reply is awaited
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class _Multicall(_Call):
+    """A call every channel of the procedure answers: replies gathered until the count or the timeout."""
+
+    __slots__ = ("expected", "results")
+
+    def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float, expected: int | None) -> None:
+        super().__init__(future, uri, timeout)
+        self.expected = expected
+        self.results: list[Reply | rpc_error] = []
+
+    def reply(self, reply: Reply) -> bool:
+        self.results.append(reply if reply.ok else rpc_error.from_reply_payload(reply.payload))
+        if self.expected is not None and len(self.results) >= self.expected:
+            self.expire()
+            return True
+        return False
+
+    def expire(self) -> None:
+        if not self.future.done():
+            self.future.set_result(self.results)
+
+
+class ConsumedMessage:
+    """A message of a consumed topic: commit it (FIN) or roll it back (REQ) once; ``touch()`` meanwhile."""
+
+    __slots__ = ("_message", "attempts", "body", "id", "timestamp")
+
+    def __init__(self, message: Message) -> None:
+        self._message = message
+        self.body: bytes = message.body
+        self.id: bytes = message.id
+        self.timestamp: int = message.timestamp  # ns since the epoch, when published
+        self.attempts: int = message.attempts
+
+    @property
+    def payload(self) -> Any:
+        """The body decoded as msgpack (what ``produce`` sent for anything but bytes)."""
+        return msgpack.unpackb(self.body, raw=False, strict_map_key=False)
+
+    def commit(self) -> None:
+        """Done with it (FIN)."""
+        self._message.fin()
+
+    def rollback(self, delay: float = 0.0) -> None:
+        """Give it back for redelivery after ``delay`` seconds (REQ); its attempts grow by one."""
+        self._message.req(delay)
+
+    def touch(self) -> None:
+        """Restart its msg_timeout (TOUCH)."""
+        self._message.touch()
+
+    def __repr__(self) -> str:
+        return f"ConsumedMessage(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
+
+
+class Subscription:
+    """The messages of a topic through a channel, as an async iterator.
+
+    ``async for message in session.consume(topic, channel)``, or ``async with``
+    it, or the pair form ``stream, stop = await session.consume(...)``.
+    Stopping gives back at once the messages received and not handed out yet.
+    """
+
+    def __init__(self, consumer_of: Callable[[Callable[[Message], None]], Consumer]) -> None:
+        self._consumer = consumer_of(self._receive)
+        self._received: deque[ConsumedMessage] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._stopped = False
+
+    def _receive(self, message: Message) -> None:
+        if self._stopped:  # sent before nsqd had our RDY 0: back at once
+            message.req()
+            return
+        self._received.append(ConsumedMessage(message))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def start(self) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._consumer.start())
+        await self._started
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming: requeue what was not handed out, wait up to ``timeout`` for the rest to be answered."""
+        self._stopped = True
+        stopped = self._consumer.stop(timeout)  # RDY 0 first: what is rolled back now is not sent back here
+        received, self._received = self._received, deque()
+        for message in received:
+            message.rollback()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        await stopped
+
+    def __aiter__(self) -> AsyncIterator[ConsumedMessage]:
+        return self
+
+    async def __anext__(self) -> ConsumedMessage:
+        if self._started is None or not self._started.done():
+            await self.start()
+        while not self._received:
+            if self._stopped:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._received.popleft()
+
+    async def __aenter__(self) -> Subscription:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def __await__(self) -> Generator[Any, None, tuple[Subscription, Callable[[], Any]]]:
+        return self._as_pair().__await__()
+
+    async def _as_pair(self) -> tuple[Subscription, Callable[[], Any]]:
+        await self.start()
+        return self, self.stop
+
+
+class Session:
+    """A connection to NSQ for calling procedures and producing and consuming messages.
+
+    ``addresses``: nsqd TCP addresses (``host:port``), at least one; publishes
+    go to the first that answers. Addresses written ``http://host:port`` are
+    nsqlookupd's: consumers (replies, ``consume``, a service's procedures)
+    also subscribe on every nsqd that nsqlookupd lists for their topic.
+    ``timeout``: seconds a call waits for its reply by default.
+    """
+
+    def __init__(self, *addresses: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.nsqd_addresses, self.lookupd_addresses = split_addresses(addresses)
+        self.id = secrets.token_hex(8)
+        self.reply_topic = f"{REPLY_TOPIC_PREFIX}{self.id}#ephemeral"
+        self.timeout = timeout
+        self._producer = Producer(*self.nsqd_addresses)
+        self._pending: PendingCalls[_Call] = PendingCalls()
+        self._replies: Consumer | None = None
+        self._replies_subscribed: asyncio.Future[None] | None = None
+        self._call_connection: Connection | None = None
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()  # to stop on leave
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._left = False
+
+    # --- joining and leaving -----------------------------------------------------
+
+    async def __aenter__(self) -> Session:
+        await self.join()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.leave()
+
+    async def join(self) -> None:
+        """Connect to nsqd; raises ``ConnectionError`` when none answers."""
+        if self._left:
+            raise ConnectionError("a session that left cannot join again: make a new one")
+        self._loop = asyncio.get_running_loop()
+        await self._producer.connect()
+
+    async def leave(self, timeout: float = 10.0) -> None:
+        """Stop consuming, fail the calls still waiting (``ConnectionError``), close once publishes are answered."""
+        self._left = True
+        for subscription in list(self._subscriptions):
+            await subscription.stop(timeout)
+        if self._replies is not None:
+            await self._replies.stop(timeout)
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        for call in self._pending.expire(float("inf")):
+            call.set_exception(ConnectionError("the session left before the reply came"))
+        await self._producer.close()
+
+    def consumer(self, topic: str, channel: str, on_message: Callable[[Message], None], max_in_flight: int) -> Consumer:
+        """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd and nsqlookupd."""
+        return Consumer(
+            topic,
+            channel,
+            on_message,
+            nsqd_tcp_addresses=self.nsqd_addresses,
+            lookupd_http_addresses=self.lookupd_addresses,
+            max_in_flight=max_in_flight,
+        )
+
+    # --- RPC ------------------------------------------------------------------------
+
+    async def call(self, uri: str | Procedure, payload: Any, *, timeout: float | None = None) -> Reply:
+        """Call the procedure at ``uri`` with ``payload``; the reply's ``.payload`` is its result.
+
+        Raises the procedure's ``rpc_error`` (its own class when imported here),
+        ``TimeoutError`` when no reply comes within ``timeout`` seconds (as when
+        nothing serves the URI), ``ConnectionError`` when the invocation
+        cannot be published, ``ValueError`` for an invalid URI.
+        """
+        topic = check_uri(uri if isinstance(uri, str) else uri.uri)
+        if self._replies_subscribed is None or not self._replies_subscribed.done():
+            await self._subscribe_replies()
+        timeout = self.timeout if timeout is None else timeout
+        loop = self._running_loop()
+        call = _Call(loop.create_future(), topic, timeout)
+        call_id = self._invoke(call, topic, payload, timeout)
+        try:
+            reply: Reply = await call.future
+            return reply
+        except BaseException:
+            self._pending.pop(call_id)  # cancelled, or failed to publish: gone from the table
+            raise
+
+    async def multicall(
+        self, uri: str | Procedure, payload: Any, *, timeout: float | None = None, count: int | None = None
+    ) -> list[Reply | rpc_error]:
+        """Call every channel that serves ``uri``; the replies (``rpc_error`` for error replies) within ``timeout``.
+
+        Returns when ``count`` replies have come, if given, else when the timeout passes.
+        """
+        topic = check_uri(uri if isinstance(uri, str) else uri.uri)
+        if self._replies_subscribed is None or not self._replies_subscribed.done():
+            await self._subscribe_replies()
+        timeout = self.timeout if timeout is None else timeout
+        call = _Multicall(self._running_loop().create_future(), topic, timeout, count)
+        call_id = self._invoke(call, topic, payload, timeout)
+        try:
+            results: list[Reply | rpc_error] = await call.future
+            return results
+        except BaseException:
+            self._pending.pop(call_id)
+            raise
+
+    def delay_call(self, uri: str | Procedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
+        """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
+        topic = check_uri(uri if isinstance(uri, str) else uri.uri)
+        body = encode_invocation(0, None, 0, None, payload)
+        return self._producer.publish(topic, body, delay=delay)
+
+    def _invoke(self, call: _Call, topic: str, payload: Any, timeout: float) -> int:
+        if self._left:
+            raise ConnectionError("the session has left")
+        connection = self._call_connection
+        if connection is None or not connection.is_open:
+            connection = self._call_connection = self._reply_connection()
+        deadline = self._running_loop().time() + timeout
+        call_id = self._pending.add(call, deadline)
+        try:
+            body = encode_invocation(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
+            connection.publish(topic, body, call)
+        except BaseException:
+            self._pending.pop(call_id)
+            raise
+        if self._expiry_timer is None or deadline < self._expiry_at:
+            self._expire_at(deadline)
+        return call_id
+
+    def _reply_connection(self) -> Connection:
+        """A connection the replies come by, to publish invocations through."""
+        assert self._replies is not None
+        for connection in self._replies.connections.values():
+            if connection.is_open:
+                return connection
+        raise ConnectionError(f"no connection to nsqd for the replies of {self.reply_topic}")
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _expire_at(self, deadline: float) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self._expiry_at = deadline
+        self._expiry_timer = self._running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        # The loop may run a timer up to its clock resolution early: what was due then is due now.
+        self._expiry_timer = None
+        for call in self._pending.expire(max(self._running_loop().time(), self._expiry_at)):
+            call.expire()
+        next_deadline = self._pending.next_deadline()
+        if next_deadline is not None:
+            self._expire_at(next_deadline)
+
+    async def _subscribe_replies(self) -> None:
+        if self._left:
+            raise ConnectionError("the session has left")
+        if self._replies_subscribed is None:
+            self._replies = self.consumer(self.reply_topic, REPLY_CHANNEL, self._receive_reply, _REPLIES_IN_FLIGHT)
+            self._replies_subscribed = asyncio.ensure_future(self._replies.start())
+        subscribed = self._replies_subscribed
+        try:
+            await asyncio.shield(subscribed)
+        except BaseException:
+            if subscribed.done() and self._replies_subscribed is subscribed:  # failed: the next call tries again
+                self._replies = self._replies_subscribed = None
+            raise
+
+    def _receive_reply(self, message: Message) -> None:
+        message.fin()
+        try:
+            reply = decode(message.body)
+        except EnvelopeError as error:
+            logger.warning("%s: dropped a message that is not a reply: %s", self.reply_topic, error)
+            return
+        if not isinstance(reply, Reply):
+            logger.warning("%s: dropped an invocation sent to a reply topic", self.reply_topic)
+            return
+        pending = self._pending
+        call = pending.get(reply.call_id)
+        if call is None:
+            logger.debug("%s: a reply to call %d, which is over", self.reply_topic, reply.call_id)
+        elif call.reply(reply):
+            pending.pop(reply.call_id)
+
+    # --- produce and consume --------------------------------------------------------
+
+    def produce(self, topic: str, payload: Any, *, delay: float = 0.0) -> asyncio.Future[bytes]:
+        """Publish ``payload`` to ``topic`` (after ``delay`` seconds); awaitable for nsqd's OK.
+
+        ``bytes`` go as they are, anything else msgpack-encoded. Publishes of
+        one loop iteration to one topic leave as one MPUB.
+        """
+        return self._producer.publish(topic, encode_payload(payload), delay=delay)
+
+    def produce_batch(self, topic: str, payloads: Iterable[Any]) -> asyncio.Future[bytes]:
+        """Publish several payloads in one MPUB: all of them or none."""
+        return self._producer.publish_batch(topic, [encode_payload(payload) for payload in payloads])
+
+    def consume(self, topic: str, channel: str, *, max_in_flight: int = 100) -> Subscription:
+        """``topic``'s messages through ``channel`` (see ``Subscription``); at most ``max_in_flight`` uncommitted."""
+        subscription = Subscription(functools.partial(self.consumer, topic, channel, max_in_flight=max_in_flight))
+        self._subscriptions.add(subscription)
+        return subscription
+
+
+def new_session(*addresses: str, **options: Any) -> Session:
+    """A session on the given nsqd (``host:port``) and nsqlookupd (``http://host:port``) addresses."""
+    return Session(*addresses, **options)

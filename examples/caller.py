@@ -1,0 +1,30 @@
+"""Calls the microservice: ``python examples/caller.py`` (NSQD_ADDRESS as for the microservice)."""
+
+import asyncio
+import os
+
+import almanet
+
+session = almanet.new_session(os.environ.get("NSQD_ADDRESS", "127.0.0.1:4150"))
+
+
+async def main() -> None:
+    async with session:
+        # Calling the `net.example.greeting` procedure with 'Aidar' payload.
+        # Raises `TimeoutError` if procedure not found or request timed out.
+        result = await session.call("net.example.greeting", "Aidar")
+        print("net.example.greeting('Aidar'):", result.payload)
+
+        try:
+            await session.call("net.example.greeting", "guest")
+        except almanet.rpc_error as e:
+            print("during call net.example.greeting('guest'):", e)
+
+        try:
+            await session.call("net.example.missing", "anyone", timeout=0.5)
+        except TimeoutError as e:
+            print("net.example.missing:", e)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,27 @@
+"""almanet.loops: services and benchmarks on asyncio's loop or on uvloop."""
+
+import asyncio
+
+import pytest
+
+from almanet import loops
+
+
+async def loop_class_name() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_asyncio_is_the_default() -> None:
+    assert loops.run(loop_class_name()).startswith("asyncio")
+
+
+def test_uvloop_when_asked_for() -> None:
+    pytest.importorskip("uvloop")
+    assert loops.run(loop_class_name(), "uvloop").startswith("uvloop")
+
+
+def test_an_unknown_loop_is_refused_without_leaking_the_coroutine() -> None:
+    main = loop_class_name()
+    with pytest.raises(ValueError, match="unknown event loop"):
+        loops.run(main, "trio")  # type: ignore[arg-type]
+    assert main.cr_frame is None  # closed, not left to warn "never awaited"

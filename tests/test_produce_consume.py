@@ -1,0 +1,128 @@
+"""Produce and consume through a session (embedded broker, or nsqd with ALMANET_TEST_NSQD)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import ansq
+import msgpack
+import pytest
+
+import almanet
+from almanet.pytest_plugin import BrokerAddresses
+
+pytestmark = pytest.mark.asyncio
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def session(almanet_broker: BrokerAddresses) -> AsyncIterator[almanet.Session]:
+    async with almanet.new_session(almanet_broker.tcp_address) as session:
+        yield session
+
+
+async def test_produced_payloads_are_consumed_and_committed(session: almanet.Session, topic: str) -> None:
+    payloads = [{"order": 1}, "text", 3, [1, 2], None]
+    await asyncio.gather(*(session.produce(topic, payload) for payload in payloads))
+    received = []
+    async with session.consume(topic, "ch") as messages:
+        async for message in messages:
+            received.append(message.payload)
+            message.commit()
+            if len(received) == len(payloads):
+                break
+    assert received == payloads
+
+
+async def test_bytes_pass_through_untouched(session: almanet.Session, topic: str) -> None:
+    await session.produce(topic, b"\x00raw")
+    messages, stop = await session.consume(topic, "ch")  # the pair form
+    message = await asyncio.wait_for(anext(messages), TIMEOUT)
+    assert message.body == b"\x00raw"
+    message.commit()
+    await stop()
+
+
+async def test_a_batch_is_published_at_once_and_in_order(session: almanet.Session, topic: str) -> None:
+    assert await session.produce_batch(topic, [f"item {number}" for number in range(50)]) == b"OK"
+    async with session.consume(topic, "ch", max_in_flight=50) as messages:
+        received = []
+        async for message in messages:
+            received.append(message.payload)
+            message.commit()
+            if len(received) == 50:
+                break
+    assert received == [f"item {number}" for number in range(50)]
+
+
+async def test_rollback_redelivers_with_attempts_counted(session: almanet.Session, topic: str) -> None:
+    await session.produce(topic, "retry me")
+    attempts = []
+    async with session.consume(topic, "ch") as messages:
+        async for message in messages:
+            attempts.append((message.attempts, time.monotonic()))
+            if message.attempts < 3:
+                message.rollback(delay=0.1)
+            else:
+                message.commit()
+                break
+    assert [attempt for attempt, _ in attempts] == [1, 2, 3]
+    assert attempts[1][1] - attempts[0][1] >= 0.09
+
+
+async def test_delayed_produce_arrives_after_its_delay(session: almanet.Session, topic: str) -> None:
+    async with session.consume(topic, "ch") as messages:
+        sent = time.monotonic()
+        await session.produce(topic, "later", delay=0.3)
+        message = await asyncio.wait_for(anext(messages), TIMEOUT)
+        message.commit()
+    assert message.payload == "later"
+    assert time.monotonic() - sent >= 0.3
+
+
+async def test_stop_gives_back_what_was_not_handed_out(session: almanet.Session, topic: str) -> None:
+    await session.produce_batch(topic, list(range(10)))
+    first = session.consume(topic, "ch", max_in_flight=10)
+    message = await asyncio.wait_for(anext(first), TIMEOUT)
+    message.commit()
+    await asyncio.sleep(0.1)  # the other nine have arrived too, unread
+    await asyncio.wait_for(first.stop(), TIMEOUT)
+    received = []
+    async with session.consume(topic, "ch", max_in_flight=10) as second:
+        async for message in second:
+            received.append(message.payload)
+            message.commit()
+            if len(received) == 9:
+                break
+    assert sorted(received) == list(range(1, 10))
+
+
+async def test_leaving_the_session_stops_its_consumers(almanet_broker: BrokerAddresses, topic: str) -> None:
+    session = almanet.new_session(almanet_broker.tcp_address)
+    async with session:
+        messages = session.consume(topic, "ch")
+        await messages.start()
+        waiting = asyncio.ensure_future(anext(messages))
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiting, TIMEOUT)
+
+
+async def test_ansq_consumes_what_a_session_produces(
+    almanet_broker: BrokerAddresses, session: almanet.Session, topic: str
+) -> None:
+    await session.produce(topic, b"raw for ansq")
+    await session.produce(topic, {"msgpack": "for ansq"})
+    reader = await ansq.create_reader(topic, "ch", nsqd_tcp_addresses=[almanet_broker.tcp_address])
+    try:
+        bodies = []
+        async for message in reader.messages():
+            bodies.append(message.body)
+            await message.fin()
+            if len(bodies) == 2:
+                break
+    finally:
+        await reader.close()
+    assert bodies == [b"raw for ansq", msgpack.packb({"msgpack": "for ansq"})]

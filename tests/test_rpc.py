@@ -1,0 +1,467 @@
+"""Routed RPC end to end: sessions call services through the broker (embedded, or nsqd with ALMANET_TEST_NSQD).
+
+Each test registers its procedures under a prefix of its own, so tests can
+share the broker. Services and sessions run in the test's event loop; the
+tests of ``almanet serve`` and graceful shutdown run the service in a
+process of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+import almanet
+from almanet._speedups.envelope import encode_invocation
+from almanet.nsq import Producer
+from almanet.pytest_plugin import BrokerAddresses
+
+pytestmark = pytest.mark.asyncio
+
+TIMEOUT = 10.0
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+class denied(almanet.rpc_error):
+    """Custom RPC exception"""
+
+
+class OutOfStock(almanet.rpc_error):
+    name = "tests.shop.OutOfStock"  # a stable name, independent of the class's
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def session(almanet_broker: BrokerAddresses) -> AsyncIterator[almanet.Session]:
+    async with almanet.new_session(almanet_broker.tcp_address) as session:
+        yield session
+
+
+def greeting_service(address: str, prefix: str, **options: Any) -> almanet.Service:
+    """The README's service, under ``prefix``."""
+    service = almanet.new_service(address, prefix=prefix, **options)
+
+    @service.procedure
+    async def greeting(payload: str, **kwargs: Any) -> str:
+        if payload == "guest":
+            raise denied()
+        return f"Hello, {payload}!"
+
+    return service
+
+
+async def eventually(condition: Callable[[], object], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+# --- the README flow --------------------------------------------------------------------
+
+
+async def test_readme_flow(almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str) -> None:
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        result = await session.call(f"{prefix}.greeting", "Aidar")
+        assert result.payload == "Hello, Aidar!"
+        with pytest.raises(denied) as raised:
+            await session.call(f"{prefix}.greeting", "guest")
+        assert isinstance(raised.value, almanet.rpc_error)
+        assert str(raised.value) == "denied"
+
+
+async def test_a_procedure_object_is_called_by_its_uri(almanet_broker: BrokerAddresses, prefix: str) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure(name="add")
+    def add(payload: list[int], **kwargs: Any) -> int:  # sync: runs in the thread pool
+        return sum(payload)
+
+    assert add.uri == f"{prefix}.add"
+    assert add([1, 2]) == 3  # still callable here
+    async with service, almanet.new_session(almanet_broker.tcp_address) as session:
+        assert (await session.call(add, [1, 2, 3])).payload == 6
+
+
+async def test_payloads_of_every_msgpack_type_round_trip(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure
+    async def echo(payload: Any, **kwargs: Any) -> Any:
+        return payload
+
+    payloads = [None, True, 0, -1, 2**64 - 1, 1.5, "text", "ünïcode", b"\x00raw bytes", [1, "a"], {"k": [1, 2]}]
+    async with service:
+        replies = await asyncio.gather(*(session.call(echo, payload) for payload in payloads))
+    assert [reply.payload for reply in replies] == payloads
+
+
+async def test_the_procedure_gets_its_call_context(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+    seen: dict[str, Any] = {}
+
+    @service.procedure
+    async def inspect(payload: None, session: almanet.Session, deadline: float, caller: str, uri: str) -> None:
+        seen.update(session=session, deadline=deadline, caller=caller, uri=uri)
+
+    async with service:
+        called = time.time()
+        await session.call(inspect, None, timeout=5)
+    assert seen["session"] is service.session
+    assert seen["uri"] == f"{prefix}.inspect"
+    assert seen["caller"] == session.reply_topic
+    assert called + 4 < seen["deadline"] < time.time() + 5
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+async def test_rpc_errors_reach_the_caller_by_name(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure
+    async def buy(payload: str, **kwargs: Any) -> None:
+        if payload == "known":
+            raise OutOfStock("tea", 0, payload={"restock": "monday"})
+        error = almanet.rpc_error("only the callee knows this class")
+        error.name = "callee.Secret"
+        raise error
+
+    async with service:
+        with pytest.raises(OutOfStock) as known:
+            await session.call(buy, "known")
+        assert known.value.args == ("tea", 0)
+        assert known.value.payload == {"restock": "monday"}
+        assert known.value.name == "tests.shop.OutOfStock"
+
+        with pytest.raises(almanet.rpc_error) as unknown:
+            await session.call(buy, "unknown")
+        assert type(unknown.value) is almanet.rpc_error
+        assert unknown.value.name == "callee.Secret"
+        assert unknown.value.args == ("only the callee knows this class",)
+
+
+async def test_an_unexpected_exception_is_an_internal_error_without_traceback(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure
+    async def broken(payload: Any, **kwargs: Any) -> None:
+        raise KeyError("secret detail")
+
+    @service.procedure
+    async def unencodable(payload: Any, **kwargs: Any) -> object:
+        return object()
+
+    async with service:
+        with pytest.raises(almanet.InternalError) as raised:
+            await session.call(broken, None)
+        assert raised.value.args == ("KeyError: 'secret detail'",)
+        assert "Traceback" not in str(raised.value.args)
+        with pytest.raises(almanet.InternalError, match="cannot be encoded"):
+            await session.call(unencodable, None)
+    assert "Traceback" in caplog.text  # the callee logs it
+
+
+async def test_a_payload_the_procedure_does_not_take_is_refused(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        with pytest.raises(almanet.InvalidPayload, match="int"):
+            await session.call(f"{prefix}.greeting", 42)
+        assert (await session.call(f"{prefix}.greeting", "again")).payload == "Hello, again!"
+
+
+@pytest.mark.parametrize("uri", ["", "has space", "x" * 65, "_reserved", "ends#ephemeral", "naïve"])
+async def test_invalid_uris_are_refused(almanet_broker: BrokerAddresses, session: almanet.Session, uri: str) -> None:
+    with pytest.raises(ValueError, match="URI"):
+        await session.call(uri, None)
+    with pytest.raises(ValueError, match="URI"):
+        session.delay_call(uri, None, 1.0)
+    service = almanet.new_service(almanet_broker.tcp_address)
+    with pytest.raises(ValueError, match="URI"):
+        service.procedure(name=uri)(lambda payload: None)
+
+
+async def test_names_too_long_for_nsq_are_refused_at_registration(almanet_broker: BrokerAddresses) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix="p" * 60)
+    with pytest.raises(ValueError, match="URI"):
+
+        @service.procedure
+        async def procedure_name_too_long(payload: None) -> None: ...
+
+    with pytest.raises(ValueError, match="channel"):
+        almanet.new_service(almanet_broker.tcp_address).procedure(name="fine", channel="bad channel")(
+            lambda payload: None
+        )
+
+
+# --- timeouts and the pending-call table --------------------------------------------------
+
+
+async def test_a_call_nobody_serves_times_out(session: almanet.Session, prefix: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="no reply"):
+        await session.call(f"{prefix}.nobody", "hello?", timeout=0.2)
+    assert 0.2 <= time.monotonic() - started < 2
+    assert len(session._pending) == 0
+
+
+async def test_a_slow_procedure_times_out_and_its_late_reply_is_dropped(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure
+    async def slow(payload: float, **kwargs: Any) -> float:
+        await asyncio.sleep(payload)
+        return payload
+
+    async with service:
+        with pytest.raises(TimeoutError):
+            await session.call(slow, 0.3, timeout=0.1)
+        assert (await session.call(slow, 0.0, timeout=5)).payload == 0.0
+        await asyncio.sleep(0.3)  # the late reply arrives, finds no call, is dropped
+        assert len(session._pending) == 0
+
+
+async def test_calls_with_different_timeouts_expire_in_deadline_order(session: almanet.Session, prefix: str) -> None:
+    order: list[float] = []
+
+    async def call(timeout: float) -> None:
+        with pytest.raises(TimeoutError):
+            await session.call(f"{prefix}.nobody", None, timeout=timeout)
+        order.append(timeout)
+
+    await asyncio.gather(call(0.4), call(0.1), call(0.25))
+    assert order == [0.1, 0.25, 0.4]
+
+
+async def test_a_cancelled_call_leaves_no_entry(session: almanet.Session, prefix: str) -> None:
+    calls = [asyncio.ensure_future(session.call(f"{prefix}.nobody", None, timeout=30)) for _ in range(100)]
+    await eventually(lambda: len(session._pending) == 100)
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    assert len(session._pending) == 0
+    assert session._pending.next_deadline() is None
+
+
+async def test_ten_thousand_concurrent_calls_leave_the_pending_table_empty(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(session.call(f"{prefix}.greeting", f"n{number}") for number in range(10_000))), 60
+        )
+    assert [reply.payload for reply in replies] == [f"Hello, n{number}!" for number in range(10_000)]
+    assert len(session._pending) == 0
+    assert session._pending.next_deadline() is None
+
+
+async def test_an_invocation_past_its_deadline_is_dropped_unrun(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    ran: list[str] = []
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure
+    async def record(payload: str, **kwargs: Any) -> None:
+        ran.append(payload)
+
+    async with Producer(almanet_broker.tcp_address) as producer:
+        past = int(time.time() * 1000) - 1000
+        await producer.publish(f"{prefix}.record", encode_invocation(1, session.reply_topic, past, None, "stale"))
+        await producer.publish(f"{prefix}.record", encode_invocation(0, None, 0, None, "fresh"))
+    async with service:  # the invocations waited in the topic
+        await eventually(lambda: ran)
+        await session.call(record, "after")
+    assert ran == ["fresh", "after"]
+
+
+# --- bad input on a procedure's topic --------------------------------------------------------
+
+
+async def test_bodies_that_are_not_invocations_are_answered_and_finished(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    async with greeting_service(almanet_broker.tcp_address, prefix) as service:
+        await session.call(f"{prefix}.greeting", "warm-up")  # the reply topic exists
+        topic = f"{prefix}.greeting"
+        future_version = msgpack.packb([2, 0, 77, session.reply_topic, "a future field"])
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        call_id = session._pending.add(
+            type("Waiter", (), {"reply": lambda self, reply: waiter.set_result(reply) or True})(), loop.time() + 10
+        )
+        not_envelope = msgpack.packb([1, 0, call_id, session.reply_topic, 0, None])  # six elements
+        async with Producer(almanet_broker.tcp_address) as producer:
+            await producer.publish(topic, b"not msgpack at all \xc1")
+            await producer.publish(topic, future_version)
+            await producer.publish(topic, not_envelope)
+        reply = await asyncio.wait_for(waiter, TIMEOUT)
+        assert not reply.ok
+        assert reply.payload[0] == "InvalidEnvelope"
+        # Nothing was requeued: every bad body was FINed at once.
+        consumer = service._consumers[0]
+        assert consumer.in_flight == 0
+        assert (await session.call(topic, "still serving")).payload == "Hello, still serving!"
+
+
+# --- multicall, channels, delay_call ------------------------------------------------------
+
+
+async def test_multicall_gets_one_reply_per_channel(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    services = []
+    for channel in ("north", "south"):
+        service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+        @service.procedure(name="where", channel=channel)
+        async def where(payload: None, *, where: str = channel, **kwargs: Any) -> str:
+            return where
+
+        services.append(service)
+    async with services[0], services[1]:
+        replies = await session.multicall(f"{prefix}.where", None, timeout=5, count=2)
+        assert sorted(reply.payload for reply in replies) == ["north", "south"]  # type: ignore[union-attr]
+        started = time.monotonic()
+        replies = await session.multicall(f"{prefix}.where", None, timeout=0.3)
+        assert time.monotonic() - started >= 0.3  # no count: all the replies within the timeout
+        assert len(replies) == 2
+    assert len(session._pending) == 0
+
+
+async def test_instances_sharing_a_channel_share_the_calls(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    served: dict[str, int] = {"first": 0, "second": 0}
+    services = []
+    for instance in served:
+        service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+        @service.procedure(name="work", max_concurrency=1)
+        async def work(payload: None, *, instance: str = instance, **kwargs: Any) -> str:
+            served[instance] += 1
+            await asyncio.sleep(0.005)
+            return instance
+
+        services.append(service)
+    async with services[0], services[1]:
+        replies = await asyncio.gather(*(session.call(f"{prefix}.work", None) for _ in range(40)))
+    assert sum(served.values()) == 40  # each call served once
+    assert served["first"] > 5 and served["second"] > 5
+    assert {reply.payload for reply in replies} == {"first", "second"}
+
+
+async def test_delay_call_invokes_later_without_a_reply(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+    invoked: asyncio.Future[tuple[str, float, str | None]] = asyncio.get_running_loop().create_future()
+
+    @service.procedure
+    async def remind(payload: str, caller: str | None, **kwargs: Any) -> str:
+        invoked.set_result((payload, time.monotonic(), caller))
+        return "nobody reads this"
+
+    async with service:
+        sent = time.monotonic()
+        assert await session.delay_call(remind, "wake up", 0.3) == b"OK"
+        payload, at, caller = await asyncio.wait_for(invoked, TIMEOUT)
+    assert payload == "wake up"
+    assert caller is None
+    assert at - sent >= 0.3
+
+
+# --- graceful shutdown and the command line --------------------------------------------------
+
+
+def almanet_command(*args: str, address: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, NSQD_ADDRESS=address)
+    return subprocess.Popen(
+        [sys.executable, "-m", "almanet", *args],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def test_serve_stops_gracefully_on_sigterm_finishing_the_calls_in_flight(
+    almanet_broker: BrokerAddresses, session: almanet.Session
+) -> None:
+    service = almanet_command("serve", "examples.microservice:service", address=almanet_broker.tcp_address)
+    try:
+        await session.call("net.example.greeting", "ready?", timeout=TIMEOUT)  # serving (waits in the topic if not yet)
+        calls = [asyncio.ensure_future(session.call("net.example.slow_echo", 0.5, timeout=TIMEOUT)) for _ in range(20)]
+        await asyncio.sleep(0.2)  # all of them running in the service
+        service.send_signal(signal.SIGTERM)
+        replies = await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT)
+        assert [reply.payload for reply in replies] == [0.5] * 20
+        assert await asyncio.to_thread(service.wait, TIMEOUT) == 0
+    finally:
+        service.kill()
+        _, errors = service.communicate()
+    assert "stopping" in errors
+
+
+async def test_almanet_call_prints_the_result_as_json(almanet_broker: BrokerAddresses, prefix: str) -> None:
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        address = almanet_broker.tcp_address
+        called = almanet_command("call", f"{prefix}.greeting", '"CLI"', "--address", address, address=address)
+        output, errors = await asyncio.to_thread(called.communicate, None, TIMEOUT)
+        assert called.returncode == 0, errors
+        assert json.loads(output) == "Hello, CLI!"
+
+        refused = almanet_command("call", f"{prefix}.greeting", '"guest"', "--address", address, address=address)
+        output, errors = await asyncio.to_thread(refused.communicate, None, TIMEOUT)
+        assert refused.returncode == 1
+        assert "denied" in errors
+
+
+# --- no broker ---------------------------------------------------------------------------------
+
+
+async def test_without_a_reachable_nsqd_joining_and_calling_fail_at_once() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{probe.getsockname()[1]}"
+    session = almanet.new_session(nowhere)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(session.join(), TIMEOUT)
+    started = time.monotonic()
+    for _ in range(2):  # the second call tries to subscribe again
+        with pytest.raises(ConnectionError):
+            await session.call("nowhere.procedure", None, timeout=30)
+    assert time.monotonic() - started < TIMEOUT
+    await session.leave()
+    with pytest.raises(ConnectionError, match="left"):
+        await session.call("nowhere.procedure", None)
