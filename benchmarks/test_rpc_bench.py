@@ -1,0 +1,71 @@
+"""Concurrent RPC, caller and service in separate processes (issue 5).
+
+Target: almanet with 256 calls in flight >= 10x the baseline written the way
+the original design did it (almanet.bench.baseline: ansq transport, JSON
+envelope, one future per call id), through the same broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+import almanet
+from almanet.bench import baseline
+from almanet.bench.workers import service_process
+from conftest import BenchBroker
+
+IN_FLIGHT = 256
+CALLS = 5_000
+PAYLOAD = "x" * 100
+
+
+async def in_flight(call: Callable[[], Awaitable[Any]], count: int, window: int) -> None:
+    """``count`` calls, ``window`` of them in flight at any time."""
+
+    async def worker(calls: int) -> None:
+        for _ in range(calls):
+            await call()
+
+    share, extra = divmod(count, window)
+    await asyncio.gather(*(worker(share + (index < extra)) for index in range(window)))
+
+
+@pytest.fixture(scope="module")
+def services(bench_broker: BenchBroker) -> Iterator[dict[str, str]]:
+    """Both services running, each in its process: the name to call for each."""
+    name = f"bench.rpc.{os.getpid()}"
+    with (
+        service_process("almanet", bench_broker.tcp_address, name),
+        service_process("baseline", bench_broker.tcp_address, f"{name}.baseline"),
+    ):
+        yield {"almanet": f"{name}.echo", "baseline": f"{name}.baseline"}
+
+
+async def call_with_almanet(address: str, uri: str, count: int) -> None:
+    async with almanet.new_session(address) as session:
+        await in_flight(lambda: session.call(uri, PAYLOAD), count, IN_FLIGHT)
+
+
+async def call_with_baseline(address: str, topic: str, count: int) -> None:
+    async with baseline.BaselineCaller(address) as caller:
+        await in_flight(lambda: caller.call(topic, PAYLOAD), count, IN_FLIGHT)
+
+
+CALLERS = {"almanet": call_with_almanet, "baseline": call_with_baseline}
+
+
+@pytest.mark.parametrize("client", CALLERS)
+def test_rpc_256_in_flight(
+    benchmark: BenchmarkFixture, bench_broker: BenchBroker, services: dict[str, str], client: str
+) -> None:
+    benchmark.group = f"RPC, {IN_FLIGHT} in flight, calls per second"
+    calls = CALLS
+    caller = CALLERS[client]
+    benchmark.pedantic(lambda: asyncio.run(caller(bench_broker.tcp_address, services[client], calls)), rounds=3)
+    benchmark.extra_info["msgs_per_s"] = calls / benchmark.stats.stats.median
