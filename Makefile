@@ -30,8 +30,14 @@ test: lint
 demo: $(INSTALLED)
 	$(BIN)/python examples/demo.py
 
+# pytest-benchmark's micro and client benchmarks, then `almanet bench` (end to
+# end, beside NATS: nats-server comes from Debian's package when apt-get can).
 bench: $(INSTALLED)
 	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+	@command -v nats-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq nats-server >/dev/null; } || \
+		echo "nats-server is not installed: the bench leaves the NATS column empty"
+	$(BIN)/almanet bench
 
 # Builds a wheel with each CPython 3.10-3.13 under pyenv, installs it into a
 # fresh venv and checks that the compiled speedups load.

@@ -393,3 +393,44 @@ async def test_closing_a_producer_while_it_connects_sends_what_was_published_the
         with pytest.raises(ConnectionError, match="closed"):
             producer.publish(TOPIC, b"too late")
         await eventually(lambda: nsqd.served == len(nsqd.clients) == 1)
+
+
+@pytest.mark.parametrize("then_close", [False, True], ids=["then-wait", "then-eof"])
+async def test_a_big_read_is_handled_over_several_loop_iterations_in_order(then_close: bool) -> None:
+    """300 messages in one write: 64 a loop iteration, in order; an EOF right after them waits for the rest."""
+    ids = [b"%016d" % number for number in range(300)]
+
+    async def serve(client: FakeClient) -> None:
+        await client.subscribe()
+        if client.number == 0:
+            await client.expect(b"RDY", b"300")
+            client.send(b"".join(encode_message(time.time_ns(), 1, message_id, b"work") for message_id in ids))
+            if then_close:
+                return
+        await client.closed()  # the consumer reconnects after the EOF
+
+    iterations = 0
+    delivered: list[tuple[int, bytes]] = []  # (loop iteration, message id)
+
+    async def count_iterations() -> None:
+        nonlocal iterations
+        while True:
+            await asyncio.sleep(0)
+            iterations += 1
+
+    def on_message(message: Message) -> None:
+        delivered.append((iterations, message.id))
+        message.fin()
+
+    counting = asyncio.ensure_future(count_iterations())
+    try:
+        async with (
+            FakeNsqd(serve) as nsqd,
+            Consumer(TOPIC, "ch", on_message, nsqd_tcp_addresses=[nsqd.address], max_in_flight=300),
+        ):
+            await eventually(lambda: len(delivered) == len(ids))
+    finally:
+        counting.cancel()
+    assert [message_id for _, message_id in delivered] == ids
+    if not then_close:  # (the EOF hands over all that is left at once)
+        assert len({iteration for iteration, _ in delivered}) >= len(ids) // 64
