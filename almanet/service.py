@@ -45,6 +45,7 @@ _CHECKED_PAYLOAD_TYPES: dict[Any, tuple[type, ...]] = {
     list: (list,),
     dict: (dict,),
 }
+_NOT_NUMBERS = (bool,)  # an int subclass, but not a number to a procedure taking int or float
 
 if sys.version_info >= (3, 12):
 
@@ -115,6 +116,7 @@ class Service:
         self.procedures: list[Procedure] = []
         self._consumers: list[Consumer] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
     def procedure(
         self,
@@ -150,21 +152,28 @@ class Service:
     # --- running ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Join the session and subscribe every procedure."""
-        await self.session.join()
-        for registered in self.procedures:
-            consumer = self.session.consumer(
-                registered.uri,
-                registered.channel,
-                functools.partial(self._receive_invocation, registered),
-                registered.max_concurrency,
-            )
-            await consumer.start()
-            self._consumers.append(consumer)
-            logger.info("serving %s on channel %s", registered.uri, registered.channel)
+        """Join the session and subscribe every procedure; on failure, stop what started."""
+        try:
+            await self.session.join()
+            for registered in self.procedures:
+                consumer = self.session.consumer(
+                    registered.uri,
+                    registered.channel,
+                    functools.partial(self._receive_invocation, registered),
+                    registered.max_concurrency,
+                )
+                self._consumers.append(consumer)  # before it starts: stop() meanwhile stops it too
+                await consumer.start()
+                logger.info("serving %s on channel %s", registered.uri, registered.channel)
+                if self._stopped:
+                    raise ConnectionError("the service was stopped while it started")
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: take no more calls, let those running finish and reply (up to ``timeout``), leave."""
+        self._stopped = True
         consumers, self._consumers = self._consumers, []
         await asyncio.gather(*(consumer.stop(timeout) for consumer in consumers))
         await self.session.leave(timeout)
@@ -217,7 +226,10 @@ class Service:
             message.fin()
             return
         payload = invocation.payload
-        if procedure.payload_types and not isinstance(payload, procedure.payload_types):
+        payload_types = procedure.payload_types
+        if payload_types and (
+            not isinstance(payload, payload_types) or (isinstance(payload, _NOT_NUMBERS) and bool not in payload_types)
+        ):
             logger.warning("%s: refused a payload of type %s", procedure.uri, type(payload).__name__)
             refused = InvalidPayload(f"{procedure.uri} does not take a payload of type {type(payload).__name__}")
             self._answer(invocation, False, refused.to_reply_payload(), message)
@@ -241,25 +253,34 @@ class Service:
     ) -> None:
         try:
             result = await call
-        except Exception as error:
+        except BaseException as error:  # cancelled too: answered and FINed, never redelivered
             self._answer_error(error, procedure, invocation, message)
+            if not isinstance(error, Exception):
+                raise
         else:
             self._answer(invocation, True, result, message)
 
     def _finish_sync(
         self, procedure: Procedure, invocation: Invocation, message: Message, future: asyncio.Future[Any]
     ) -> None:
-        error = future.exception()
-        if isinstance(error, Exception):
+        # Not re-raised here: SystemExit or KeyboardInterrupt of a worker thread would stop the loop.
+        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if error is not None:
             self._answer_error(error, procedure, invocation, message)
         else:
             self._answer(invocation, True, future.result(), message)
 
-    def _answer_error(self, error: Exception, procedure: Procedure, invocation: Invocation, message: Message) -> None:
+    def _answer_error(
+        self, error: BaseException, procedure: Procedure, invocation: Invocation, message: Message
+    ) -> None:
         if not isinstance(error, rpc_error):
-            logger.exception("%s raised", procedure.uri, exc_info=error)
-            error = InternalError(f"{type(error).__name__}: {error}")
-        self._answer(invocation, False, error.to_reply_payload(), message)
+            logger.error("%s raised", procedure.uri, exc_info=error)
+            error = InternalError(f"{type(error).__name__}: {_describe(error)}")
+        try:
+            payload = error.to_reply_payload()
+        except Exception:  # args whose str() raises
+            payload = InternalError(f"{type(error).__name__}: {_describe(error)}").to_reply_payload()
+        self._answer(invocation, False, payload, message)
 
     def _answer(self, invocation: Invocation, ok: bool, payload: Any, message: Message) -> None:
         """Reply (when the caller waits for one), then FIN."""
@@ -274,10 +295,23 @@ class Service:
             logger.error("the result of call %d cannot be sent: %s", call_id, error)
             unencodable = InternalError(f"the result cannot be encoded: {error}")
             body = encode_reply(call_id, False, unencodable.to_reply_payload())
+        connection = message.connection
         try:
-            message.connection.publish(reply_to, body, _REPLY_PUBLISHED)
+            connection.publish(reply_to, body, _REPLY_PUBLISHED)
         except (ValueError, TypeError) as error:  # a reply topic no nsqd takes, or a reply too big
-            logger.error("cannot reply to %s: %s", reply_to, error)
+            if ok and "max_msg_size" in str(error):
+                too_big = InternalError(f"the result is too big to send: {error}").to_reply_payload()
+                connection.publish(reply_to, encode_reply(call_id, False, too_big), _REPLY_PUBLISHED)
+            else:
+                logger.warning("cannot reply to %r: %s", reply_to, error)
+
+
+def _describe(error: BaseException) -> str:
+    """``str(error)``, or its ``repr`` when its ``__str__`` fails too."""
+    try:
+        return str(error)
+    except Exception:
+        return object.__repr__(error)
 
 
 CONTEXT = ("session", "uri", "caller", "deadline", "headers")

@@ -292,7 +292,7 @@ class Session:
             self._expiry_timer = None
         for call in self._pending.expire(float("inf")):
             call.set_exception(ConnectionError("the session left before the reply came"))
-        await self._producer.close()
+        await self._producer.close(timeout)
 
     def consumer(self, topic: str, channel: str, on_message: Callable[[Message], None], max_in_flight: int) -> Consumer:
         """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd and nsqlookupd."""
@@ -316,9 +316,9 @@ class Session:
         cannot be published, ``ValueError`` for an invalid URI.
         """
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
-        if self._replies_subscribed is None or not self._replies_subscribed.done():
-            await self._subscribe_replies()
         timeout = self.timeout if timeout is None else timeout
+        if self._replies_subscribed is None or not self._replies_subscribed.done():
+            await self._subscribe_replies(timeout)
         loop = self._running_loop()
         call = _Call(loop.create_future(), topic, timeout)
         call_id = self._invoke(call, topic, payload, timeout)
@@ -337,9 +337,9 @@ class Session:
         Returns when ``count`` replies have come, if given, else when the timeout passes.
         """
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
-        if self._replies_subscribed is None or not self._replies_subscribed.done():
-            await self._subscribe_replies()
         timeout = self.timeout if timeout is None else timeout
+        if self._replies_subscribed is None or not self._replies_subscribed.done():
+            await self._subscribe_replies(timeout)
         call = _Multicall(self._running_loop().create_future(), topic, timeout, count)
         call_id = self._invoke(call, topic, payload, timeout)
         try:
@@ -401,19 +401,22 @@ class Session:
         if next_deadline is not None:
             self._expire_at(next_deadline)
 
-    async def _subscribe_replies(self) -> None:
+    async def _subscribe_replies(self, timeout: float) -> None:
+        """Subscribe to the reply topic (once), within the call's ``timeout``."""
         if self._left:
             raise ConnectionError("the session has left")
         if self._replies_subscribed is None:
             self._replies = self.consumer(self.reply_topic, REPLY_CHANNEL, self._receive_reply, _REPLIES_IN_FLIGHT)
             self._replies_subscribed = asyncio.ensure_future(self._replies.start())
-        subscribed = self._replies_subscribed
+            self._replies_subscribed.add_done_callback(self._replies_subscription_done)
         try:
-            await asyncio.shield(subscribed)
-        except BaseException:
-            if subscribed.done() and self._replies_subscribed is subscribed:  # failed: the next call tries again
-                self._replies = self._replies_subscribed = None
-            raise
+            await asyncio.wait_for(asyncio.shield(self._replies_subscribed), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"could not subscribe to the replies within {timeout:g} s") from None
+
+    def _replies_subscription_done(self, subscribed: asyncio.Future[None]) -> None:
+        if (subscribed.cancelled() or subscribed.exception()) and self._replies_subscribed is subscribed:
+            self._replies = self._replies_subscribed = None  # failed: the next call tries again
 
     def _receive_reply(self, message: Message) -> None:
         message.fin()

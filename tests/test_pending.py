@@ -386,3 +386,11 @@ def test_finalizer_reentrancy_under_garbage_collection(pending: ModuleType) -> N
         del table
         gc.collect()
     assert len(log) == 3 * 50 * 3
+
+
+def test_a_bad_deadline_is_refused_before_a_none_waiter(pending: ModuleType) -> None:
+    """Both twins check the deadline first (the compiled one converts it before its body runs)."""
+    with pytest.raises(TypeError, match="real number"):
+        pending.PendingCalls().add(None, "soon")
+    with pytest.raises(ValueError, match="NaN"):
+        pending.PendingCalls().add(None, float("nan"))

@@ -519,13 +519,17 @@ cdef inline uint64_t load_u64(const uint8_t* p) noexcept:
     return (<uint64_t>load_u32(p) << 32) | <uint64_t>load_u32(p + 4)
 
 
-cdef inline const uint8_t* take(Reader* r, Py_ssize_t count) noexcept:
-    """The next ``count`` bytes, consumed; NULL (and nothing consumed) if the data ends first."""
+cdef inline const uint8_t* take(Reader* r, uint64_t count) noexcept:
+    """The next ``count`` bytes, consumed; NULL (and nothing consumed) if the data ends first.
+
+    ``count`` is unsigned and compared unsigned, as it comes from the data: a
+    length of 2**31 or more must not turn negative where Py_ssize_t is 32 bits.
+    """
     cdef const uint8_t* p
-    if count > r.end - r.pos:
+    if count > <uint64_t>(r.end - r.pos):
         return NULL
     p = r.data + r.pos
-    r.pos += count
+    r.pos += <Py_ssize_t>count
     return p
 
 
@@ -588,7 +592,7 @@ cdef bint read_uint(Reader* r, uint64_t* value) noexcept:
     return True
 
 
-cdef bint read_array_header(Reader* r, Py_ssize_t* count) noexcept:
+cdef bint read_array_header(Reader* r, uint64_t* count) noexcept:
     cdef const uint8_t* p = take(r, 1)
     cdef uint8_t type_byte
     if p == NULL:
@@ -605,30 +609,30 @@ cdef bint read_array_header(Reader* r, Py_ssize_t* count) noexcept:
     return True
 
 
-cdef object read_str(Reader* r, Py_ssize_t size):
+cdef object read_str(Reader* r, uint64_t size):
     cdef const uint8_t* p = take(r, size)
     if p == NULL:
         return UNREAD
     try:
-        return PyUnicode_DecodeUTF8(<char*>p, size, NULL)
+        return PyUnicode_DecodeUTF8(<char*>p, <Py_ssize_t>size, NULL)
     except UnicodeDecodeError:
         return UNREAD
 
 
-cdef object read_bin(Reader* r, Py_ssize_t size):
+cdef object read_bin(Reader* r, uint64_t size):
     cdef const uint8_t* p = take(r, size)
     if p == NULL:
         return UNREAD
-    return PyBytes_FromStringAndSize(<const char*>p, size)
+    return PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>size)
 
 
-cdef object read_list(Reader* r, Py_ssize_t count, int depth):
+cdef object read_list(Reader* r, uint64_t count, int depth):
     cdef list items
     cdef Py_ssize_t index
-    if depth >= MAX_INLINE_DEPTH or count > r.end - r.pos:  # each element takes a byte at least
+    if depth >= MAX_INLINE_DEPTH or count > <uint64_t>(r.end - r.pos):  # each element takes a byte at least
         return UNREAD
-    items = [None] * count
-    for index in range(count):
+    items = [None] * <Py_ssize_t>count
+    for index in range(<Py_ssize_t>count):
         item = read_value(r, depth + 1)
         if item is UNREAD:
             return UNREAD
@@ -636,13 +640,13 @@ cdef object read_list(Reader* r, Py_ssize_t count, int depth):
     return items
 
 
-cdef object read_dict(Reader* r, Py_ssize_t count, int depth):
+cdef object read_dict(Reader* r, uint64_t count, int depth):
     cdef dict items
     cdef Py_ssize_t index
-    if depth >= MAX_INLINE_DEPTH or count > (r.end - r.pos) // 2:  # each entry takes two bytes at least
+    if depth >= MAX_INLINE_DEPTH or count > <uint64_t>((r.end - r.pos) // 2):  # two bytes an entry at least
         return UNREAD
     items = {}
-    for index in range(count):
+    for index in range(<Py_ssize_t>count):
         key = read_value(r, depth + 1)
         # Only keys that hash without fail: msgpack refuses a list key as unhashable.
         if key is UNREAD or type(key) is list or type(key) is dict:
@@ -711,7 +715,7 @@ cdef object read_value(Reader* r, int depth):
 cdef object read_envelope(const uint8_t* data, Py_ssize_t size):
     """The envelope in ``data[:size]``, or UNREAD for anything but a valid envelope of inlined types."""
     cdef Reader r
-    cdef Py_ssize_t count = 0
+    cdef uint64_t count = 0
     cdef uint64_t version = 0, kind = 0, call_id = 0, deadline = 0
     r.data = data
     r.pos = 0

@@ -95,10 +95,10 @@ cdef class PendingCalls:
         free(self._records)
 
     def add(self, waiter, double deadline):
-        if waiter is None:
-            raise TypeError("a waiter cannot be None")
         if isnan(deadline):
             raise ValueError("a deadline cannot be NaN")
+        if waiter is None:
+            raise TypeError("a waiter cannot be None")
         if 2 * (self._count + 1) > self._slot_count:
             self._rehash(2 * self._slot_count)
         if self._size == self._capacity:

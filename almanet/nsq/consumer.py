@@ -173,7 +173,12 @@ class Consumer:
             on_close=self._on_close,
         )
         try:
-            await connection.request(encode_sub(self.topic, self.channel))
+            await asyncio.wait_for(
+                connection.request(encode_sub(self.topic, self.channel)), self.options.connect_timeout
+            )
+        except asyncio.TimeoutError:
+            connection.abort()
+            raise ConnectionError(f"nsqd at {address} did not answer SUB in time") from None
         except BaseException:
             connection.abort()
             raise
@@ -204,7 +209,11 @@ class Consumer:
             logger.debug("CLS to %s: %s", connection.address, error)
         finally:
             connection.close_soon()  # cancelled too: stop() cancels the retiring of a vanished nsqd
-        await connection.wait_closed()
+        try:
+            await asyncio.wait_for(connection.wait_closed(), timeout)
+        except asyncio.TimeoutError:
+            connection.abort()  # nsqd does not read what is left
+            await connection.wait_closed()
 
     def _wanted(self, address: str) -> bool:
         return not self._stopping and (address in self._direct or address in self._discovered)

@@ -121,15 +121,31 @@ class Producer:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
 
-    async def close(self) -> None:
-        """Close the connection once the publishes made so far are answered."""
-        if self._connect_and_send_task is not None:
-            await self._connect_and_send_task  # the publishes waiting for a connection are sent, or failed
+    async def close(self, timeout: float = 10.0) -> None:
+        """Close the connection once the publishes made so far are answered, waiting ``timeout`` at most.
+
+        Publishes still unanswered then fail with ``ConnectionError``.
+        """
+        try:
+            await asyncio.wait_for(self._settle(), timeout)
+            settled = True
+        except asyncio.TimeoutError:
+            logger.warning("closing the connection with publishes unanswered after %g s", timeout)
+            settled = False
         self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
-            await connection.wait_answered()
-            await connection.close()
+            if settled:
+                await connection.close()
+            else:
+                connection.abort()  # nsqd does not answer: it may not read what is left either
+
+    async def _settle(self) -> None:
+        if self._connect_and_send_task is not None:
+            await self._connect_and_send_task  # the publishes waiting for a connection are sent, or failed
+        self._closed = True
+        if self._connection is not None:
+            await self._connection.wait_answered()
 
     async def _open_first(self) -> Connection:
         errors = []

@@ -1,0 +1,121 @@
+"""Sessions and services when things go wrong: procedures that die oddly, an nsqd that stops answering, races.
+
+An nsqd that misbehaves is the scripted fake of tests/fakensqd.py; the rest
+runs on an embedded broker of the test's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+import pytest
+from fakensqd import FakeClient, FakeNsqd
+
+import almanet
+from almanet.broker import Broker
+
+pytestmark = pytest.mark.asyncio
+
+TIMEOUT = 10.0
+
+
+def own_broker(**settings: Any) -> Broker:
+    return Broker(tcp_address="127.0.0.1:0", http_address="127.0.0.1:0", **settings)
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_procedures_that_end_oddly_are_answered_once_and_never_redelivered() -> None:
+    calls: dict[str, int] = {}
+    async with own_broker(msg_timeout=1.0) as broker:
+        service = almanet.new_service(broker.tcp_address, prefix="odd")
+
+        def count(name: str) -> None:
+            calls[name] = calls.get(name, 0) + 1
+
+        @service.procedure
+        async def cancelled(payload: None, **kwargs: Any) -> None:
+            count("cancelled")
+            other = asyncio.ensure_future(asyncio.sleep(10))
+            other.cancel()
+            await other
+
+        @service.procedure
+        def exits(payload: None, **kwargs: Any) -> None:
+            count("exits")
+            sys.exit(3)
+
+        @service.procedure
+        async def unprintable(payload: None, **kwargs: Any) -> None:
+            count("unprintable")
+            raise Unprintable()
+
+        @service.procedure
+        async def too_big(payload: None, **kwargs: Any) -> bytes:
+            count("too_big")
+            return b"x" * (1024 * 1024 + 1)
+
+        async with service, almanet.new_session(broker.tcp_address) as session:
+            for name, expected in (
+                ("cancelled", "CancelledError"),
+                ("exits", "SystemExit: 3"),
+                ("unprintable", "Unprintable"),
+                ("too_big", "too big"),
+            ):
+                with pytest.raises(almanet.InternalError, match=expected):
+                    await session.call(f"odd.{name}", None, timeout=5)
+            await asyncio.sleep(1.5)  # past msg_timeout: anything left unanswered would come back
+            assert all(consumer.in_flight == 0 for consumer in service._consumers)
+    assert calls == {"cancelled": 1, "exits": 1, "unprintable": 1, "too_big": 1}
+
+
+async def serve_identify_only(client: FakeClient) -> None:
+    """An nsqd that answers IDENTIFY, then nothing."""
+    await client.handshake()
+    await client.closed(answer_cls=False)
+
+
+async def test_a_call_is_bounded_by_its_timeout_when_nsqd_does_not_answer_sub() -> None:
+    async with FakeNsqd(serve_identify_only) as nsqd:
+        session = almanet.new_session(nsqd.address)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await session.call("silent.procedure", None, timeout=0.5)
+        assert time.monotonic() - started < 2
+        await asyncio.wait_for(session.leave(timeout=0.5), TIMEOUT)
+
+
+async def test_leave_is_bounded_by_its_timeout_when_nsqd_does_not_answer_publishes() -> None:
+    async with FakeNsqd(serve_identify_only) as nsqd:
+        session = almanet.new_session(nsqd.address)
+        await session.join()
+        produced = session.produce("orders", b"never answered")
+        started = time.monotonic()
+        await asyncio.wait_for(session.leave(timeout=0.5), TIMEOUT)
+        assert time.monotonic() - started < 2
+        with pytest.raises(ConnectionError):
+            await produced
+
+
+async def test_stop_while_starting_leaves_nothing_subscribed() -> None:
+    async with own_broker() as broker:
+        service = almanet.new_service(broker.tcp_address, prefix="race")
+        for number in range(5):
+            service.procedure(name=f"p{number}")(lambda payload: payload)
+        starting = asyncio.ensure_future(service.start())
+        while not service._consumers:
+            await asyncio.sleep(0)
+        await asyncio.wait_for(service.stop(timeout=1), TIMEOUT)
+        with pytest.raises(ConnectionError):
+            await starting
+        await asyncio.sleep(0.1)
+        assert all(
+            not topic.channels or not any(c.clients for c in topic.channels.values())
+            for topic in broker.topics.values()
+        )
