@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -26,3 +28,19 @@ def run(main: Coroutine[Any, Any, T], loop: LoopName = "asyncio") -> T:
         main.close()
         raise ValueError(f"unknown event loop {loop!r}: asyncio or uvloop")
     return asyncio.run(main)
+
+
+async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+    """``await start()``, run until SIGINT or SIGTERM, then ``await stop()`` (also when start fails)."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stopping.set)
+    try:
+        await start()
+        await stopping.wait()
+        logging.getLogger("almanet").info("stopping")
+    finally:
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signal_number)
+        await stop()

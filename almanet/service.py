@@ -17,7 +17,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -186,19 +185,8 @@ class Service:
         await self.stop()
 
     async def serve_until_signal(self) -> None:
-        """Serve until SIGINT or SIGTERM, then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        stopping = asyncio.Event()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signal_number, stopping.set)
-        try:
-            await self.start()
-            await stopping.wait()
-            logger.info("stopping: finishing the calls in flight")
-        finally:
-            for signal_number in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signal_number)
-            await self.stop()
+        """Serve until SIGINT or SIGTERM, then stop gracefully (finishing the calls in flight)."""
+        await loops.serve_until_signal(self.start, self.stop)
 
     def serve(self, loop: loops.LoopName = "asyncio") -> None:
         """Run the service until SIGINT or SIGTERM, on asyncio's loop or on uvloop (blocking)."""

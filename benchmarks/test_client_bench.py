@@ -9,12 +9,12 @@ Each round publishes or consumes MESSAGES messages on a topic of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import ansq
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from almanet.bench.workloads import windowed
 from almanet.nsq import Consumer, Message, Producer
 from conftest import BenchBroker
 
@@ -28,17 +28,6 @@ def ansq_options() -> ansq.ConnectionOptions:
     return ansq.ConnectionOptions(auto_reconnect=False)
 
 
-async def in_flight(publish: Callable[[], Awaitable[object]], count: int, window: int) -> None:
-    """``count`` calls of ``publish``, ``window`` of them in flight at any time."""
-
-    async def worker(calls: int) -> None:
-        for _ in range(calls):
-            await publish()
-
-    share, extra = divmod(count, window)
-    await asyncio.gather(*(worker(share + (index < extra)) for index in range(window)))
-
-
 async def publish_with_almanet(address: str, topic: str, batch: bool) -> None:
     async with Producer(address) as producer:
         if batch:
@@ -46,7 +35,7 @@ async def publish_with_almanet(address: str, topic: str, batch: bool) -> None:
             for _ in range(MESSAGES // BATCH):
                 await producer.publish_batch(topic, bodies)
         else:
-            await in_flight(lambda: producer.publish(topic, BODY), MESSAGES, IN_FLIGHT)
+            await windowed(lambda: producer.publish(topic, BODY), MESSAGES, IN_FLIGHT)
 
 
 async def publish_with_ansq(address: str, topic: str, batch: bool) -> None:
@@ -57,7 +46,7 @@ async def publish_with_ansq(address: str, topic: str, batch: bool) -> None:
             for _ in range(MESSAGES // BATCH):
                 await writer.mpub(topic, *bodies)
         else:
-            await in_flight(lambda: writer.pub(topic, BODY), MESSAGES, IN_FLIGHT)
+            await windowed(lambda: writer.pub(topic, BODY), MESSAGES, IN_FLIGHT)
     finally:
         await writer.close()
 

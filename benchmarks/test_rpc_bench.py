@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
@@ -18,22 +17,12 @@ from pytest_benchmark.fixture import BenchmarkFixture
 import almanet
 from almanet.bench import baseline
 from almanet.bench.workers import service_process
+from almanet.bench.workloads import windowed
 from conftest import BenchBroker
 
 IN_FLIGHT = 256
 CALLS = 5_000
 PAYLOAD = "x" * 100
-
-
-async def in_flight(call: Callable[[], Awaitable[Any]], count: int, window: int) -> None:
-    """``count`` calls, ``window`` of them in flight at any time."""
-
-    async def worker(calls: int) -> None:
-        for _ in range(calls):
-            await call()
-
-    share, extra = divmod(count, window)
-    await asyncio.gather(*(worker(share + (index < extra)) for index in range(window)))
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +38,12 @@ def services(bench_broker: BenchBroker) -> Iterator[dict[str, str]]:
 
 async def call_with_almanet(address: str, uri: str, count: int) -> None:
     async with almanet.new_session(address) as session:
-        await in_flight(lambda: session.call(uri, PAYLOAD), count, IN_FLIGHT)
+        await windowed(lambda: session.call(uri, PAYLOAD), count, IN_FLIGHT)
 
 
 async def call_with_baseline(address: str, topic: str, count: int) -> None:
     async with baseline.BaselineCaller(address) as caller:
-        await in_flight(lambda: caller.call(topic, PAYLOAD), count, IN_FLIGHT)
+        await windowed(lambda: caller.call(topic, PAYLOAD), count, IN_FLIGHT)
 
 
 CALLERS = {"almanet": call_with_almanet, "baseline": call_with_baseline}

@@ -5,11 +5,15 @@ Broker tests use the ``almanet_broker`` fixture of almanet's pytest plugin:
 the embedded broker, or an external nsqd with ``ALMANET_TEST_NSQD`` set.
 """
 
+import asyncio
 import importlib
+import time
 import uuid
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
+from hypothesis import strategies as st
 
 from almanet._speedups import NO_EXTENSIONS
 from almanet.pytest_plugin import BrokerAddresses
@@ -57,3 +61,31 @@ def embedded(almanet_broker: BrokerAddresses) -> BrokerAddresses:
     if not almanet_broker.embedded:
         pytest.skip("tests the embedded broker only")
     return almanet_broker
+
+
+async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` is true, checking every few milliseconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout} s: {condition}")
+        await asyncio.sleep(0.01)
+
+
+def mutate(draw: st.DrawFn, data: bytes) -> bytes:
+    """Flip, drop or insert a few bytes of ``data``, or cut it short."""
+    mutated = bytearray(data)
+    for _ in range(draw(st.integers(0, 3))):
+        if not mutated:
+            break
+        at = draw(st.integers(0, len(mutated) - 1))
+        action = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
+        if action == "flip":
+            mutated[at] = draw(st.integers(0, 255))
+        elif action == "drop":
+            del mutated[at]
+        elif action == "insert":
+            mutated[at:at] = draw(st.binary(min_size=1, max_size=4))
+        else:
+            del mutated[at:]
+    return bytes(mutated)

@@ -32,6 +32,7 @@ import nsq
 import pytest
 
 from almanet.pytest_plugin import BrokerAddresses
+from conftest import eventually
 
 # Long enough for a loaded CI machine; waits that succeed return at once.
 TIMEOUT = 5.0
@@ -59,15 +60,6 @@ def channel_clients(http_address: str, topic: str, channel: str) -> int | None:
         if entry["channel_name"] == channel:
             return int(entry["client_count"])
     return None
-
-
-async def eventually(condition: Callable[[], object], timeout: float = TIMEOUT) -> None:
-    """Wait until ``condition()`` is true, checking every few milliseconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s: {condition}")
-        await asyncio.sleep(0.01)
 
 
 # --- the same shape for both libraries -----------------------------------------

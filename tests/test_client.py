@@ -31,6 +31,7 @@ import almanet.nsq.consumer
 from almanet.broker import Broker
 from almanet.nsq import CommandError, ConnectionOptions, Consumer, Message, Producer
 from almanet.pytest_plugin import BrokerAddresses
+from conftest import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -89,15 +90,6 @@ async def until(probe: Callable[[], Awaitable[T]], expected: T, timeout: float =
     while (value := await probe()) != expected:
         if time.monotonic() > deadline:
             raise AssertionError(f"still {value!r}, not {expected!r}, after {timeout} s")
-        await asyncio.sleep(0.01)
-
-
-async def eventually(condition: Callable[[], object], timeout: float = TIMEOUT) -> None:
-    """Wait until ``condition()`` is true."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s: {condition}")
         await asyncio.sleep(0.01)
 
 

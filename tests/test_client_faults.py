@@ -11,7 +11,6 @@ import asyncio
 import json
 import struct
 import time
-from collections.abc import Callable
 
 import pytest
 from fakensqd import TIMEOUT, FakeClient, FakeLookupd, FakeNsqd
@@ -28,19 +27,12 @@ from almanet.nsq import (
     ProtocolError,
 )
 from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, OK
+from conftest import eventually
 
 pytestmark = pytest.mark.asyncio
 
 TOPIC = "faults"
 MESSAGE_ID = b"0123456789abcdef"
-
-
-async def eventually(condition: Callable[[], object], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s: {condition}")
-        await asyncio.sleep(0.01)
 
 
 def message_frame() -> bytes:

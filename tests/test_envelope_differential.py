@@ -14,7 +14,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import load_twin
+from conftest import load_twin, mutate
 
 codec_settings = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -157,25 +157,6 @@ def canonical(draw: st.DrawFn) -> bytes:
         reply_to = draw(st.one_of(st.none(), st.text(max_size=20)))
         return pure.encode_invocation(call_id, reply_to, draw(st.integers(0, 2**64 - 1)), draw(headers), draw(payloads))
     return pure.encode_reply(call_id, draw(st.booleans()), draw(payloads))
-
-
-def mutate(draw: st.DrawFn, body: bytes) -> bytes:
-    """Flip, drop or insert a few bytes, or cut the body short."""
-    data = bytearray(body)
-    for _ in range(draw(st.integers(0, 3))):
-        if not data:
-            break
-        at = draw(st.integers(0, len(data) - 1))
-        action = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
-        if action == "flip":
-            data[at] = draw(st.integers(0, 255))
-        elif action == "drop":
-            del data[at]
-        elif action == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=4))
-        else:
-            del data[at:]
-    return bytes(data)
 
 
 @st.composite

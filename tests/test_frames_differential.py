@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from almanet.nsq.errors import ProtocolError
 from almanet.nsq.protocol import MAGIC_V2
-from conftest import load_twin
+from conftest import load_twin, mutate
 
 settings.register_profile("codec", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("codec")
@@ -53,25 +53,6 @@ def chunked(draw: st.DrawFn, stream: bytes) -> list[bytes]:
     cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=12)))
     bounds = [0, *cuts, len(stream)]
     return [stream[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-def mutate(draw: st.DrawFn, stream: bytes) -> bytes:
-    """Flip, drop or insert a few bytes, or cut the stream short."""
-    data = bytearray(stream)
-    for _ in range(draw(st.integers(0, 3))):
-        if not data:
-            break
-        at = draw(st.integers(0, len(data) - 1))
-        action = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
-        if action == "flip":
-            data[at] = draw(st.integers(0, 255))
-        elif action == "drop":
-            del data[at]
-        elif action == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=4))
-        else:
-            del data[at:]
-    return bytes(data)
 
 
 def frame_reader(**options: int) -> Callable[[ModuleType], Any]:

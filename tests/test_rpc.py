@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import almanet
 from almanet._speedups.envelope import encode_invocation
 from almanet.nsq import Producer
 from almanet.pytest_plugin import BrokerAddresses
+from conftest import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -65,14 +66,6 @@ def greeting_service(address: str, prefix: str, **options: Any) -> almanet.Servi
         return f"Hello, {payload}!"
 
     return service
-
-
-async def eventually(condition: Callable[[], object], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 # --- the README flow --------------------------------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import signal
 import socket
 import time
 from typing import Any
 
+from almanet import loops
 from almanet._version import __version__
 from almanet.broker.http import HTTPConnection
 from almanet.broker.options import BrokerOptions, split_address
@@ -95,18 +95,7 @@ class Broker:
 
     async def serve_until_signal(self) -> None:
         """Run until SIGINT or SIGTERM, then stop cleanly."""
-        loop = asyncio.get_running_loop()
-        stopping = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stopping.set)
-        try:
-            await self.start()
-            await stopping.wait()
-            logger.info("stopping")
-        finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-            await self.stop()
+        await loops.serve_until_signal(self.start, self.stop)
 
     def new_message_id(self) -> bytes:
         """16 hex digits, like nsqd's message ids."""
