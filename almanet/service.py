@@ -49,7 +49,7 @@ _NOT_NUMBERS = (bool,)  # an int subclass, but not a number to a procedure takin
 if sys.version_info >= (3, 12):
 
     def _start_task(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        return asyncio.Task(coroutine, eager_start=True)
+        return asyncio.Task(coroutine, loop=asyncio.get_running_loop(), eager_start=True)
 else:
 
     def _start_task(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
