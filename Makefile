@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test lint demo bench wheels clean
+.PHONY: install test test-pythons lint demo bench wheels clean
 
 install: $(INSTALLED)
 
@@ -27,6 +27,10 @@ lint: $(INSTALLED)
 test: lint
 	$(BIN)/python -m pytest
 
+# The suite again with CPython 3.10, 3.12 and 3.13 from pyenv (CI runs it after `make test`).
+test-pythons:
+	tools/test-pythons
+
 demo: $(INSTALLED)
 	$(BIN)/python examples/demo.py
 
@@ -45,4 +49,4 @@ wheels:
 	tools/check-wheels
 
 clean:
-	rm -rf build dist *.egg-info almanet/_speedups/*.c almanet/_speedups/*.so
+	rm -rf build dist *.egg-info .venvs almanet/_speedups/*.c almanet/_speedups/*.so

@@ -44,7 +44,6 @@ _CHECKED_PAYLOAD_TYPES: dict[Any, tuple[type, ...]] = {
     list: (list,),
     dict: (dict,),
 }
-_NOT_NUMBERS = (bool,)  # an int subclass, but not a number to a procedure taking int or float
 
 if sys.version_info >= (3, 12):
 
@@ -83,6 +82,12 @@ class Procedure:
         self.is_async = inspect.iscoroutinefunction(function)
         self.payload_types, self.context_names = _inspect_parameters(function)
         functools.update_wrapper(self, function)
+
+    def takes(self, payload: Any) -> bool:
+        """Whether ``payload`` has the type the function's payload parameter is annotated with, if checked."""
+        types = self.payload_types
+        # bool is an int subclass, but not a number to a procedure taking int or float.
+        return not types or (isinstance(payload, types) and (type(payload) is not bool or bool in types))
 
     def context(self, session: Session, invocation: Invocation) -> dict[str, Any]:
         """The keyword arguments of a call: those of ``CONTEXT`` the function takes."""
@@ -214,10 +219,7 @@ class Service:
             message.fin()
             return
         payload = invocation.payload
-        payload_types = procedure.payload_types
-        if payload_types and (
-            not isinstance(payload, payload_types) or (isinstance(payload, _NOT_NUMBERS) and bool not in payload_types)
-        ):
+        if not procedure.takes(payload):
             logger.warning("%s: refused a payload of type %s", procedure.uri, type(payload).__name__)
             refused = InvalidPayload(f"{procedure.uri} does not take a payload of type {type(payload).__name__}")
             self._answer(invocation, False, refused.to_reply_payload(), message)

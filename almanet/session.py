@@ -315,19 +315,8 @@ class Session:
         nothing serves the URI), ``ConnectionError`` when the invocation
         cannot be published, ``ValueError`` for an invalid URI.
         """
-        topic = check_uri(uri if isinstance(uri, str) else uri.uri)
-        timeout = self.timeout if timeout is None else timeout
-        if self._replies_subscribed is None or not self._replies_subscribed.done():
-            await self._subscribe_replies(timeout)
-        loop = self._running_loop()
-        call = _Call(loop.create_future(), topic, timeout)
-        call_id = self._invoke(call, topic, payload, timeout)
-        try:
-            reply: Reply = await call.future
-            return reply
-        except BaseException:
-            self._pending.pop(call_id)  # cancelled, or failed to publish: gone from the table
-            raise
+        reply: Reply = await self._request(uri, payload, timeout, _Call)
+        return reply
 
     async def multicall(
         self, uri: str | Procedure, payload: Any, *, timeout: float | None = None, count: int | None = None
@@ -336,17 +325,29 @@ class Session:
 
         Returns when ``count`` replies have come, if given, else when the timeout passes.
         """
+        replies: list[Reply | rpc_error] = await self._request(
+            uri, payload, timeout, functools.partial(_Multicall, expected=count)
+        )
+        return replies
+
+    async def _request(
+        self,
+        uri: str | Procedure,
+        payload: Any,
+        timeout: float | None,
+        new_call: Callable[[asyncio.Future[Any], str, float], _Call],
+    ) -> Any:
+        """Publish an invocation and wait for what ``new_call``'s waiter makes of the replies."""
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
         timeout = self.timeout if timeout is None else timeout
         if self._replies_subscribed is None or not self._replies_subscribed.done():
             await self._subscribe_replies(timeout)
-        call = _Multicall(self._running_loop().create_future(), topic, timeout, count)
+        call = new_call(self._running_loop().create_future(), topic, timeout)
         call_id = self._invoke(call, topic, payload, timeout)
         try:
-            results: list[Reply | rpc_error] = await call.future
-            return results
+            return await call.future
         except BaseException:
-            self._pending.pop(call_id)
+            self._pending.pop(call_id)  # cancelled, or failed to publish: gone from the table
             raise
 
     def delay_call(self, uri: str | Procedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
