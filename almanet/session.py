@@ -8,7 +8,9 @@ by (one write a loop iteration carries the invocations and the FINs of the
 replies; services reply through the connection an invocation came by, so
 the reply comes back through the same nsqd). The reply's call id finds the
 waiter in O(1). One timer, set for the earliest deadline, expires the calls
-nobody answered. ``produce`` goes through a ``Producer`` with failover.
+nobody answered; when the connection the calls went through is lost, they
+fail at once with ``ConnectionError`` (their replies cannot come by it).
+``produce`` goes through a ``Producer`` with failover.
 docs/PROTOCOL.md describes the wire.
 """
 
@@ -362,6 +364,7 @@ class Session:
         connection = self._call_connection
         if connection is None or not connection.is_open:
             connection = self._call_connection = self._reply_connection()
+            connection.when_closed(self._call_connection_lost)
         deadline = self._running_loop().time() + timeout
         call_id = self._pending.add(call, deadline)
         try:
@@ -373,6 +376,14 @@ class Session:
         if self._expiry_timer is None or deadline < self._expiry_at:
             self._expire_at(deadline)
         return call_id
+
+    def _call_connection_lost(self, connection: Connection) -> None:
+        """The calls waiting were all published through ``connection``: their replies would come by it, and cannot."""
+        if connection is self._call_connection:
+            self._call_connection = None
+        lost = ConnectionError(f"the connection to nsqd at {connection.address} was lost before the reply came")
+        for call in self._pending.expire(float("inf")):
+            call.set_exception(lost)
 
     def _reply_connection(self) -> Connection:
         """A connection the replies come by, to publish invocations through."""

@@ -119,3 +119,35 @@ async def test_stop_while_starting_leaves_nothing_subscribed() -> None:
             not topic.channels or not any(c.clients for c in topic.channels.values())
             for topic in broker.topics.values()
         )
+
+
+async def test_calls_fail_at_once_when_their_connection_is_lost_and_the_next_ones_work() -> None:
+    async with own_broker() as broker:
+        service = almanet.new_service(broker.tcp_address, prefix="lost")
+
+        @service.procedure
+        async def slow(payload: float, **kwargs: Any) -> float:
+            await asyncio.sleep(payload)
+            return payload
+
+        async with service, almanet.new_session(broker.tcp_address) as session:
+            assert (await session.call(slow, 0.0)).payload == 0.0
+            waiting = [asyncio.ensure_future(session.call(slow, 1.0, timeout=30)) for _ in range(3)]
+            await asyncio.sleep(0.2)  # published, running in the service
+            started = time.monotonic()
+            connection = session._call_connection
+            assert connection is not None
+            connection.abort()
+            results = await asyncio.gather(*waiting, return_exceptions=True)
+            assert all(isinstance(result, ConnectionError) for result in results), results
+            assert time.monotonic() - started < 1  # not the 30 s timeout
+            assert len(session._pending) == 0
+            # The reply subscription reconnects; calls go through the new connection.
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                try:
+                    assert (await session.call(slow, 0.0, timeout=2)).payload == 0.0
+                    break
+                except ConnectionError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)

@@ -531,3 +531,7 @@ class Connection(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
+
+    def when_closed(self, callback: Callable[[Connection], None]) -> None:
+        """Call ``callback(self)`` once the connection is closed (at once if it is)."""
+        self._closed.add_done_callback(lambda _: callback(self))
