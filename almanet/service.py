@@ -180,6 +180,8 @@ class Service:
         self._stopped = True
         consumers, self._consumers = self._consumers, []
         await asyncio.gather(*(consumer.stop(timeout) for consumer in consumers))
+        for task in list(self._running):  # past the timeout: nsqd redelivers their invocations
+            task.cancel()
         await self.session.leave(timeout)
 
     async def __aenter__(self) -> Service:

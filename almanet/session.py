@@ -363,6 +363,8 @@ class Session:
             raise ConnectionError("the session has left")
         connection = self._call_connection
         if connection is None or not connection.is_open:
+            if connection is not None:  # closing: before switching, as its calls are all that wait
+                self._call_connection_lost(connection)
             connection = self._call_connection = self._reply_connection()
             connection.when_closed(self._call_connection_lost)
         deadline = self._running_loop().time() + timeout
@@ -379,8 +381,9 @@ class Session:
 
     def _call_connection_lost(self, connection: Connection) -> None:
         """The calls waiting were all published through ``connection``: their replies would come by it, and cannot."""
-        if connection is self._call_connection:
-            self._call_connection = None
+        if connection is not self._call_connection:
+            return  # handled when the session moved on to another connection
+        self._call_connection = None
         lost = ConnectionError(f"the connection to nsqd at {connection.address} was lost before the reply came")
         for call in self._pending.expire(float("inf")):
             call.set_exception(lost)

@@ -7,10 +7,14 @@ the embedded broker, or an external nsqd with ``ALMANET_TEST_NSQD`` set.
 
 import asyncio
 import importlib
+import json
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import strategies as st
@@ -89,3 +93,22 @@ def mutate(draw: st.DrawFn, data: bytes) -> bytes:
         else:
             del mutated[at:]
     return bytes(mutated)
+
+
+async def channel_stats(http_address: str, topic: str, channel: str = "ch") -> dict[str, Any] | None:
+    """The channel's entry of ``/stats?format=json``, or None while it does not exist.
+
+    Read in a thread: an embedded broker of the test runs in the test's loop.
+    """
+
+    def get() -> dict[str, Any]:
+        query = urllib.parse.urlencode({"format": "json", "topic": topic})
+        with urllib.request.urlopen(f"http://{http_address}/stats?{query}", timeout=10) as response:
+            report: dict[str, Any] = json.load(response)
+            return report
+
+    report = await asyncio.to_thread(get)
+    for entry in report["topics"] or []:
+        if entry["topic_name"] == topic:
+            return next((stats for stats in entry["channels"] if stats["channel_name"] == channel), None)
+    return None

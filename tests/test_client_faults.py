@@ -426,3 +426,85 @@ async def test_a_big_read_is_handled_over_several_loop_iterations_in_order(then_
     assert [message_id for _, message_id in delivered] == ids
     if not then_close:  # (the EOF hands over all that is left at once)
         assert len({iteration for iteration, _ in delivered}) >= len(ids) // 64
+
+
+# --- publishing while connecting, closing, failing over -----------------------------------
+
+
+async def test_a_batch_too_big_is_refused_at_once_even_before_connecting() -> None:
+    producer = Producer("127.0.0.1:1", options=ConnectionOptions(max_body_size=100))
+    with pytest.raises(ValueError, match="max_body_size"):
+        producer.publish_batch(TOPIC, [b"x" * 40, b"y" * 40, b"z" * 40])
+    await producer.close(timeout=1)
+
+
+async def test_closing_while_nsqd_does_not_answer_identify_fails_what_was_published() -> None:
+    async def serve(client: FakeClient) -> None:
+        await client.closed(answer_cls=False)  # reads IDENTIFY, answers nothing
+
+    async with FakeNsqd(serve) as nsqd:
+        producer = Producer(nsqd.address, options=ConnectionOptions(connect_timeout=0.5))
+        published = producer.publish(TOPIC, b"never sent")
+        await asyncio.wait_for(producer.close(timeout=0.1), TIMEOUT)
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(published, TIMEOUT)  # once the connection attempt ends, not never
+
+
+async def test_a_refused_identify_fails_over_to_the_next_nsqd() -> None:
+    async def refuse(client: FakeClient) -> None:
+        await client.expect(b"IDENTIFY")
+        client.send(encode_error(b"E_BAD_BODY IDENTIFY refused"))
+
+    async def serve(client: FakeClient) -> None:
+        await client.handshake()
+        await client.answer_publishes()
+
+    async with (
+        FakeNsqd(refuse) as refusing,
+        FakeNsqd(serve) as working,
+        Producer(refusing.address, working.address) as producer,
+    ):
+        assert await asyncio.wait_for(producer.publish(TOPIC, b"body"), TIMEOUT) == OK
+        assert (await producer.connect()).address == working.address
+
+
+async def test_answers_put_off_are_handled_before_a_close() -> None:
+    """200 OKs in one read; the first one's waiter closes the connection: the other 199 are still answers."""
+
+    async def serve(client: FakeClient) -> None:
+        await client.handshake()
+        for _ in range(200):
+            await client.expect(b"PUB")
+        client.send(encode_response(OK) * 200)
+        await client.closed()
+
+    async with FakeNsqd(serve) as nsqd:
+        connection = await Connection.open(nsqd.address, ConnectionOptions())
+        answers = [connection.request(encode_pub(TOPIC, b"%d" % number)) for number in range(200)]
+        answers[0].add_done_callback(lambda _: connection.close_soon())
+        results = await asyncio.wait_for(asyncio.gather(*answers, return_exceptions=True), TIMEOUT)
+        await connection.wait_closed()
+    assert results == [OK] * 200
+
+
+async def test_no_message_is_handed_out_after_its_handler_closed_the_connection() -> None:
+    async def serve(client: FakeClient) -> None:
+        if client.number == 0:
+            await client.subscribe()
+            await client.expect(b"RDY")
+            client.send(message_frame() * 10)
+        await client.closed()  # (the consumer reconnects: not answered)
+
+    handled: list[Message] = []
+
+    def on_message(message: Message) -> None:
+        handled.append(message)
+        message.connection.close_soon()
+
+    async with FakeNsqd(serve) as nsqd:
+        consumer = Consumer(TOPIC, "ch", on_message, nsqd_tcp_addresses=[nsqd.address], max_in_flight=10)
+        await consumer.start()
+        await eventually(lambda: handled)
+        await asyncio.sleep(0.1)
+        await consumer.stop(timeout=1)
+    assert len(handled) == 1

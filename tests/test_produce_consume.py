@@ -91,12 +91,16 @@ async def test_stop_gives_back_what_was_not_handed_out(session: almanet.Session,
     await asyncio.sleep(0.1)  # the other nine have arrived too, unread
     await asyncio.wait_for(first.stop(), TIMEOUT)
     received = []
-    async with session.consume(topic, "ch", max_in_flight=10) as second:
-        async for message in second:
-            received.append(message.payload)
-            message.commit()
-            if len(received) == 9:
-                break
+
+    async def receive_the_rest() -> None:
+        async with session.consume(topic, "ch", max_in_flight=10) as second:
+            async for message in second:
+                received.append(message.payload)
+                message.commit()
+                if len(received) == 9:
+                    break
+
+    await asyncio.wait_for(receive_the_rest(), TIMEOUT)  # at once: not after their msg_timeout
     assert sorted(received) == list(range(1, 10))
 
 

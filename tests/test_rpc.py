@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ import almanet
 from almanet._speedups.envelope import encode_invocation
 from almanet.nsq import Producer
 from almanet.pytest_plugin import BrokerAddresses
-from conftest import eventually
+from conftest import channel_stats, eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -226,8 +227,9 @@ async def test_a_call_nobody_serves_times_out(session: almanet.Session, prefix: 
 
 
 async def test_a_slow_procedure_times_out_and_its_late_reply_is_dropped(
-    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="almanet")
     service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
 
     @service.procedure
@@ -239,7 +241,7 @@ async def test_a_slow_procedure_times_out_and_its_late_reply_is_dropped(
         with pytest.raises(TimeoutError):
             await session.call(slow, 0.3, timeout=0.1)
         assert (await session.call(slow, 0.0, timeout=5)).payload == 0.0
-        await asyncio.sleep(0.3)  # the late reply arrives, finds no call, is dropped
+        await eventually(lambda: "which is over" in caplog.text)  # the late reply came, found no call
         assert len(session._pending) == 0
 
 
@@ -303,7 +305,7 @@ async def test_an_invocation_past_its_deadline_is_dropped_unrun(
 async def test_bodies_that_are_not_invocations_are_answered_and_finished(
     almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
 ) -> None:
-    async with greeting_service(almanet_broker.tcp_address, prefix) as service:
+    async with greeting_service(almanet_broker.tcp_address, prefix):
         await session.call(f"{prefix}.greeting", "warm-up")  # the reply topic exists
         topic = f"{prefix}.greeting"
         future_version = msgpack.packb([2, 0, 77, session.reply_topic, "a future field"])
@@ -320,10 +322,10 @@ async def test_bodies_that_are_not_invocations_are_answered_and_finished(
         reply = await asyncio.wait_for(waiter, TIMEOUT)
         assert not reply.ok
         assert reply.payload[0] == "InvalidEnvelope"
-        # Nothing was requeued: every bad body was FINed at once.
-        consumer = service._consumers[0]
-        assert consumer.in_flight == 0
         assert (await session.call(topic, "still serving")).payload == "Hello, still serving!"
+    # Nothing was requeued: every bad body was FINed at once.
+    stats = await channel_stats(almanet_broker.http_address, topic, "rpc")
+    assert (stats["requeue_count"], stats["depth"], stats["in_flight_count"]) == (0, 0, 0)
 
 
 # --- multicall, channels, delay_call ------------------------------------------------------
@@ -415,7 +417,13 @@ async def test_serve_stops_gracefully_on_sigterm_finishing_the_calls_in_flight(
     try:
         await session.call("net.example.greeting", "ready?", timeout=TIMEOUT)  # serving (waits in the topic if not yet)
         calls = [asyncio.ensure_future(session.call("net.example.slow_echo", 0.5, timeout=TIMEOUT)) for _ in range(20)]
-        await asyncio.sleep(0.2)  # all of them running in the service
+
+        async def in_flight() -> int:
+            stats = await channel_stats(almanet_broker.http_address, "net.example.slow_echo", "rpc")
+            return stats["in_flight_count"] if stats else 0
+
+        while await in_flight() < 20:  # all of them running in the service
+            await asyncio.sleep(0.01)
         service.send_signal(signal.SIGTERM)
         replies = await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT)
         assert [reply.payload for reply in replies] == [0.5] * 20

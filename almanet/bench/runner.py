@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from almanet.bench.workers import measure, service_process, stop
+from almanet.bench.workers import measure, service_process, stop, wait_for_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +62,10 @@ def embedded_broker(env: dict[str, str]) -> Iterator[str]:
     )  # fmt: skip
     try:
         assert process.stderr is not None
-        address = next((line.rsplit(" ", 1)[1].strip() for line in process.stderr if "TCP: listening on" in line), "")
-        if not address:
-            raise RuntimeError("the embedded broker did not start")
+        listening = wait_for_line(process, process.stderr, lambda line: "TCP: listening on" in line)
         # Its log goes on being read, so that it never blocks writing it.
         threading.Thread(target=process.stderr.read, daemon=True).start()
-        yield address
+        yield listening.rsplit(" ", 1)[1].strip()
     finally:
         stop(process)
 

@@ -14,14 +14,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 from almanet import loops
 from almanet.bench import workloads
@@ -92,14 +93,34 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "almanet.bench.workers", *args]
 
 
+# How long a process of the bench may take to start.
+START_TIMEOUT = 60.0
+
+
+def wait_for_line(process: subprocess.Popen[str], stream: IO[str], predicate: Callable[[str], bool]) -> str:
+    """The first line of the process's ``stream`` that ``predicate`` accepts, within START_TIMEOUT.
+
+    ``RuntimeError`` if the process ends first or is silent that long (it is killed then).
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        found = reader.submit(lambda: next((line for line in stream if predicate(line)), None))
+        try:
+            line = found.result(START_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            process.kill()  # which ends the reading too
+            raise RuntimeError(f"{process.args!r} did not start within {START_TIMEOUT:g} s") from None
+    if line is None:
+        raise RuntimeError(f"{process.args!r} ended before it started")
+    return line
+
+
 @contextmanager
 def service_process(system: str, address: str, name: str, env: dict[str, str] | None = None) -> Iterator[None]:
     """The system's service running and subscribed; stopped on exit."""
     process = subprocess.Popen(_command("serve", system, address, name), stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None
-        if process.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the {system} service did not start")
+        wait_for_line(process, process.stdout, lambda line: line.strip() == "ready")
         yield
     finally:
         stop(process)

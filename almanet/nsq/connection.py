@@ -201,6 +201,18 @@ def check_message(options: ConnectionOptions, topic: str, body: bytes) -> None:
         raise ValueError(f"a message of {len(body)} bytes exceeds max_msg_size ({options.max_msg_size})")
 
 
+def encode_batch(options: ConnectionOptions, topic: str, bodies: Sequence[bytes]) -> bytes:
+    """The MPUB of ``bodies``; ``ValueError`` or ``TypeError`` for what nsqd would refuse."""
+    command = encode_mpub(topic, bodies)
+    for body in bodies:
+        if len(body) > options.max_msg_size:
+            raise ValueError(f"a message of {len(body)} bytes exceeds max_msg_size ({options.max_msg_size})")
+    body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in bodies)
+    if body_size > options.max_body_size:
+        raise ValueError(f"the batch of {body_size} bytes exceeds max_body_size ({options.max_body_size})")
+    return command
+
+
 OnMessage = Callable[[Message], None]
 OnAnswered = Callable[["Connection", bool, bool], None]
 OnClose = Callable[["Connection", BaseException | None], None]
@@ -321,6 +333,8 @@ class Connection(asyncio.Protocol):
                     self.send(NOP)
                 else:
                     self._receive_answer(frame.data)
+                if not self.is_open:  # closed by what it handled: the rest would go unanswered
+                    return
                 read += 1
                 if read == limit:
                     self._reading_later = True
@@ -450,16 +464,10 @@ class Connection(asyncio.Protocol):
         self._output.schedule()
 
     def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: AnswerWaiter) -> None:
-        """Publish ``bodies`` in one MPUB of their own: all of them or none."""
-        command = encode_mpub(topic, bodies)
-        for body in bodies:
-            if len(body) > self.options.max_msg_size:
-                raise ValueError(f"a message of {len(body)} bytes exceeds max_msg_size ({self.options.max_msg_size})")
-        body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in bodies)
-        if body_size > self.options.max_body_size:
-            raise ValueError(f"the batch of {body_size} bytes exceeds max_body_size ({self.options.max_body_size})")
-        publish = _Publish(topic, command)
+        """Publish ``bodies`` in one MPUB of their own: all of them or none; later publishes to the topic follow it."""
+        publish = _Publish(topic, encode_batch(self.options, topic, bodies))
         publish.waiters.append(answer)
+        self._open_publishes.pop(topic, None)  # in publish order: what comes next does not join an MPUB before it
         self._publishes.append(publish)
         self._output.schedule()
 
@@ -497,7 +505,9 @@ class Connection(asyncio.Protocol):
             self._arm_liveness()
 
     def close_soon(self) -> None:
-        """Close after writing what is pending."""
+        """Close after handling the frames put off and writing what is pending."""
+        if self._reading_later and self.is_open:
+            self._read_frames(0)  # answers nsqd sent already, and messages it counts as in flight here
         if self._transport is not None and not self._transport.is_closing():
             self._output.flush()
             self._transport.close()
@@ -534,4 +544,7 @@ class Connection(asyncio.Protocol):
 
     def when_closed(self, callback: Callable[[Connection], None]) -> None:
         """Call ``callback(self)`` once the connection is closed (at once if it is)."""
-        self._closed.add_done_callback(lambda _: callback(self))
+        if self._closed.done():
+            callback(self)
+        else:
+            self._closed.add_done_callback(lambda _: callback(self))

@@ -17,8 +17,8 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 
-from almanet._speedups.frames import encode_mpub
-from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, check_message
+from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, check_message, encode_batch
+from almanet.nsq.errors import ProtocolError
 
 logger = logging.getLogger("almanet.nsq")
 
@@ -61,7 +61,7 @@ class Producer:
     def publish_with(self, answer: AnswerWaiter, topic: str, body: bytes, *, delay: float = 0.0) -> None:
         """``publish``, telling nsqd's answer to ``answer`` instead of a new future (for callers that have one)."""
         connection = self._connection
-        if connection is not None and connection.is_open and not self._unsent:
+        if connection is not None and connection.is_open and not self._unsent and not self._closed:
             connection.publish(topic, body, answer, delay=delay)
             return
         check_message(self.options, topic, body)
@@ -73,13 +73,11 @@ class Producer:
         """Publish several messages in one MPUB: all of them or, on error, none (as ``publish``)."""
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         connection = self._connection
-        if connection is not None and connection.is_open and not self._unsent:
+        if connection is not None and connection.is_open and not self._unsent and not self._closed:
             connection.publish_batch(topic, bodies, answer)
         else:
-            encode_mpub(topic, bodies)  # checks the arguments now
-            for body in bodies:
-                check_message(self.options, topic, body)
             batch = list(bodies)
+            encode_batch(self.options, topic, batch)  # checks the arguments now
             self._send_when_connected(
                 functools.partial(Connection.publish_batch, topic=topic, bodies=batch, answer=answer), answer
             )
@@ -95,10 +93,13 @@ class Producer:
     async def _connect_and_send(self) -> None:
         try:
             connection = await self.connect()
-        except ConnectionError as error:
+        except BaseException as error:
             unsent, self._unsent = self._unsent, []
+            failed = error if isinstance(error, ConnectionError) else ConnectionError("the producer closed first")
             for _, answer in unsent:
-                answer.set_exception(error)
+                answer.set_exception(failed)
+            if not isinstance(error, Exception):
+                raise
         else:
             unsent, self._unsent = self._unsent, []
             for send, _ in unsent:
@@ -142,7 +143,8 @@ class Producer:
 
     async def _settle(self) -> None:
         if self._connect_and_send_task is not None:
-            await self._connect_and_send_task  # the publishes waiting for a connection are sent, or failed
+            # Shielded: at the timeout it goes on, and fails what waits as the producer is closed by then.
+            await asyncio.shield(self._connect_and_send_task)
         self._closed = True
         if self._connection is not None:
             await self._connection.wait_answered()
@@ -155,7 +157,7 @@ class Producer:
             address = self.addresses[index]
             try:
                 connection = await Connection.open(address, self.options)
-            except ConnectionError as error:
+            except (ConnectionError, ProtocolError) as error:  # refused IDENTIFY or AUTH too: try the next one
                 errors.append(str(error))
                 continue
             if self._closed:  # while connecting
