@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "--log-level", choices=list(_LOG_LEVELS), default=default, help=f"log level (default: {default})"
         )
     args = parser.parse_args(argv)
+    if getattr(args, "loop", "asyncio") == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        parser.error("uvloop is not installed: pip install 'almanet[uvloop]'")
     logging.basicConfig(
         level=_LOG_LEVELS[args.log_level], format="[%(name)s] %(asctime)s %(levelname)s: %(message)s", stream=sys.stderr
     )
@@ -81,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(error))
         asyncio.run(server.serve_until_signal())
     elif args.command == "bench":
+        if importlib.util.find_spec("ansq") is None:
+            parser.error("almanet bench measures the ansq baseline too: pip install 'almanet[bench]'")
         from almanet.bench.runner import Settings, run
 
         print(run(Settings(nsqd=args.nsqd, loop=args.loop, pure=args.pure, scale=args.scale)))
