@@ -508,3 +508,26 @@ async def test_no_message_is_handed_out_after_its_handler_closed_the_connection(
         await asyncio.sleep(0.1)
         await consumer.stop(timeout=1)
     assert len(handled) == 1
+
+
+async def test_stop_answers_messages_nsqd_sent_before_it_had_rdy_0_before_closing() -> None:
+    """A message between RDY 0 and CLOSE_WAIT is in flight too: its FIN goes out before the connection closes."""
+
+    async def serve(client: FakeClient) -> None:
+        await client.subscribe()
+        await client.expect(b"RDY", b"1")
+        await client.expect(b"RDY", b"0")
+        await client.expect(b"CLS")
+        client.send(message_frame() + encode_response(CLOSE_WAIT))  # sent before nsqd read the RDY 0
+        await client.expect(b"FIN", MESSAGE_ID)
+        await client.closed()
+
+    loop = asyncio.get_running_loop()
+    async with FakeNsqd(serve) as nsqd:
+        consumer = Consumer(
+            TOPIC, "ch", lambda message: loop.call_later(0.1, message.fin), nsqd_tcp_addresses=[nsqd.address]
+        )
+        await consumer.start()
+        await eventually(lambda: nsqd.clients and [c.name for c in nsqd.clients[0].commands][-1:] == [b"RDY"])
+        await asyncio.wait_for(consumer.stop(timeout=5), TIMEOUT)
+        await eventually(lambda: nsqd.served == 1)  # the fake saw the FIN, then the close

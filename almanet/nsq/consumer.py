@@ -190,21 +190,19 @@ class Consumer:
         self._distribute_rdy()
 
     async def _retire(self, connection: Connection, timeout: float) -> None:
-        """RDY 0, up to ``timeout`` for its in-flight messages to be answered, CLS, close.
+        """RDY 0, in-flight messages answered, CLS, close: all within ``timeout``.
 
-        Messages still unanswered then are redelivered by nsqd after their msg_timeout.
+        Messages nsqd sent before it had the RDY 0 come before its answer to
+        CLS: they are waited for too. Messages still unanswered at the end
+        are redelivered by nsqd after their msg_timeout.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self._set_rdy(connection, 0)
         try:
-            if connection.in_flight:
-                drained = self._draining[connection] = asyncio.Event()
-                try:
-                    await asyncio.wait_for(drained.wait(), timeout)
-                except asyncio.TimeoutError:
-                    logger.warning("closing %s with %d messages unanswered", connection.address, connection.in_flight)
-                finally:
-                    del self._draining[connection]
-            await asyncio.wait_for(connection.request(CLS), timeout)
+            await self._drain(connection, deadline)
+            await asyncio.wait_for(connection.request(CLS), max(0.0, deadline - loop.time()))
+            await self._drain(connection, deadline)
         except (ConnectionError, asyncio.TimeoutError) as error:
             logger.debug("CLS to %s: %s", connection.address, error)
         finally:
@@ -214,6 +212,18 @@ class Consumer:
         except asyncio.TimeoutError:
             connection.abort()  # nsqd does not read what is left
             await connection.wait_closed()
+
+    async def _drain(self, connection: Connection, deadline: float) -> None:
+        """Wait until the connection's in-flight messages are answered, or the loop's time is ``deadline``."""
+        if not connection.in_flight:
+            return
+        drained = self._draining[connection] = asyncio.Event()
+        try:
+            await asyncio.wait_for(drained.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            logger.warning("closing %s with %d messages unanswered", connection.address, connection.in_flight)
+        finally:
+            del self._draining[connection]
 
     def _wanted(self, address: str) -> bool:
         return not self._stopping and (address in self._direct or address in self._discovered)
