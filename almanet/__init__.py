@@ -3,7 +3,7 @@
 from almanet._speedups import speedups
 from almanet._version import __version__
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, InvalidReply, rpc_error
-from almanet.nsq.errors import CommandError, FrameError, ProtocolError
+from almanet.nsq.errors import CommandError, FrameError, MessageTooBig, ProtocolError
 from almanet.service import Procedure, Service, new_service
 from almanet.session import ConsumedMessage, Session, Subscription, new_session
 
@@ -15,6 +15,7 @@ __all__ = [
     "InvalidEnvelope",
     "InvalidPayload",
     "InvalidReply",
+    "MessageTooBig",
     "Procedure",
     "ProtocolError",
     "Service",

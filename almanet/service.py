@@ -25,9 +25,11 @@ from typing import Any
 from almanet import loops
 from almanet._speedups.envelope import EnvelopeError, Invocation, decode, encode_reply
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
-from almanet.nsq import Consumer, Message
+from almanet.nsq import ConnectionOptions, Consumer, Message
+from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, Connection
 from almanet.nsq.consumer import check_name
-from almanet.session import Session, check_uri
+from almanet.nsq.errors import MessageTooBig
+from almanet.session import Session, check_uri, connection_options
 
 logger = logging.getLogger("almanet")
 
@@ -71,14 +73,38 @@ class _ReplyPublished:
 _REPLY_PUBLISHED = _ReplyPublished()
 
 
+class _BigReplyPublished(_ReplyPublished):
+    """Told nsqd's answer to a big reply's publish: one nsqd refuses as too big is answered with an error."""
+
+    def __init__(self, service: Service, connection: Connection, reply_to: str, call_id: int) -> None:
+        self.service = service
+        self.connection = connection  # the invocation's: the error reply goes back the way a small one would
+        self.reply_to = reply_to
+        self.call_id = call_id
+
+    def set_exception(self, error: BaseException) -> None:
+        if isinstance(error, MessageTooBig):
+            self.service._reply_too_big(self.connection, self.reply_to, self.call_id, error)
+        else:
+            super().set_exception(error)
+
+
 class Procedure:
     """A function served under ``uri``; calling it calls the function here."""
 
-    def __init__(self, function: Callable[..., Any], uri: str, channel: str, max_concurrency: int) -> None:
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        uri: str,
+        channel: str,
+        max_concurrency: int,
+        options: ConnectionOptions,
+    ) -> None:
         self.function = function
         self.uri = uri
         self.channel = channel
         self.max_concurrency = max_concurrency
+        self.options = options  # of the connections its invocations come by
         self.is_async = inspect.iscoroutinefunction(function)
         self.payload_types, self.context_names = _inspect_parameters(function)
         functools.update_wrapper(self, function)
@@ -129,6 +155,7 @@ class Service:
         name: str | None = None,
         channel: str = DEFAULT_CHANNEL,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        **options: Any,
     ) -> Any:
         """Register ``function`` (async or sync) as ``<prefix>.<name>``; as ``@procedure`` or ``@procedure(...)``.
 
@@ -137,6 +164,9 @@ class Service:
         ``bytes``, ``int``, ``float``, ``bool``, ``list`` or ``dict`` is checked:
         another type is answered with ``InvalidPayload``. ``channel``: instances
         on one channel share the calls, every channel gets each call.
+        ``options`` override the service's connection options for this
+        procedure (``msg_timeout`` longer than the slowest call, for instance:
+        nsqd hands an invocation unanswered by then to another instance).
         """
 
         def register(function: Callable[..., Any]) -> Procedure:
@@ -147,7 +177,8 @@ class Service:
                 raise ValueError("max_concurrency must be at least 1")
             if any(known.uri == uri and known.channel == channel for known in self.procedures):
                 raise ValueError(f"{uri} is already registered on channel {channel!r}")
-            registered = Procedure(function, uri, channel, max_concurrency)
+            procedure_options = connection_options(self.session.options, options)
+            registered = Procedure(function, uri, channel, max_concurrency, procedure_options)
             self.procedures.append(registered)
             return registered
 
@@ -156,7 +187,8 @@ class Service:
     # --- running ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Join the session and subscribe every procedure; on failure, stop what started."""
+        """Join the session and subscribe every procedure (again, after ``stop``); on failure, stop what started."""
+        self._stopped = False
         try:
             await self.session.join()
             for registered in self.procedures:
@@ -165,6 +197,7 @@ class Service:
                     registered.channel,
                     functools.partial(self._receive_invocation, registered),
                     registered.max_concurrency,
+                    registered.options,
                 )
                 self._consumers.append(consumer)  # before it starts: stop() meanwhile stops it too
                 await consumer.start()
@@ -289,13 +322,23 @@ class Service:
             body = encode_reply(call_id, False, unencodable.to_reply_payload())
         connection = message.connection
         try:
-            connection.publish(reply_to, body, _REPLY_PUBLISHED)
-        except (ValueError, TypeError) as error:  # a reply topic no nsqd takes, or a reply too big
-            if ok and "max_msg_size" in str(error):
-                too_big = InternalError(f"the result is too big to send: {error}").to_reply_payload()
-                connection.publish(reply_to, encode_reply(call_id, False, too_big), _REPLY_PUBLISHED)
+            if len(body) > SEPARATE_PUBLISH_SIZE:
+                self.session.publish_apart(reply_to, body, _BigReplyPublished(self, connection, reply_to, call_id))
             else:
-                logger.warning("cannot reply to %r: %s", reply_to, error)
+                connection.publish(reply_to, body, _REPLY_PUBLISHED)
+        except MessageTooBig as error:
+            self._reply_too_big(connection, reply_to, call_id, error)
+        except (ValueError, TypeError) as error:  # a reply topic no nsqd takes
+            logger.warning("cannot reply to %r: %s", reply_to, error)
+
+    def _reply_too_big(self, connection: Connection, reply_to: str, call_id: int, error: MessageTooBig) -> None:
+        logger.error("the reply to call %d is too big to send: %s", call_id, error)
+        too_big = InternalError(f"the reply is too big to send: {error}").to_reply_payload()
+        reply = encode_reply(call_id, False, too_big)
+        if connection.is_open:
+            connection.publish(reply_to, reply, _REPLY_PUBLISHED)
+        else:
+            self.session.publish_apart(reply_to, reply, _REPLY_PUBLISHED)
 
 
 def _describe(error: BaseException) -> str:

@@ -17,6 +17,7 @@ docs/PROTOCOL.md describes the wire.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
@@ -33,7 +34,7 @@ from almanet._speedups.frames import is_valid_name
 from almanet._speedups.pending import PendingCalls
 from almanet.errors import rpc_error
 from almanet.nsq import Consumer, Message, Producer
-from almanet.nsq.connection import Connection
+from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
 from almanet.nsq.protocol import EPHEMERAL_SUFFIX
 
 if TYPE_CHECKING:
@@ -248,14 +249,20 @@ class Session:
     nsqlookupd's: consumers (replies, ``consume``, a service's procedures)
     also subscribe on every nsqd that nsqlookupd lists for their topic.
     ``timeout``: seconds a call waits for its reply by default.
+    ``options``: the fields of ``almanet.nsq.ConnectionOptions`` for every
+    connection of the session (``auth_secret``, ``heartbeat_interval``,
+    ``msg_timeout``, nsqd's ``max_msg_size``, ``max_reconnect_interval``...).
+
+    A session that left may join again.
     """
 
-    def __init__(self, *addresses: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, *addresses: str, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> None:
         self.nsqd_addresses, self.lookupd_addresses = split_addresses(addresses)
         self.id = secrets.token_hex(8)
         self.reply_topic = f"{REPLY_TOPIC_PREFIX}{self.id}#ephemeral"
         self.timeout = timeout
-        self._producer = Producer(*self.nsqd_addresses)
+        self.options = connection_options(ConnectionOptions(), options)
+        self._producer = Producer(*self.nsqd_addresses, options=self.options)
         self._pending: PendingCalls[_Call] = PendingCalls()
         self._replies: Consumer | None = None
         self._replies_subscribed: asyncio.Future[None] | None = None
@@ -276,9 +283,8 @@ class Session:
         await self.leave()
 
     async def join(self) -> None:
-        """Connect to nsqd; raises ``ConnectionError`` when none answers."""
-        if self._left:
-            raise ConnectionError("a session that left cannot join again: make a new one")
+        """Connect to nsqd (again, after ``leave``); raises ``ConnectionError`` when none answers."""
+        self._left = False
         self._loop = asyncio.get_running_loop()
         await self._producer.connect()
 
@@ -294,10 +300,22 @@ class Session:
             self._expiry_timer = None
         for call in self._pending.expire(float("inf")):
             call.set_exception(ConnectionError("the session left before the reply came"))
-        await self._producer.close(timeout)
+        self._replies = self._replies_subscribed = self._call_connection = None
+        producer, self._producer = self._producer, Producer(*self.nsqd_addresses, options=self.options)
+        await producer.close(timeout)
 
-    def consumer(self, topic: str, channel: str, on_message: Callable[[Message], None], max_in_flight: int) -> Consumer:
-        """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd and nsqlookupd."""
+    def consumer(
+        self,
+        topic: str,
+        channel: str,
+        on_message: Callable[[Message], None],
+        max_in_flight: int,
+        options: ConnectionOptions | None = None,
+    ) -> Consumer:
+        """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd and nsqlookupd.
+
+        ``options``: the session's unless given (see ``connection_options``).
+        """
         return Consumer(
             topic,
             channel,
@@ -305,6 +323,7 @@ class Session:
             nsqd_tcp_addresses=self.nsqd_addresses,
             lookupd_http_addresses=self.lookupd_addresses,
             max_in_flight=max_in_flight,
+            options=options or self.options,
         )
 
     # --- RPC ------------------------------------------------------------------------
@@ -371,13 +390,26 @@ class Session:
         call_id = self._pending.add(call, deadline)
         try:
             body = encode_invocation(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
-            connection.publish(topic, body, call)
+            if len(body) > SEPARATE_PUBLISH_SIZE:
+                self.publish_apart(topic, body, call)
+            else:
+                connection.publish(topic, body, call)
         except BaseException:
             self._pending.pop(call_id)
             raise
         if self._expiry_timer is None or deadline < self._expiry_at:
             self._expire_at(deadline)
         return call_id
+
+    def publish_apart(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
+        """Publish ``body`` through the session's producer, apart from the connections of calls and replies.
+
+        For messages over ``SEPARATE_PUBLISH_SIZE``: nsqd closes the connection
+        that sent a message over its --max-msg-size, and the calls and
+        replies in flight on it would go with it. Raises ``MessageTooBig``
+        at once once nsqd's limit is known.
+        """
+        self._producer.publish_with(answer, topic, body)
 
     def _call_connection_lost(self, connection: Connection) -> None:
         """The calls waiting were all published through ``connection``: their replies would come by it, and cannot."""
@@ -464,11 +496,32 @@ class Session:
         """Publish several payloads in one MPUB: all of them or none."""
         return self._producer.publish_batch(topic, [encode_payload(payload) for payload in payloads])
 
-    def consume(self, topic: str, channel: str, *, max_in_flight: int = 100) -> Subscription:
-        """``topic``'s messages through ``channel`` (see ``Subscription``); at most ``max_in_flight`` uncommitted."""
-        subscription = Subscription(functools.partial(self.consumer, topic, channel, max_in_flight=max_in_flight))
+    def consume(self, topic: str, channel: str, *, max_in_flight: int = 100, **options: Any) -> Subscription:
+        """``topic``'s messages through ``channel`` (see ``Subscription``); at most ``max_in_flight`` uncommitted.
+
+        ``options`` override the session's connection options for this
+        subscription (``msg_timeout=300`` for slow work, for instance).
+        """
+        subscription = Subscription(
+            functools.partial(
+                self.consumer,
+                topic,
+                channel,
+                max_in_flight=max_in_flight,
+                options=connection_options(self.options, options),
+            )
+        )
         self._subscriptions.add(subscription)
         return subscription
+
+
+def connection_options(base: ConnectionOptions, overrides: dict[str, Any]) -> ConnectionOptions:
+    """``base`` with ``overrides``; ``TypeError`` naming the options there are for a name that is none."""
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(ConnectionOptions)})
+    if unknown:
+        known = ", ".join(field.name for field in dataclasses.fields(ConnectionOptions))
+        raise TypeError(f"unknown connection option {', '.join(map(repr, unknown))}; the options are: {known}")
+    return dataclasses.replace(base, **overrides) if overrides else base
 
 
 def new_session(*addresses: str, **options: Any) -> Session:

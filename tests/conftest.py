@@ -6,13 +6,15 @@ the embedded broker, or an external nsqd with ``ALMANET_TEST_NSQD`` set.
 """
 
 import asyncio
+import contextlib
 import importlib
 import json
+import socket
 import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 from hypothesis import strategies as st
 
 from almanet._speedups import NO_EXTENSIONS
-from almanet.pytest_plugin import BrokerAddresses
+from almanet.pytest_plugin import BrokerAddresses, broker_in_thread, find_nsqd, nsqd_process
 
 pytest_plugins = ["pytester"]
 
@@ -112,3 +114,26 @@ async def channel_stats(http_address: str, topic: str, channel: str = "ch") -> d
         if entry["topic_name"] == topic:
             return next((stats for stats in entry["channels"] if stats["channel_name"] == channel), None)
     return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def broker_of_kind(kind: str, tcp_address: str = "127.0.0.1:0", *, max_msg_size: int | None = None) -> Iterator[str]:
+    """A broker of the test's own, ``embedded`` or ``nsqd`` (skipped when it cannot be started); its TCP address."""
+    if kind == "embedded":
+        settings: dict[str, Any] = {} if max_msg_size is None else {"max_msg_size": max_msg_size}
+        with broker_in_thread(tcp_address=tcp_address, http_address="127.0.0.1:0", **settings) as broker:
+            yield broker.tcp_address
+        return
+    executable = find_nsqd()
+    if executable is None:
+        pytest.skip("nsqd is named by ALMANET_TEST_NSQD only: this test starts its own")
+    flags = [f"-tcp-address={tcp_address}"] + ([] if max_msg_size is None else [f"-max-msg-size={max_msg_size}"])
+    with nsqd_process(executable, *flags) as addresses:
+        yield addresses.tcp_address

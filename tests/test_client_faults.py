@@ -275,7 +275,9 @@ async def test_a_dropped_consumer_reconnects_with_growing_delays_then_resumes() 
     inbox = Inbox()
     async with (
         FakeNsqd(serve) as nsqd,
-        Consumer(TOPIC, "ch", inbox, nsqd_tcp_addresses=[nsqd.address], max_reconnect_interval=0.4) as consumer,
+        Consumer(
+            TOPIC, "ch", inbox, nsqd_tcp_addresses=[nsqd.address], options=ConnectionOptions(max_reconnect_interval=0.4)
+        ) as consumer,
     ):
         (await inbox.next()).fin()  # the fake checks the FIN
         assert list(consumer.connections) == [nsqd.address]

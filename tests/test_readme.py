@@ -5,6 +5,7 @@ import io
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,42 @@ def test_quick_start_runs_as_written(almanet_broker: BrokerAddresses, tmp_path: 
         service.terminate()
         assert service.wait(timeout=30) == 0
     assert caller.stdout.splitlines() == re.findall(r"#\s*(.+)$", caller_block, re.MULTILINE)
+
+
+SEED_README = Path(__file__).resolve().parent / "seed-README.md"
+SHARED_SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "almanet-README.md"
+
+
+def test_the_seed_readme_is_the_one_in_shared() -> None:
+    """tests/seed-README.md is a copy of the README almanet grew from (in ../shared/seed where it is laid)."""
+    if not SHARED_SEED_README.exists():
+        pytest.skip(f"{SHARED_SEED_README} is not here")
+    assert SEED_README.read_text() == SHARED_SEED_README.read_text()
+
+
+def test_the_seed_readme_runs_as_written(almanet_broker: BrokerAddresses, tmp_path: Path) -> None:
+    """The seed README's snippets, verbatim: its service in one process; its session, entered twice, in another."""
+    blocks = re.findall(r"```python\n(.*?)```", SEED_README.read_text(), re.DOTALL)
+    importing, new_service, exception, procedure, main, new_session, call, catch = blocks
+    address = repr(almanet_broker.tcp_address)
+    service = importing + new_service + exception + procedure + main
+    (tmp_path / "service.py").write_text(service.replace("<your nsqd tcp addresses>", address))
+    caller = "\n".join(
+        [
+            "import asyncio",
+            importing + new_session.replace("<your nsqd tcp addresses>", address),
+            "async def main():",
+            textwrap.indent(call + catch, "    "),
+            "asyncio.run(main())",
+        ]
+    )
+    (tmp_path / "caller.py").write_text(caller)
+    process = subprocess.Popen([sys.executable, "service.py"], cwd=tmp_path)
+    try:
+        called = subprocess.run(
+            [sys.executable, "caller.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True
+        )
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    assert called.stdout.splitlines() == ["Hello, Aidar!", 'during call net.example.greeting("guest"): denied']

@@ -7,7 +7,7 @@ two roles, ``lookupd`` nsqlookupd's ``/lookup``, ``output`` write coalescing.
 
 from almanet.nsq.connection import Connection, ConnectionOptions, Message
 from almanet.nsq.consumer import Consumer
-from almanet.nsq.errors import CommandError, FrameError, ProtocolError
+from almanet.nsq.errors import CommandError, FrameError, MessageTooBig, ProtocolError
 from almanet.nsq.producer import Producer
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Consumer",
     "FrameError",
     "Message",
+    "MessageTooBig",
     "Producer",
     "ProtocolError",
 ]

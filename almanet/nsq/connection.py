@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ from almanet._speedups.frames import (
     encode_touch,
 )
 from almanet._version import __version__
-from almanet.nsq.errors import CommandError, ProtocolError
+from almanet.nsq.errors import CommandError, MessageTooBig, ProtocolError
 from almanet.nsq.output import CoalescedOutput
 from almanet.nsq.protocol import (
     DEFAULT_MAX_BODY_SIZE,
@@ -54,16 +55,34 @@ logger = logging.getLogger("almanet.nsq")
 
 # Error frames nsqd sends without closing the connection; every other one is fatal.
 NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
+# nsqd's E_BAD_MESSAGE for a PUB, MPUB or DPUB message over its --max-msg-size.
+_TOO_BIG = re.compile(r"message too big (\d+) > (\d+)")
+
+# Messages bigger than this are published as a PUB of their own, never joined
+# into an MPUB: should nsqd refuse one as too big, no other message goes with it.
+# Sessions and services publish them apart from calls and replies (see
+# ``Session.publish_apart``), as nsqd also closes the connection that sent it.
+SEPARATE_PUBLISH_SIZE = 16 * 1024
 
 
 @dataclass(frozen=True)
 class ConnectionOptions:
-    """What a client tells nsqd in IDENTIFY, and its own limits.
+    """What a client tells nsqd in IDENTIFY, and its own limits and reconnection policy.
 
     Durations are seconds. ``msg_timeout`` None keeps nsqd's default;
     ``auth_secret`` is sent when nsqd says auth is required.
+
+    ``output_buffer_size`` -1 (the default) has nsqd write each message to
+    the socket at once. With a buffer (0: nsqd's default of 16 KiB, or 64
+    bytes up to nsqd's ``--max-output-buffer-size``), nsqd holds messages to
+    a consumer with RDY to spare until the buffer fills, it answers a
+    command, or ``output_buffer_timeout`` (None: nsqd's default of 250 ms)
+    ticks: fewer writes for nsqd, up to that long a wait for each message
+    when traffic is light.
+
     ``max_msg_size`` and ``max_body_size`` are nsqd's limits (its flags of
     those names): publishes beyond them are refused before they are sent.
+    ``max_reconnect_interval`` caps the backoff between reconnection attempts.
     """
 
     client_id: str = socket.gethostname().split(".")[0]
@@ -71,14 +90,25 @@ class ConnectionOptions:
     user_agent: str = f"almanet/{__version__}"
     heartbeat_interval: float = 30.0
     msg_timeout: float | None = None
-    output_buffer_size: int = 16 * 1024
-    output_buffer_timeout: float = 0.25
+    output_buffer_size: int = -1
+    output_buffer_timeout: float | None = None
     sample_rate: int = 0
-    auth_secret: bytes | None = None
+    auth_secret: str | bytes | None = None
     connect_timeout: float = 5.0
+    max_reconnect_interval: float = 1.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_msg_size: int = DEFAULT_MAX_MSG_SIZE
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+
+    def __post_init__(self) -> None:
+        if self.output_buffer_size != -1 and self.output_buffer_size < 0:
+            raise ValueError("output_buffer_size must be -1 (none), 0 (nsqd's default) or a size in bytes")
+        for name in ("connect_timeout", "max_reconnect_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("max_frame_size", "max_msg_size", "max_body_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
     def identify_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -88,9 +118,10 @@ class ConnectionOptions:
             "feature_negotiation": True,
             "heartbeat_interval": round(self.heartbeat_interval * 1000),
             "output_buffer_size": self.output_buffer_size,
-            "output_buffer_timeout": round(self.output_buffer_timeout * 1000),
             "sample_rate": self.sample_rate,
         }
+        if self.output_buffer_timeout is not None:
+            body["output_buffer_timeout"] = round(self.output_buffer_timeout * 1000)
         if self.msg_timeout is not None:
             body["msg_timeout"] = round(self.msg_timeout * 1000)
         return body
@@ -194,22 +225,25 @@ class _Publish:
                 waiter.set_exception(error)
 
 
-def check_message(options: ConnectionOptions, topic: str, body: bytes) -> None:
-    """Raise what publishing ``body`` to ``topic`` would: ``ValueError`` or ``TypeError``, before anything is sent."""
+def check_message(topic: str, body: bytes, max_msg_size: int) -> None:
+    """Raise what publishing ``body`` to ``topic`` would, before anything is sent.
+
+    ``ValueError`` (``MessageTooBig`` over ``max_msg_size``) or ``TypeError``.
+    """
     encode_pub(topic, body)
-    if len(body) > options.max_msg_size:
-        raise ValueError(f"a message of {len(body)} bytes exceeds max_msg_size ({options.max_msg_size})")
+    if len(body) > max_msg_size:
+        raise MessageTooBig(len(body), max_msg_size)
 
 
-def encode_batch(options: ConnectionOptions, topic: str, bodies: Sequence[bytes]) -> bytes:
-    """The MPUB of ``bodies``; ``ValueError`` or ``TypeError`` for what nsqd would refuse."""
+def encode_batch(topic: str, bodies: Sequence[bytes], max_msg_size: int, max_body_size: int) -> bytes:
+    """The MPUB of ``bodies``; ``ValueError`` (``MessageTooBig``) or ``TypeError`` for what nsqd would refuse."""
     command = encode_mpub(topic, bodies)
     for body in bodies:
-        if len(body) > options.max_msg_size:
-            raise ValueError(f"a message of {len(body)} bytes exceeds max_msg_size ({options.max_msg_size})")
+        if len(body) > max_msg_size:
+            raise MessageTooBig(len(body), max_msg_size)
     body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in bodies)
-    if body_size > options.max_body_size:
-        raise ValueError(f"the batch of {body_size} bytes exceeds max_body_size ({options.max_body_size})")
+    if body_size > max_body_size:
+        raise ValueError(f"the batch of {body_size} bytes exceeds max_body_size ({max_body_size})")
     return command
 
 
@@ -234,6 +268,7 @@ class Connection(asyncio.Protocol):
         self.negotiated: dict[str, Any] = {}
         self.in_flight = 0  # messages received and not answered yet
         self.ready_count = 0  # the last RDY sent
+        self.max_msg_size = options.max_msg_size  # lowered to what nsqd says when it refuses a message as too big
         self._loop = asyncio.get_running_loop()
         self._frames = FrameReader(options.max_frame_size)
         self._output = CoalescedOutput(self._loop, self._send_publishes)
@@ -290,7 +325,8 @@ class Connection(asyncio.Protocol):
         if self.negotiated.get("auth_required"):
             if self.options.auth_secret is None:
                 raise ConnectionError(f"nsqd at {self.address} requires AUTH and no auth_secret is configured")
-            answer = await self.request(encode_auth(self.options.auth_secret))
+            secret = self.options.auth_secret
+            answer = await self.request(encode_auth(secret.encode() if isinstance(secret, str) else secret))
             self.negotiated["auth"] = self._json_answer("AUTH", answer)
         self._arm_liveness()
 
@@ -396,10 +432,16 @@ class Connection(asyncio.Protocol):
 
     def _receive_error(self, data: bytes) -> None:
         code, _, description = data.decode("utf-8", "replace").partition(" ")
-        error = CommandError(code, description)
+        error: Exception = CommandError(code, description)
         if code in NON_FATAL_ERRORS:
             logger.warning("nsqd at %s: %s", self.address, error)
             return
+        too_big = _TOO_BIG.search(description) if code == "E_BAD_MESSAGE" else None
+        if too_big is not None:
+            size, limit = int(too_big.group(1)), int(too_big.group(2))
+            self.max_msg_size = min(self.max_msg_size, limit)
+            error = MessageTooBig(size, limit, refused_by=self.address)
+            error.__cause__ = CommandError(code, description)
         # A fatal error answers the oldest command; nsqd closes the connection after it.
         if self._answers:
             answer = self._answers.popleft()
@@ -437,17 +479,18 @@ class Connection(asyncio.Protocol):
         """Publish ``body`` to ``topic`` (DPUB after ``delay`` seconds); ``answer`` gets nsqd's answer.
 
         Publishes to one topic in one loop iteration join one MPUB, split at
-        max_body_size: an MPUB nsqd refuses fails every publish in it. Bad
-        arguments raise ``ValueError`` or ``TypeError`` at once.
+        max_body_size: an MPUB nsqd refuses fails every publish in it (so
+        messages over ``SEPARATE_PUBLISH_SIZE`` go alone). Bad arguments raise
+        ``ValueError`` (``MessageTooBig``) or ``TypeError`` at once.
         """
         size = len(body)
-        if size > self.options.max_msg_size:
-            raise ValueError(f"a message of {size} bytes exceeds max_msg_size ({self.options.max_msg_size})")
+        if size > self.max_msg_size:
+            raise MessageTooBig(size, self.max_msg_size)
         if not self.is_open:
-            check_message(self.options, topic, body)
+            check_message(topic, body, self.max_msg_size)
             answer.set_exception(ConnectionError(f"connection to nsqd at {self.address} is closed"))
             return
-        joined = None if delay else self._open_publishes.get(topic)
+        joined = None if delay or size > SEPARATE_PUBLISH_SIZE else self._open_publishes.get(topic)
         if joined is not None and joined.body_size + _MPUB_SIZE_FIELD + size <= self.options.max_body_size:
             if type(body) is not bytes or not size:
                 encode_pub(topic, body)  # raises as it would for the first body
@@ -457,6 +500,8 @@ class Connection(asyncio.Protocol):
             return
         if delay:
             publish = _Publish(topic, encode_dpub(topic, round(delay * 1000), body))
+        elif size > SEPARATE_PUBLISH_SIZE:
+            publish = _Publish(topic, encode_pub(topic, body))
         else:
             publish = self._open_publishes[topic] = _Publish(topic, encode_pub(topic, body), body)
         publish.waiters.append(answer)
@@ -465,7 +510,7 @@ class Connection(asyncio.Protocol):
 
     def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: AnswerWaiter) -> None:
         """Publish ``bodies`` in one MPUB of their own: all of them or none; later publishes to the topic follow it."""
-        publish = _Publish(topic, encode_batch(self.options, topic, bodies))
+        publish = _Publish(topic, encode_batch(topic, bodies, self.max_msg_size, self.options.max_body_size))
         publish.waiters.append(answer)
         self._open_publishes.pop(topic, None)  # in publish order: what comes next does not join an MPUB before it
         self._publishes.append(publish)

@@ -68,7 +68,6 @@ class Consumer:
         backoff: bool = False,
         backoff_unit: float = 1.0,
         max_backoff: float = 120.0,
-        max_reconnect_interval: float = 15.0,
     ) -> None:
         check_name("topic", topic)
         check_name("channel", channel)
@@ -94,7 +93,6 @@ class Consumer:
         self._backoff_enabled = backoff
         self._backoff_unit = backoff_unit
         self._max_backoff = max_backoff
-        self._max_reconnect_interval = max_reconnect_interval
         self._backoff_level = 0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._probing = False
@@ -256,7 +254,7 @@ class Consumer:
                     # on its side: retried as well, and told louder.
                     level = logging.DEBUG if isinstance(error, ConnectionError) else logging.WARNING
                     logger.log(level, "reconnecting to %s: %s", address, error)
-                    delay = min(delay * 2, self._max_reconnect_interval)
+                    delay = min(delay * 2, self.options.max_reconnect_interval)
         finally:
             self._reconnecting.discard(address)
 

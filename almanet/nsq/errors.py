@@ -13,6 +13,10 @@
         ``description`` are the ones nsqd uses; ``data`` is the payload of the
         error frame to send before closing the connection.
 
+``MessageTooBig`` (a ``ValueError``, not a ``ProtocolError``)
+    A message is larger than nsqd takes (its ``--max-msg-size``): refused
+    before it is sent, or by nsqd.
+
 A plain ``ProtocolError`` from the command parser (a command line longer than
 nsqd's read buffer, a connection closed mid-command) closes the connection
 without an error frame, as nsqd does.
@@ -39,6 +43,16 @@ class CommandError(ProtocolError):
     def data(self) -> bytes:
         """The error frame's payload: ``E_CODE description``, raw bytes preserved."""
         return str(self).encode("utf-8", "surrogateescape")
+
+
+class MessageTooBig(ValueError):
+    """A message larger than nsqd's ``--max-msg-size`` (``limit``): refused before it is sent, or by nsqd."""
+
+    def __init__(self, size: int, limit: int, *, refused_by: str = "") -> None:
+        where = f"nsqd at {refused_by} refused it" if refused_by else "not sent"
+        super().__init__(f"a message of {size} bytes exceeds max_msg_size ({limit}): {where}")
+        self.size = size
+        self.limit = limit
 
 
 def wire_text(raw: bytes) -> str:

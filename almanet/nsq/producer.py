@@ -31,6 +31,7 @@ class Producer:
             raise ValueError("a producer needs at least one nsqd address")
         self.addresses = list(nsqd_tcp_addresses)
         self.options = options or ConnectionOptions()
+        self.max_msg_size = self.options.max_msg_size  # lowered to what nsqd says when it refuses a message
         self._connection: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
         self._next_address = 0
@@ -64,7 +65,7 @@ class Producer:
         if connection is not None and connection.is_open and not self._unsent and not self._closed:
             connection.publish(topic, body, answer, delay=delay)
             return
-        check_message(self.options, topic, body)
+        check_message(topic, body, self._known_max_msg_size())
         self._send_when_connected(
             functools.partial(Connection.publish, topic=topic, body=body, answer=answer, delay=delay), answer
         )
@@ -77,11 +78,17 @@ class Producer:
             connection.publish_batch(topic, bodies, answer)
         else:
             batch = list(bodies)
-            encode_batch(self.options, topic, batch)  # checks the arguments now
+            encode_batch(topic, batch, self._known_max_msg_size(), self.options.max_body_size)  # checks them now
             self._send_when_connected(
                 functools.partial(Connection.publish_batch, topic=topic, bodies=batch, answer=answer), answer
             )
         return answer
+
+    def _known_max_msg_size(self) -> int:
+        """nsqd's --max-msg-size as far as known: the option, or less if nsqd refused a message as too big."""
+        if self._connection is not None:
+            self.max_msg_size = min(self.max_msg_size, self._connection.max_msg_size)
+        return self.max_msg_size
 
     def _send_when_connected(self, send: Callable[[Connection], None], answer: AnswerWaiter) -> None:
         if self._closed:
@@ -163,6 +170,7 @@ class Producer:
             if self._closed:  # while connecting
                 await connection.close()
                 raise ConnectionError("the producer is closed")
+            connection.max_msg_size = self._known_max_msg_size()
             if offset:
                 logger.warning("publishing to %s (failed over: %s)", address, "; ".join(errors))
             self._next_address = index
