@@ -36,19 +36,32 @@ def test_example_runs_and_prints_what_it_says(section: str) -> None:
 def test_quick_start_runs_as_written(almanet_broker: BrokerAddresses, tmp_path: Path) -> None:
     """The service and the caller, each in a process, on the test's broker instead of 127.0.0.1:4150."""
     service_block, caller_block = python_blocks("## Quick start")
-    for name, block in (("microservice.py", service_block), ("caller.py", caller_block)):
+    for block in (service_block, caller_block):
         assert "127.0.0.1:4150" in block
-        (tmp_path / name).write_text(block.replace("127.0.0.1:4150", almanet_broker.tcp_address))
-    service = subprocess.Popen([sys.executable, "microservice.py"], cwd=tmp_path)
+    printed = run_service_and_caller(
+        tmp_path,
+        service_block.replace("127.0.0.1:4150", almanet_broker.tcp_address),
+        caller_block.replace("127.0.0.1:4150", almanet_broker.tcp_address),
+    )
+    assert printed == re.findall(r"#\s*(.+)$", caller_block, re.MULTILINE)
+
+
+def run_service_and_caller(directory: Path, service: str, caller: str) -> list[str]:
+    """Run the ``service`` script until the ``caller`` script is done, each in a process; what the caller printed.
+
+    A call made before the service subscribes waits in the procedure's topic.
+    """
+    (directory / "service.py").write_text(service)
+    (directory / "caller.py").write_text(caller)
+    process = subprocess.Popen([sys.executable, "service.py"], cwd=directory)
     try:
-        # The call waits in the procedure's topic until the service subscribes.
-        caller = subprocess.run(
-            [sys.executable, "caller.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True
+        called = subprocess.run(
+            [sys.executable, "caller.py"], cwd=directory, capture_output=True, text=True, timeout=60, check=True
         )
     finally:
-        service.terminate()
-        assert service.wait(timeout=30) == 0
-    assert caller.stdout.splitlines() == re.findall(r"#\s*(.+)$", caller_block, re.MULTILINE)
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    return called.stdout.splitlines()
 
 
 SEED_README = Path(__file__).resolve().parent / "seed-README.md"
@@ -68,23 +81,18 @@ def test_the_seed_readme_runs_as_written(almanet_broker: BrokerAddresses, tmp_pa
     importing, new_service, exception, procedure, main, new_session, call, catch = blocks
     address = repr(almanet_broker.tcp_address)
     service = importing + new_service + exception + procedure + main
-    (tmp_path / "service.py").write_text(service.replace("<your nsqd tcp addresses>", address))
     caller = "\n".join(
         [
             "import asyncio",
-            importing + new_session.replace("<your nsqd tcp addresses>", address),
+            importing + new_session,
             "async def main():",
             textwrap.indent(call + catch, "    "),
             "asyncio.run(main())",
         ]
     )
-    (tmp_path / "caller.py").write_text(caller)
-    process = subprocess.Popen([sys.executable, "service.py"], cwd=tmp_path)
-    try:
-        called = subprocess.run(
-            [sys.executable, "caller.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True
-        )
-    finally:
-        process.terminate()
-        assert process.wait(timeout=30) == 0
-    assert called.stdout.splitlines() == ["Hello, Aidar!", 'during call net.example.greeting("guest"): denied']
+    printed = run_service_and_caller(
+        tmp_path,
+        service.replace("<your nsqd tcp addresses>", address),
+        caller.replace("<your nsqd tcp addresses>", address),
+    )
+    assert printed == ["Hello, Aidar!", 'during call net.example.greeting("guest"): denied']
