@@ -36,11 +36,15 @@ demo: $(INSTALLED)
 
 # pytest-benchmark's micro and client benchmarks, then `almanet bench` (end to
 # end, beside NATS: nats-server comes from Debian's package when apt-get can).
+# Both measure nsqd beside the embedded broker when they find it: nsqd and NSQ's
+# Go bench clients come from ../shared/nsq when it is there, as in .ci/run.
+SHARED_NSQ := $(abspath ../shared/nsq)
+bench: export PATH := $(if $(wildcard $(SHARED_NSQ)/nsqd),$(SHARED_NSQ):)$(PATH)
 bench: $(INSTALLED)
 	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
 	@command -v nats-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && apt-get install -y -qq nats-server >/dev/null; } || \
-		echo "nats-server is not installed: the bench leaves the NATS column empty"
+		echo "nats-server is not installed: the bench leaves the NATS and JetStream columns empty"
 	$(BIN)/almanet bench
 
 # Builds a wheel with each CPython 3.10-3.13 under pyenv, installs it into a

@@ -56,16 +56,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply (default: 10)")
     bench = commands.add_parser(
         "bench",
-        help="measure almanet end to end, beside NATS request/reply and the ansq RPC baseline",
+        help="measure almanet end to end on the embedded broker and nsqd, beside NATS and NSQ's Go clients",
         description="Runs every workload with its service and client in processes of their own, on the embedded "
-        "broker (or the nsqd given) and, when installed, a nats-server it starts; prints one table.",
+        "broker and on nsqd (ALMANET_NSQD or nsqd on PATH, started on free ports; or the running one --nsqd "
+        "names), beside NATS request/reply and JetStream on a nats-server it starts when installed, and NSQ's Go "
+        "bench_writer and bench_reader when found (ALMANET_NSQ_BENCH, beside nsqd or on PATH); prints one table.",
     )
-    bench.add_argument("--nsqd", metavar="HOST:PORT", help="an nsqd to use instead of the embedded broker")
+    bench.add_argument("--nsqd", metavar="HOST:PORT", help="a running nsqd to measure instead of starting one")
+    bench.add_argument("--nsqd-http", metavar="HOST:PORT", help="that nsqd's HTTP address (default: its TCP port + 1)")
     bench.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
     bench.add_argument(
         "--pure", action="store_true", help="run almanet with ALMANET_NO_EXTENSIONS=1 (default: compiled)"
     )
-    bench.add_argument("--scale", type=float, default=1.0, help="multiplies every message count (default: 1)")
+    bench.add_argument(
+        "--scale", type=float, default=1.0, help="multiplies every message count and run time (default: 1)"
+    )
+    bench.add_argument(
+        "--rounds", type=int, default=5, help="times each workload is measured; the table gives the median (default: 5)"
+    )
     for command, default in ((broker, "info"), (serve, "info"), (call, "warn"), (bench, "warn")):
         command.add_argument(
             "--log-level", choices=list(_LOG_LEVELS), default=default, help=f"log level (default: {default})"
@@ -84,11 +92,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(error))
         asyncio.run(server.serve_until_signal())
     elif args.command == "bench":
-        if importlib.util.find_spec("ansq") is None:
-            parser.error("almanet bench measures the ansq baseline too: pip install 'almanet[bench]'")
+        if args.rounds < 1 or args.scale <= 0:
+            parser.error("--rounds must be at least 1 and --scale above 0")
         from almanet.bench.runner import Settings, run
 
-        print(run(Settings(nsqd=args.nsqd, loop=args.loop, pure=args.pure, scale=args.scale)))
+        print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds)))
     elif args.command == "serve":
         _load_service(parser, args.service).serve(args.loop)
     else:

@@ -21,17 +21,14 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from almanet.broker import Broker
+from almanet.broker.nsqd import find_nsqd, nsqd_process
 
 NSQD_NOT_FOUND = (
     "nsqd not found (ALMANET_NSQD, ALMANET_TEST_NSQD or PATH): broker tests run on the embedded broker only"
@@ -45,19 +42,13 @@ class BrokerAddresses:
     embedded: bool  # False for nsqd
 
 
-def find_nsqd() -> str | None:
-    """The nsqd binary to start: ``ALMANET_NSQD``, else ``nsqd`` on ``PATH``; None when there is none."""
-    named = os.environ.get("ALMANET_NSQD")
-    if named:
-        if not os.access(named, os.X_OK):
-            raise pytest.UsageError(f"ALMANET_NSQD={named} is not an executable")
-        return named
-    return shutil.which("nsqd")
-
-
 def brokers_available() -> list[str]:
     """``embedded``, and ``nsqd`` when one is running or can be started."""
-    if os.environ.get("ALMANET_TEST_NSQD") or find_nsqd():
+    try:
+        executable = find_nsqd()
+    except RuntimeError as error:
+        raise pytest.UsageError(str(error)) from None
+    if os.environ.get("ALMANET_TEST_NSQD") or executable:
         return ["embedded", "nsqd"]
     return ["embedded"]
 
@@ -82,51 +73,6 @@ def broker_in_thread(**settings: Any) -> Iterator[Broker]:
 
 
 @contextlib.contextmanager
-def nsqd_process(executable: str, *flags: str, startup_timeout: float = 10.0) -> Iterator[BrokerAddresses]:
-    """nsqd started on free loopback ports with a temporary data path (and ``flags``); stopped on exit."""
-    with tempfile.TemporaryDirectory(prefix="almanet-nsqd-") as data_path:
-        process = subprocess.Popen(
-            [executable, "-tcp-address=127.0.0.1:0", "-http-address=127.0.0.1:0", "-broadcast-address=127.0.0.1",
-             f"-data-path={data_path}", *flags],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert process.stderr is not None
-            tcp, http = _listening_addresses(process, process.stderr, startup_timeout)
-            # Its log goes on being read, so that it never blocks writing it.
-            threading.Thread(target=process.stderr.read, name="nsqd-log", daemon=True).start()
-            yield BrokerAddresses(tcp, http, embedded=False)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _listening_addresses(process: subprocess.Popen[str], log: IO[str], timeout: float) -> tuple[str, str]:
-    """The TCP and HTTP addresses nsqd logs it listens on (``TCP: listening on 127.0.0.1:39693``)."""
-    found: dict[str, str] = {}
-    lines: list[str] = []
-    timer = threading.Timer(timeout, process.kill)  # a read that never ends ends with the process
-    timer.start()
-    started = time.monotonic()
-    try:
-        for line in log:
-            lines.append(line)
-            for kind in ("TCP", "HTTP"):
-                if f"{kind}: listening on " in line:
-                    found[kind] = line.rsplit(" ", 1)[1].strip()
-            if len(found) == 2:
-                return found["TCP"], found["HTTP"]
-    finally:
-        timer.cancel()
-    waited = time.monotonic() - started
-    raise RuntimeError(f"nsqd did not start within {waited:.1f} s:\n{''.join(lines[-20:])}")
-
-
-@contextlib.contextmanager
 def running_broker(kind: str) -> Iterator[BrokerAddresses]:
     """The broker ``kind`` (``embedded`` or ``nsqd``) running, as ``almanet_broker`` yields it."""
     if kind == "embedded":
@@ -144,8 +90,8 @@ def running_broker(kind: str) -> Iterator[BrokerAddresses]:
         return
     executable = find_nsqd()
     assert executable is not None
-    with nsqd_process(executable) as addresses:
-        yield addresses
+    with nsqd_process(executable) as (tcp, http):
+        yield BrokerAddresses(tcp, http, embedded=False)
 
 
 @pytest.fixture(scope="session", params=brokers_available())

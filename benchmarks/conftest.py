@@ -1,68 +1,47 @@
-"""After pytest-benchmark's tables, the ratios the issues set targets on.
+"""The brokers the client benchmarks run on; after pytest-benchmark's tables, the ratios the issues set targets on.
+
+``bench_broker`` is almanet's embedded broker in a process of its own, then
+nsqd when there is one: the running one ``ALMANET_TEST_NSQD=host:port`` names
+(its HTTP address ``ALMANET_TEST_NSQD_HTTP``, else its TCP port + 1), else the
+binary ``ALMANET_NSQD`` names or ``nsqd`` on ``PATH``, started on free loopback
+ports (``almanet.bench.brokers``, as ``almanet bench`` does). A benchmark that
+takes it runs on each broker; its id names the broker.
 
 Each benchmark group compares implementations of one workload; the summary
 prints how many times faster each one is than every slower one, by median,
 and the message rates of the benchmarks that record one.
 """
 
-import contextlib
-import dataclasses
-import itertools
 import os
-import subprocess
-import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from itertools import combinations
 
 import pytest
 
-
-@dataclasses.dataclass
-class BenchBroker:
-    """The broker under test: an embedded broker in a process of its own, or nsqd given by ALMANET_TEST_NSQD."""
-
-    name: str
-    tcp_address: str
-    http_address: str
-    _topics: list[str] = dataclasses.field(default_factory=list)
-
-    def fresh_topic(self) -> str:
-        """A new topic name; the topics handed out before are deleted, so rounds start from the same state."""
-        while self._topics:
-            query = urllib.parse.urlencode({"topic": self._topics.pop()})
-            request = urllib.request.Request(f"http://{self.http_address}/topic/delete?{query}", method="POST")
-            with contextlib.suppress(urllib.error.HTTPError):  # never created
-                urllib.request.urlopen(request, timeout=10).close()
-        topic = f"bench.{os.getpid()}.{next(_topic_numbers)}"
-        self._topics.append(topic)
-        return topic
+from almanet.bench import brokers
+from almanet.broker.nsqd import find_nsqd
 
 
-_topic_numbers = itertools.count()
+def _broker_names() -> list[str]:
+    if os.environ.get("ALMANET_TEST_NSQD") or find_nsqd():
+        return ["embedded", "nsqd"]
+    return ["embedded"]
 
 
-@pytest.fixture(scope="session")
-def bench_broker() -> Iterator[BenchBroker]:
-    external = os.environ.get("ALMANET_TEST_NSQD")
-    if external:
-        yield BenchBroker("nsqd", external, os.environ["ALMANET_TEST_NSQD_HTTP"])
+@pytest.fixture(scope="session", params=_broker_names())
+def bench_broker(request: pytest.FixtureRequest) -> Iterator[brokers.Broker]:
+    if request.param == "embedded":
+        with brokers.embedded_broker() as broker:
+            yield broker
         return
-    process = subprocess.Popen(
-        [sys.executable, "-m", "almanet", "broker", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    listening = (line for line in process.stderr if "listening on" in line)
-    addresses = [next(listening).rsplit(" ", 1)[1].strip() for _ in ("TCP", "HTTP")]
-    try:
-        yield BenchBroker("embedded", *addresses)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    running = os.environ.get("ALMANET_TEST_NSQD")
+    if running:
+        yield brokers.running_nsqd(running, os.environ.get("ALMANET_TEST_NSQD_HTTP"))
+        return
+    executable = find_nsqd()
+    assert executable is not None
+    with brokers.nsqd(executable) as broker:
+        yield broker
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -1,4 +1,4 @@
-"""almanet's NSQ client against ansq (issue 4), through the same broker in its own process.
+"""almanet's NSQ client against ansq (issue 4), on each broker (see conftest.py) in its own process.
 
 Targets: publishing 200-byte messages with 64 publishes in flight >= 5x ansq
 with 64 in flight; batch publishing (MPUB x200) >= ansq's MPUB x200;
@@ -14,9 +14,9 @@ import ansq
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from almanet.bench.brokers import Broker
 from almanet.bench.workloads import windowed
 from almanet.nsq import Consumer, Message, Producer
-from conftest import BenchBroker
 
 BODY = b"x" * 200
 MESSAGES = 10_000  # nsqd's default mem-queue-size: no round spills to disk
@@ -99,8 +99,8 @@ CONSUMERS = {"almanet": consume_with_almanet, "ansq": consume_with_ansq}
 
 
 @pytest.mark.parametrize("client", PUBLISHERS)
-def test_publish_64_in_flight(benchmark: BenchmarkFixture, bench_broker: BenchBroker, client: str) -> None:
-    benchmark.group = f"publish {MESSAGES // 1000}k x 200 B, {IN_FLIGHT} in flight"
+def test_publish_64_in_flight(benchmark: BenchmarkFixture, bench_broker: Broker, client: str) -> None:
+    benchmark.group = f"publish {MESSAGES // 1000}k x 200 B, {IN_FLIGHT} in flight, {bench_broker.name}"
     publish = PUBLISHERS[client]
     benchmark.pedantic(
         lambda topic: asyncio.run(publish(bench_broker.tcp_address, topic, False)),
@@ -111,8 +111,8 @@ def test_publish_64_in_flight(benchmark: BenchmarkFixture, bench_broker: BenchBr
 
 
 @pytest.mark.parametrize("client", PUBLISHERS)
-def test_publish_batches(benchmark: BenchmarkFixture, bench_broker: BenchBroker, client: str) -> None:
-    benchmark.group = f"publish {MESSAGES // 1000}k x 200 B, MPUB x{BATCH}"
+def test_publish_batches(benchmark: BenchmarkFixture, bench_broker: Broker, client: str) -> None:
+    benchmark.group = f"publish {MESSAGES // 1000}k x 200 B, MPUB x{BATCH}, {bench_broker.name}"
     publish = PUBLISHERS[client]
     benchmark.pedantic(
         lambda topic: asyncio.run(publish(bench_broker.tcp_address, topic, True)),
@@ -123,9 +123,9 @@ def test_publish_batches(benchmark: BenchmarkFixture, bench_broker: BenchBroker,
 
 
 @pytest.mark.parametrize("client", CONSUMERS)
-def test_consume_with_fin(benchmark: BenchmarkFixture, bench_broker: BenchBroker, client: str) -> None:
+def test_consume_with_fin(benchmark: BenchmarkFixture, bench_broker: Broker, client: str) -> None:
     address = bench_broker.tcp_address
-    benchmark.group = f"consume {MESSAGES // 1000}k x 200 B, FIN each, RDY 2500"
+    benchmark.group = f"consume {MESSAGES // 1000}k x 200 B, FIN each, RDY 2500, {bench_broker.name}"
     consume = CONSUMERS[client]
     benchmark.pedantic(
         lambda topic: asyncio.run(consume(address, topic)),

@@ -16,9 +16,9 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 import almanet
 from almanet.bench import baseline
+from almanet.bench.brokers import Broker
 from almanet.bench.workers import service_process
 from almanet.bench.workloads import windowed
-from conftest import BenchBroker
 
 IN_FLIGHT = 256
 CALLS = 5_000
@@ -26,7 +26,7 @@ PAYLOAD = "x" * 100
 
 
 @pytest.fixture(scope="module")
-def services(bench_broker: BenchBroker) -> Iterator[dict[str, str]]:
+def services(bench_broker: Broker) -> Iterator[dict[str, str]]:
     """Both services running, each in its process: the name to call for each."""
     name = f"bench.rpc.{os.getpid()}"
     with (
@@ -51,9 +51,9 @@ CALLERS = {"almanet": call_with_almanet, "baseline": call_with_baseline}
 
 @pytest.mark.parametrize("client", CALLERS)
 def test_rpc_256_in_flight(
-    benchmark: BenchmarkFixture, bench_broker: BenchBroker, services: dict[str, str], client: str
+    benchmark: BenchmarkFixture, bench_broker: Broker, services: dict[str, str], client: str
 ) -> None:
-    benchmark.group = f"RPC, {IN_FLIGHT} in flight, calls per second"
+    benchmark.group = f"RPC, {IN_FLIGHT} in flight, calls per second, {bench_broker.name}"
     calls = CALLS
     caller = CALLERS[client]
     benchmark.pedantic(lambda: asyncio.run(caller(bench_broker.tcp_address, services[client], calls)), rounds=3)

@@ -22,7 +22,8 @@ import pytest
 from hypothesis import strategies as st
 
 from almanet._speedups import NO_EXTENSIONS
-from almanet.pytest_plugin import BrokerAddresses, broker_in_thread, find_nsqd, nsqd_process
+from almanet.broker.nsqd import find_nsqd, nsqd_process
+from almanet.pytest_plugin import BrokerAddresses, broker_in_thread
 
 pytest_plugins = ["pytester"]
 
@@ -135,5 +136,5 @@ def broker_of_kind(kind: str, tcp_address: str = "127.0.0.1:0", *, max_msg_size:
     if executable is None:
         pytest.skip("nsqd is named by ALMANET_TEST_NSQD only: this test starts its own")
     flags = [f"-tcp-address={tcp_address}"] + ([] if max_msg_size is None else [f"-max-msg-size={max_msg_size}"])
-    with nsqd_process(executable, *flags) as addresses:
-        yield addresses.tcp_address
+    with nsqd_process(executable, *flags) as (tcp_address, _):
+        yield tcp_address

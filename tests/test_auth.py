@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import almanet
-from almanet.pytest_plugin import find_nsqd, nsqd_process
+from almanet.broker.nsqd import find_nsqd, nsqd_process
 
 pytestmark = pytest.mark.asyncio
 
@@ -60,8 +60,8 @@ def nsqd_with_auth() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with nsqd_process(executable, f"-auth-http-address=127.0.0.1:{server.server_port}") as addresses:
-            yield addresses.tcp_address
+        with nsqd_process(executable, f"-auth-http-address=127.0.0.1:{server.server_port}") as (tcp_address, _):
+            yield tcp_address
     finally:
         server.shutdown()
         server.server_close()

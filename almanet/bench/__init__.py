@@ -1,6 +1,8 @@
-"""End-to-end benchmarks: workloads that ``almanet bench`` and ``benchmarks/`` run.
+"""End-to-end benchmarks: what ``almanet bench`` runs, and what ``benchmarks/`` shares with it.
 
-``workers`` runs a service (almanet's, or the baseline's) in a process of its
-own; ``baseline`` is the RPC design almanet replaced (ansq transport, JSON
-envelope, one future per call id), kept to measure against.
+``runner`` measures and prints the table; ``brokers`` starts the brokers
+(embedded, nsqd, nats-server); ``workers`` runs a service or a workload
+(``workloads``) in a process of its own; ``go_clients`` runs NSQ's Go bench
+clients; ``baseline`` is the RPC design almanet replaced (ansq transport, JSON
+envelope, one future per call id), which ``benchmarks/`` still measure against.
 """

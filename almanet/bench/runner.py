@@ -1,9 +1,14 @@
-"""``almanet bench``: almanet end to end, side by side with NATS request/reply and the ansq RPC baseline.
+"""``almanet bench``: almanet end to end on the embedded broker and on nsqd, beside NATS and NSQ's Go clients.
 
-It starts the broker (the embedded one, or uses the nsqd it is given) and,
-when ``nats-server`` and nats-py are installed, a nats-server on a free
-loopback port. Each workload runs its service and its client in processes of
-their own (``workers``); every figure in the table is measured in this run.
+It starts almanet's embedded broker, nsqd when it finds it (``ALMANET_NSQD``,
+else ``nsqd`` on ``PATH``; or it uses the running one ``--nsqd`` names) and,
+when nats-server and nats-py are installed, a nats-server with JetStream, each
+on free loopback ports. Every workload runs its service and its client in
+processes of their own (``workers``), ``rounds`` times, the brokers taking
+turns within a round, so that a machine whose speed drifts shifts them all
+alike; the table gives the median round (latency percentiles: of all rounds'
+calls). NSQ's Go clients (``go_clients``) measure what each broker gives a
+client that costs next to nothing. Every figure is measured in this run.
 """
 
 from __future__ import annotations
@@ -15,182 +20,307 @@ import importlib.metadata
 import itertools
 import os
 import platform
-import shutil
-import socket
+import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
-from almanet.bench.workers import measure, service_process, stop, wait_for_line
+from almanet.bench import brokers
+from almanet.bench.go_clients import GoClients, find_go_clients
+from almanet.bench.workers import measure, service_process
+from almanet.bench.workloads import STRESS_CALLS
+from almanet.broker.nsqd import find_nsqd
+
+# The table's columns of figures: almanet on each broker, then the NATS peers.
+EMBEDDED, NSQD, NATS, JETSTREAM = "embedded", "nsqd", "NATS", "JetStream"
+PAYLOADS = {7: "7 B", 1024: "1 KiB"}  # RPC payload sizes
+RPC_WINDOW = 256  # calls in flight
+MESSAGE_SIZE = 200  # bytes of every produced and consumed message
+PUBLISH_WINDOW = 64  # produce() and JetStream publishes in flight
+GO_BATCH = 200  # bench_writer's MPUB size, as produce_batch()'s
+CONSUME_WINDOW = 2500  # most messages in flight to a consumer: bench_reader's RDY, almanet's max_in_flight
+# Messages (or calls) per round at --scale 1: each workload takes a second or two on a 2-core machine.
+COUNTS = {
+    "rpc sequential": 2_000,
+    "rpc in flight": 40_000,
+    "produce": 200_000,
+    "produce_batch": 400_000,
+    "consume": 400_000,
+    "jetstream publish": 30_000,
+    "jetstream consume": 50_000,
+}
+GO_WRITER_SECONDS = 2.0
+GO_READER_SECONDS = 1.5  # shorter than the writer's run, so that the reader does not run out of messages
+WITHIN = 1.5  # the embedded broker's figures should be within this factor of nsqd's
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    nsqd: str | None  # host:port of an external nsqd; None starts the embedded broker
+    nsqd: str | None  # host:port of a running nsqd; None starts one when it is found
+    nsqd_http: str | None  # that nsqd's HTTP host:port; None: its TCP port + 1
     loop: str  # asyncio or uvloop
     pure: bool  # ALMANET_NO_EXTENSIONS for every almanet process
-    scale: float  # multiplies every message count
+    scale: float  # multiplies every message count and the Go clients' run time
+    rounds: int  # each workload is measured this many times
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What almanet's figure must be: at most or at least ``bound``, times ``reference``'s figure if any."""
+
+    bound: float
+    at_most: bool  # latencies and durations: at most; throughputs: at least
+    reference: str = ""  # NATS (same row), bench_writer or bench_reader (their rows, same broker); "": absolute
+
+    def __str__(self) -> str:
+        if self.reference:
+            return f"{'<=' if self.at_most else '>='} {self.bound:.1f}x {self.reference}"
+        return f"< {self.bound:g} s"
+
+
+@dataclasses.dataclass(frozen=True)
 class Row:
     workload: str
     unit: str
-    target: str = ""  # what almanet's ratio to NATS (or to the baseline) should be
-    almanet: float | None = None
-    nats: float | None = None
-    baseline: float | None = None
+    figure: str  # the measured figure the row shows
+    percentile: float | None = None  # of the figure's latencies; None: the median round
+    target: Target | None = None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def embedded_broker(env: dict[str, str]) -> Iterator[str]:
-    """``almanet broker`` on a free port, with room for every workload's messages in memory (nsqd uses disk)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "almanet", "broker", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0",
-         "--mem-queue-size=10000000"],
-        stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        listening = wait_for_line(process, process.stderr, lambda line: "TCP: listening on" in line)
-        # Its log goes on being read, so that it never blocks writing it.
-        threading.Thread(target=process.stderr.read, daemon=True).start()
-        yield listening.rsplit(" ", 1)[1].strip()
-    finally:
-        stop(process)
-
-
-@contextlib.contextmanager
-def nats_server() -> Iterator[str | None]:
-    """A nats-server on a free loopback port, or None when nats-server or nats-py is missing."""
-    executable = shutil.which("nats-server")
-    try:
-        importlib.metadata.version("nats-py")
-    except importlib.metadata.PackageNotFoundError:
-        executable = None
-    if executable is None:
-        yield None
-        return
-    port = _free_port()
-    process = subprocess.Popen([executable, "-a", "127.0.0.1", "-p", str(port)], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("nats-server did not start")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop(process)
+def rows(pure: bool) -> list[Row]:
+    """The table's rows; ``pure`` (every almanet process without extensions) leaves out the pure-only row."""
+    table = []
+    for size, shown in PAYLOADS.items():
+        for name, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            target = Target(1.0, at_most=True, reference=NATS) if name == "p50" else None
+            table.append(Row(f"RPC sequential {name}, {shown}", "µs", f"rpc sequential {size}", fraction, target))
+    for size, shown in PAYLOADS.items():
+        table.append(
+            Row(f"RPC, {RPC_WINDOW} calls in flight, {shown}", "calls/s", f"rpc in flight {size}",
+                target=Target(2.0, at_most=False, reference=NATS))
+        )  # fmt: skip
+    if not pure:
+        table.append(Row(f"RPC, {RPC_WINDOW} in flight, 7 B, ALMANET_NO_EXTENSIONS", "calls/s", "rpc in flight pure"))
+    table += [
+        Row(f"{STRESS_CALLS} sequential calls, total", "s", "stress sequential", target=Target(1.0, at_most=True)),
+        Row(f"{STRESS_CALLS} concurrent calls, total", "s", "stress concurrent", target=Target(1.0, at_most=True)),
+        Row(f"produce() {MESSAGE_SIZE} B, {PUBLISH_WINDOW} in flight (JetStream: acked publish)", "msgs/s",
+            "produce", target=Target(0.5, at_most=False, reference="bench_writer")),
+        Row(f"produce_batch() {MESSAGE_SIZE} B, x{GO_BATCH}", "msgs/s", "produce_batch"),
+        Row(f"NSQ Go bench_writer, MPUB x{GO_BATCH}", "msgs/s", "bench_writer"),
+        Row(f"consume {MESSAGE_SIZE} B, commit each (JetStream: pull, ack each)", "msgs/s", "consume",
+            target=Target(0.5, at_most=False, reference="bench_reader")),
+        Row(f"NSQ Go bench_reader, RDY {CONSUME_WINDOW}, FIN each", "msgs/s", "bench_reader"),
+    ]  # fmt: skip
+    return table
 
 
 def run(settings: Settings) -> str:
     """Measure every workload; the table as text."""
+    load_before = os.getloadavg()[0]  # other work on the machine moves the figures
     compiled_env = dict(os.environ, ALMANET_BENCH_LOOP=settings.loop)
     compiled_env.pop("ALMANET_NO_EXTENSIONS", None)
     pure_env = dict(compiled_env, ALMANET_NO_EXTENSIONS="1")
+    nsqd_executable = None if settings.nsqd else find_nsqd()
     with contextlib.ExitStack() as stack:
-        # The broker is not what --pure measures: it stays compiled.
-        nsqd = settings.nsqd or stack.enter_context(embedded_broker(compiled_env))
-        nats = stack.enter_context(nats_server())
-        bench = _Bench(settings.scale, nsqd, nats, pure_env if settings.pure else compiled_env)
-        rows = bench.rpc_latency() + bench.rpc_throughput()
-        if not settings.pure:
-            row = Row("RPC, 256 calls in flight, ALMANET_NO_EXTENSIONS", "calls/s")
-            row.almanet = bench.rpc("almanet", 256, 20_000, pure_env, " (pure)")
-            rows.append(row)
-        rows += bench.publish_and_consume()
-    return _table(rows, settings)
+        # The brokers are not what --pure measures: the embedded one stays compiled.
+        running = [stack.enter_context(brokers.embedded_broker(compiled_env))]
+        if settings.nsqd:
+            running.append(brokers.running_nsqd(settings.nsqd, settings.nsqd_http))
+        elif nsqd_executable:
+            running.append(stack.enter_context(brokers.nsqd(nsqd_executable)))
+        nats = stack.enter_context(brokers.nats_server()) if brokers.nats_available() else None
+        go_clients = find_go_clients(nsqd_executable)
+        bench = _Bench(settings, running, nats, go_clients, pure_env if settings.pure else compiled_env, pure_env)
+        bench.rpc()
+        bench.publish_and_consume()
+        for broker in running:
+            broker.delete_topics(brokers.name_prefix())  # on an nsqd that runs on, none of the bench's is left
+    notes = bench.notes
+    if not settings.nsqd and not nsqd_executable:
+        notes.append("nsqd: not found (set ALMANET_NSQD, put nsqd on PATH or give --nsqd host:port).")
+    if not nats:
+        notes.append("NATS: not measured (it needs nats-server on PATH, Debian package nats-server, and nats-py).")
+    if not go_clients:
+        notes.append("NSQ Go clients: not found (ALMANET_NSQ_BENCH, beside nsqd or on PATH).")
+    machine = _machine(settings, running, nats is not None, nsqd_executable, go_clients, load_before)
+    return _table(rows(settings.pure), bench.samples, notes, machine)
 
 
 class _Bench:
-    """The workloads of one run, each measured in processes of its own, with progress on stderr."""
+    """The workloads of one run, with progress on stderr; ``samples`` collects the figures of every round."""
 
-    def __init__(self, scale: float, nsqd: str, nats: str | None, env: dict[str, str]) -> None:
-        self.scale = scale
-        self.address = {"almanet": nsqd, "baseline": nsqd, "nats": nats}
-        self.systems = ["almanet", "nats", "baseline"] if nats else ["almanet", "baseline"]
+    def __init__(
+        self,
+        settings: Settings,
+        running: list[brokers.Broker],
+        nats: str | None,
+        go_clients: GoClients | None,
+        env: dict[str, str],
+        pure_env: dict[str, str],
+    ) -> None:
+        self.settings = settings
+        self.brokers = running
+        self.nats = nats
+        self.go_clients = go_clients
         self.env = env
+        self.pure_env = pure_env
+        self.samples: dict[tuple[str, str], list[Any]] = {}  # (figure, column): one entry per round
+        self.notes: list[str] = []
         self._names = itertools.count()
+        self._round = 0
         self._live = sys.stderr.isatty()
 
-    def _measure(self, label: str, system: str, workload: str, count: int, window: int, env: dict[str, str]) -> Any:
-        count = max(100, int(count * self.scale))
-        name = f"bench.{os.getpid()}.{next(self._names)}"
-        address = self.address[system]
-        assert address is not None
-        sys.stderr.write(f"  {label} ..." + ("" if self._live else "\n"))
+    def _name(self, kind: str) -> str:
+        """A name of its own for a service, or a NATS subject."""
+        return f"{brokers.name_prefix()}{kind}{next(self._names)}"
+
+    def _count(self, workload: str) -> int:
+        return max(100, int(COUNTS[workload] * self.settings.scale))
+
+    def _seconds(self, seconds: float) -> float:
+        return max(0.2, seconds * self.settings.scale)
+
+    def _rounds(self) -> Iterator[int]:
+        for number in range(self.settings.rounds):
+            self._round = number
+            yield number
+
+    def _record(self, column: str, label: str, measured: Callable[[], dict[str, Any]], **figures: str) -> None:
+        """Run ``measured``, with a progress line; keep what it returns under each key as the figure named."""
+        label = f"  round {self._round + 1}/{self.settings.rounds}, {label}, {column}"
+        sys.stderr.write(f"{label} ..." + ("" if self._live else "\n"))
         sys.stderr.flush()
         started = time.monotonic()
-        if workload == "rpc":
-            with service_process(system, address, name, env):
-                figures = measure(system, workload, address, name, count, window, env)
-        else:
-            figures = measure(system, workload, address, name, count, window, env)
-        result: Any = figures.get("per_second", figures.get("latencies_us"))
-        shown = _format(result) if isinstance(result, float) else f"p50 {_format(_percentile(result, 0.5))} µs"
-        line = f"  {label}: {shown} ({time.monotonic() - started:.1f} s)"
+        results = measured()
+        for key, figure in figures.items():
+            self.samples.setdefault((figure, column), []).append(results[key])
+        first = results[next(iter(figures))]
+        shown = f"p50 {_format(_percentile(first, 0.5))} µs" if isinstance(first, list) else _format(first)
+        line = f"{label}: {shown} ({time.monotonic() - started:.1f} s)"
         sys.stderr.write(("\r" + line + " " * 10 + "\n") if self._live else line + "\n")
-        return result
 
-    def rpc(self, system: str, window: int, count: int, env: dict[str, str] | None = None, note: str = "") -> float:
-        label = f"RPC {window} in flight, {system}{note}"
-        per_second: float = self._measure(label, system, "rpc", count, window, env or self.env)
-        return per_second
+    def rpc(self) -> None:
+        """RPC on every broker and on NATS: one service each (and one without extensions), serving every round."""
+        # (column, system, address, service name)
+        servers: list[tuple[str, str, str, str]] = []
+        pure_servers: list[tuple[str, str, str, str]] = []
+        with contextlib.ExitStack() as services:
+            for broker in self.brokers:
+                servers.append((broker.name, "almanet", broker.tcp_address, self._name("rpc")))
+                if not self.settings.pure:
+                    pure_servers.append((broker.name, "almanet", broker.tcp_address, self._name("rpc")))
+            if self.nats:
+                servers.append((NATS, "nats", self.nats, self._name("rpc")))
+            for env, started in ((self.env, servers), (self.pure_env, pure_servers)):
+                for _, system, address, name in started:
+                    services.enter_context(service_process(system, address, name, env))
+            for _ in self._rounds():
+                for size, shown in PAYLOADS.items():
+                    for column, system, address, name in servers:
+                        count = self._count("rpc sequential")
+                        self._record(
+                            column, f"RPC sequential {shown}",
+                            partial(measure, system, address, name, "rpc", count, 1, size, self.env),
+                            latencies_us=f"rpc sequential {size}",
+                        )  # fmt: skip
+                for size, shown in PAYLOADS.items():
+                    for column, system, address, name in servers:
+                        count = self._count("rpc in flight")
+                        self._record(
+                            column, f"RPC {RPC_WINDOW} in flight {shown}",
+                            partial(measure, system, address, name, "rpc", count, RPC_WINDOW, size, self.env),
+                            per_second=f"rpc in flight {size}",
+                        )  # fmt: skip
+                for column, system, address, name in pure_servers:
+                    count = self._count("rpc in flight")
+                    self._record(
+                        column, f"RPC {RPC_WINDOW} in flight 7 B, ALMANET_NO_EXTENSIONS",
+                        partial(measure, system, address, name, "rpc", count, RPC_WINDOW, 7, self.pure_env),
+                        per_second="rpc in flight pure",
+                    )  # fmt: skip
+                for column, system, address, name in servers:
+                    self._record(
+                        column, f"{STRESS_CALLS} sequential calls, then concurrent, seconds",
+                        partial(measure, system, address, name, "stress", STRESS_CALLS, 1, 7, self.env),
+                        sequential_s="stress sequential", concurrent_s="stress concurrent",
+                    )  # fmt: skip
 
-    def rpc_latency(self) -> list[Row]:
-        latencies = {
-            system: self._measure(f"RPC sequential, {system}", system, "rpc", 2000, 1, self.env)
-            for system in self.systems
-        }
-        rows = []
-        for label, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-            row = Row(f"RPC sequential latency {label}", "µs", target="<= 1.2x NATS" if label == "p50" else "")
-            for system, values in latencies.items():
-                setattr(row, system, _percentile(values, fraction))
-            rows.append(row)
-        return rows
+    def publish_and_consume(self) -> None:
+        """Publishing and consuming on every broker (almanet, then NSQ's Go clients) and on JetStream."""
+        for _ in self._rounds():
+            for broker in self.brokers:
+                self._record(
+                    broker.name, f"produce() {PUBLISH_WINDOW} in flight",
+                    partial(self._almanet, broker, "publish", self._count("produce"), PUBLISH_WINDOW),
+                    per_second="produce",
+                )  # fmt: skip
+            if self.nats:
+                self._record(
+                    JETSTREAM, f"acked publish {PUBLISH_WINDOW} in flight",
+                    partial(self._jetstream, "publish", self._count("jetstream publish"), PUBLISH_WINDOW),
+                    per_second="produce",
+                )  # fmt: skip
+            for broker in self.brokers:
+                self._record(
+                    broker.name, f"produce_batch() x{GO_BATCH}",
+                    partial(self._almanet, broker, "publish_batches", self._count("produce_batch"), 0),
+                    per_second="produce_batch",
+                )  # fmt: skip
+            for broker in self.brokers:
+                self._record(
+                    broker.name, "consume, commit each",
+                    partial(self._almanet, broker, "consume", self._count("consume"), CONSUME_WINDOW),
+                    per_second="consume",
+                )  # fmt: skip
+            if self.nats:
+                self._record(
+                    JETSTREAM, "pull consumer, ack each",
+                    partial(self._jetstream, "consume", self._count("jetstream consume"), CONSUME_WINDOW),
+                    per_second="consume",
+                )  # fmt: skip
+            if self.go_clients:
+                for broker in self.brokers:
+                    self._go_clients(self.go_clients, broker)
 
-    def rpc_throughput(self) -> list[Row]:
-        rows = []
-        for window in (64, 256):
-            row = Row(
-                f"RPC, {window} calls in flight", "calls/s", target=">= NATS, >= 10x baseline" if window == 256 else ""
+    def _almanet(self, broker: brokers.Broker, workload: str, count: int, window: int) -> dict[str, Any]:
+        return measure("almanet", broker.tcp_address, broker.fresh_topic(), workload, count, window, MESSAGE_SIZE,
+                       self.env)  # fmt: skip
+
+    def _jetstream(self, workload: str, count: int, window: int) -> dict[str, Any]:
+        assert self.nats is not None
+        return measure("jetstream", self.nats, self._name("js"), workload, count, window, MESSAGE_SIZE, self.env)
+
+    def _go_clients(self, go_clients: GoClients, broker: brokers.Broker) -> None:
+        """bench_writer fills a topic of its own, then bench_reader reads from it."""
+        topic = broker.fresh_topic()
+        write_seconds, read_seconds = self._seconds(GO_WRITER_SECONDS), self._seconds(GO_READER_SECONDS)
+        self._record(
+            broker.name, f"NSQ Go bench_writer MPUB x{GO_BATCH}",
+            lambda: {"per_second": go_clients.write(broker.tcp_address, topic, write_seconds, MESSAGE_SIZE, GO_BATCH)},
+            per_second="bench_writer",
+        )  # fmt: skip
+        self._record(
+            broker.name, "NSQ Go bench_reader",
+            lambda: {"per_second": go_clients.read(broker.tcp_address, topic, read_seconds, MESSAGE_SIZE)},
+            per_second="bench_reader",
+        )  # fmt: skip
+        if broker.channel_depth(topic, "ch") == 0:
+            self.notes.append(
+                f"bench_reader emptied its topic on {broker.name} in round {self._round + 1}: "
+                "its figure there is a lower bound."
             )
-            for system in self.systems:
-                setattr(row, system, self.rpc(system, window, 5000 if system == "baseline" else 20_000))
-            rows.append(row)
-        return rows
-
-    def publish_and_consume(self) -> list[Row]:
-        publish = Row("publish 200 B, produce() with 64 in flight", "msgs/s", target=">= NATS")
-        batches = Row("publish 200 B, produce_batch() x200", "msgs/s")
-        consume = Row("consume 200 B, commit each (NATS: core subscription)", "msgs/s", target=">= 1/2 NATS")
-        for system in self.systems:
-            if system == "baseline":
-                continue
-            setattr(publish, system, self._measure(f"publish, {system}", system, "publish", 100_000, 64, self.env))
-            setattr(consume, system, self._measure(f"consume, {system}", system, "consume", 100_000, 2500, self.env))
-        batches.almanet = self._measure("publish batches, almanet", "almanet", "publish", 100_000, 0, self.env)
-        return [publish, batches, consume]
 
 
 def _format(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -198,61 +328,108 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def _ratio(row: Row, other: float | None) -> str:
-    if row.almanet is None or other is None:
+def _median(samples: dict[tuple[str, str], list[Any]], figure: str, column: str) -> float | None:
+    rounds = samples.get((figure, column))
+    return statistics.median(rounds) if rounds else None
+
+
+def _figure(samples: dict[tuple[str, str], list[Any]], row: Row, column: str) -> float | None:
+    if row.percentile is None:
+        return _median(samples, row.figure, column)
+    rounds = samples.get((row.figure, column))
+    return _percentile(list(itertools.chain.from_iterable(rounds)), row.percentile) if rounds else None
+
+
+def _result(row: Row, figures: dict[str, float | None], checked: str, samples: dict[tuple[str, str], list[Any]]) -> str:
+    """How the checked broker's figure of ``row`` stands against its target: the ratio if any, met or missed."""
+    target, value = row.target, figures[checked]
+    if target is None or value is None:
+        return ""
+    if not target.reference:
+        met = value < target.bound if target.at_most else value > target.bound
+        return "met" if met else "MISSED"
+    reference = figures[NATS] if target.reference == NATS else _median(samples, target.reference, checked)
+    if reference is None:
         return "-"
-    return f"{row.almanet / other:.2f}x"
+    ratio = value / reference
+    met = ratio <= target.bound if target.at_most else ratio >= target.bound
+    return f"{ratio:.2f}x " + ("met" if met else "MISSED")
 
 
-def _table(rows: list[Row], settings: Settings) -> str:
-    header = ["workload", "unit", "almanet", "NATS", "almanet/NATS", "baseline", "almanet/baseline", "target"]
-    cells = [header] + [
-        [row.workload, row.unit, _format(row.almanet), _format(row.nats), _ratio(row, row.nats),
-         _format(row.baseline), _ratio(row, row.baseline), row.target]
-        for row in rows
-    ]  # fmt: skip
+def _table(table_rows: list[Row], samples: dict[tuple[str, str], list[Any]], notes: list[str], machine: str) -> str:
+    checked = NSQD if any(column == NSQD for _, column in samples) else EMBEDDED
+    header = ["workload", "unit", EMBEDDED, NSQD, "embedded/nsqd", NATS, JETSTREAM, "target", f"result on {checked}"]
+    cells = [header]
+    apart = False
+    for row in table_rows:
+        figures = {column: _figure(samples, row, column) for column in (EMBEDDED, NSQD, NATS, JETSTREAM)}
+        embedded, nsqd = figures[EMBEDDED], figures[NSQD]
+        between = ""
+        if embedded and nsqd:
+            between = f"{embedded / nsqd:.2f}x"
+            if max(embedded / nsqd, nsqd / embedded) > WITHIN:
+                between, apart = between + " *", True
+        cells.append(
+            [row.workload, row.unit, *(_format(figures[column]) for column in (EMBEDDED, NSQD)), between,
+             *(_format(figures[column]) for column in (NATS, JETSTREAM)), str(row.target or ""),
+             _result(row, figures, checked, samples)]
+        )  # fmt: skip
     widths = [max(len(line[column]) for line in cells) for column in range(len(header))]
     text = [
-        "  ".join(cell.ljust(width) if column < 2 else cell.rjust(width) for column, (cell, width) in enumerate(
-            zip(line, widths, strict=True)))
+        "  ".join(cell.ljust(width) if column in (0, 1, 7, 8) else cell.rjust(width) for column, (cell, width) in
+                  enumerate(zip(line, widths, strict=True))).rstrip()
         for line in cells
     ]  # fmt: skip
     text.insert(1, "  ".join("-" * width for width in widths))
-    compiled = next((row.almanet for row in rows if row.workload == "RPC, 256 calls in flight"), None)
-    pure = next((row.almanet for row in rows if "NO_EXTENSIONS" in row.workload), None)
-    if compiled and pure:
-        text.append(f"\ncompiled / ALMANET_NO_EXTENSIONS, RPC with 256 in flight: {compiled / pure:.2f}x")
-    text.append("Ratios are almanet's figure over the other's: for latency below 1 is faster, else above 1.")
-    if not any(row.nats for row in rows):
-        text.append("NATS: not measured (it needs nats-server on PATH, Debian package nats-server, and nats-py).")
-    text.append("\n" + _machine(settings))
+    text.append("")
+    text.append(f"Targets are checked on {checked}'s column: its figure over the reference's, from the same run.")
+    if apart:
+        text.append(f"* the embedded broker and nsqd are more than {WITHIN:g}x apart on this workload.")
+    text += notes
+    text.append("\n" + machine)
     return "\n".join(text)
 
 
-def _machine(settings: Settings) -> str:
+def _machine(
+    settings: Settings,
+    running: list[brokers.Broker],
+    nats: bool,
+    nsqd_executable: str | None,
+    go_clients: GoClients | None,
+    load_before: float,
+) -> str:
     import almanet
 
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
     versions = [f"almanet {almanet.__version__}"]
-    for package in ("nats-py", "ansq", "msgpack", "uvloop"):
+    for package in ("nats-py", "msgpack", "uvloop"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions.append(f"{package} {importlib.metadata.version(package)}")
-    nats_server_version = ""
-    if shutil.which("nats-server"):
-        nats_server_version = subprocess.run(
-            ["nats-server", "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    broker = f"nsqd at {settings.nsqd}" if settings.nsqd else "almanet's embedded broker"
+    servers = []
+    if nsqd_executable:
+        servers.append(_version_line([nsqd_executable, "--version"]) + f" ({nsqd_executable})")
+    elif settings.nsqd:
+        servers.append(f"nsqd at {settings.nsqd}")
+    if nats:
+        servers.append(_version_line(["nats-server", "--version"]))
+    if go_clients:
+        servers.append(f"NSQ Go clients {os.path.dirname(go_clients.writer)}")
     speedups = "ALMANET_NO_EXTENSIONS (pure)" if settings.pure else f"compiled {almanet.speedups()}"
     return "\n".join(
         [
             f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+            f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"load average {load_before:.2f} before the run",
             f"python: {platform.python_implementation()} {platform.python_version()}, loop {settings.loop}",
-            f"broker: {broker}; {nats_server_version or 'no nats-server'}",
-            f"almanet: {speedups}",
+            f"brokers: {', '.join(broker.name for broker in running)}; " + "; ".join(servers),
+            f"almanet: {speedups}; --scale {settings.scale:g}, {settings.rounds} rounds",
             "versions: " + ", ".join(versions),
         ]
     )
+
+
+def _version_line(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    return (done.stdout or done.stderr).strip().splitlines()[0]

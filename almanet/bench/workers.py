@@ -1,12 +1,11 @@
-"""Benchmark processes: ``python -m almanet.bench.workers ROLE SYSTEM ADDRESS NAME [COUNT WINDOW]``.
+"""Benchmark processes: ``python -m almanet.bench.workers ROLE SYSTEM ADDRESS NAME [...]``.
 
 - ``serve SYSTEM ADDRESS NAME``: almanet's service (procedure ``NAME.echo``),
-  the baseline's (topic ``NAME``) or a NATS responder (subject ``NAME``);
-  prints ``ready`` once subscribed, serves until SIGTERM or SIGINT.
-- ``measure SYSTEM WORKLOAD ADDRESS NAME COUNT WINDOW``: one workload of
-  ``workloads``; prints its figures as one JSON line.
-- ``publish nats ADDRESS NAME COUNT``: publishes COUNT messages to NATS as
-  fast as it can (the other side of the NATS consume workload).
+  the ansq baseline's (topic ``NAME``) or a NATS responder (subject ``NAME``),
+  each answering with the payload it is given; prints ``ready`` once
+  subscribed, serves until SIGTERM or SIGINT.
+- ``measure SYSTEM ADDRESS NAME WORKLOAD COUNT WINDOW SIZE``: one workload of
+  ``workloads.MEASURES``; prints its figures as one JSON line.
 
 ``ALMANET_BENCH_LOOP=uvloop`` runs the process on uvloop.
 """
@@ -14,18 +13,18 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import Any
 
 from almanet import loops
 from almanet.bench import workloads
+from almanet.bench.processes import stop, wait_for_line
 
 
 def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
@@ -35,9 +34,9 @@ def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
 
 async def _serve(system: str, address: str, name: str) -> None:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stopping = asyncio.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signal_number, stop.set)
+        loop.add_signal_handler(signal_number, stopping.set)
     if system == "almanet":
         import almanet
 
@@ -49,7 +48,7 @@ async def _serve(system: str, address: str, name: str) -> None:
 
         async with service:
             print("ready", flush=True)
-            await stop.wait()
+            await stopping.wait()
     elif system == "nats":
         import nats
 
@@ -61,57 +60,25 @@ async def _serve(system: str, address: str, name: str) -> None:
         await client.subscribe(name, cb=respond)
         await client.flush()
         print("ready", flush=True)
-        await stop.wait()
+        await stopping.wait()
         await client.close()
     else:
         from almanet.bench import baseline
 
         ready = asyncio.Event()
-        serving = asyncio.ensure_future(baseline.serve(address, name, ready, stop))
+        serving = asyncio.ensure_future(baseline.serve(address, name, ready, stopping))
         await ready.wait()
         print("ready", flush=True)
         await serving
 
 
-async def _publish_to_nats(address: str, name: str, count: int) -> None:
-    import nats
-
-    client = await nats.connect(f"nats://{address}")
-    body = workloads.MESSAGE_BODY
-    for _ in range(count):
-        await client.publish(name, body)
-    await client.flush()
-    await client.close()
-
-
-async def _measure(system: str, workload: str, address: str, name: str, count: int, window: int) -> None:
-    figures = await workloads.MEASURES[system, workload](address, name, count, window)
+async def _measure(system: str, workload: str, address: str, name: str, count: int, window: int, size: int) -> None:
+    figures = await workloads.MEASURES[system, workload](address, name, count, window, size)
     print(json.dumps(figures), flush=True)
 
 
 def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "almanet.bench.workers", *args]
-
-
-# How long a process of the bench may take to start.
-START_TIMEOUT = 60.0
-
-
-def wait_for_line(process: subprocess.Popen[str], stream: IO[str], predicate: Callable[[str], bool]) -> str:
-    """The first line of the process's ``stream`` that ``predicate`` accepts, within START_TIMEOUT.
-
-    ``RuntimeError`` if the process ends first or is silent that long (it is killed then).
-    """
-    with concurrent.futures.ThreadPoolExecutor(1) as reader:
-        found = reader.submit(lambda: next((line for line in stream if predicate(line)), None))
-        try:
-            line = found.result(START_TIMEOUT)
-        except concurrent.futures.TimeoutError:
-            process.kill()  # which ends the reading too
-            raise RuntimeError(f"{process.args!r} did not start within {START_TIMEOUT:g} s") from None
-    if line is None:
-        raise RuntimeError(f"{process.args!r} ended before it started")
-    return line
 
 
 @contextmanager
@@ -126,21 +93,19 @@ def service_process(system: str, address: str, name: str, env: dict[str, str] | 
         stop(process)
 
 
-@contextmanager
-def publisher_process(system: str, address: str, name: str, count: int) -> Iterator[None]:
-    process = subprocess.Popen(_command("publish", system, address, name, str(count)))
-    try:
-        yield
-    finally:
-        stop(process)
-
-
 def measure(
-    system: str, workload: str, address: str, name: str, count: int, window: int, env: dict[str, str] | None = None
+    system: str,
+    address: str,
+    name: str,
+    workload: str,
+    count: int,
+    window: int,
+    size: int,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run one workload in a client process of its own; its figures."""
     done = subprocess.run(
-        _command("measure", system, workload, address, name, str(count), str(window)),
+        _command("measure", system, address, name, workload, str(count), str(window), str(size)),
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -151,24 +116,13 @@ def measure(
     return figures
 
 
-def stop(process: subprocess.Popen[Any]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def main(argv: list[str]) -> None:
-    role, system, address, name, *numbers = argv
+    role, system, address, name, *workload = argv
     if role == "serve":
         run_loop(_serve(system, address, name))
-    elif role == "publish":
-        run_loop(_publish_to_nats(address, name, int(numbers[0])))
     else:
-        workload, address, name, count, window = argv[2:]
-        run_loop(_measure(system, workload, address, name, int(count), int(window)))
+        kind, count, window, size = workload
+        run_loop(_measure(system, kind, address, name, int(count), int(window), int(size)))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""The measured workloads, for almanet, NATS (nats-py) and the RPC baseline (ansq).
+"""The measured workloads, for almanet, NATS request/reply (nats-py) and NATS JetStream.
 
-Each ``measure_*`` coroutine runs in a client process of its own (see
+Each ``MEASURES`` coroutine runs in a client process of its own (see
 ``workers``), against a broker and, for RPC, a service in other processes,
-and returns its figures: ``latencies_us`` (sequential RPC) or ``per_second``.
-The same workload shapes serve every system: sequential calls, calls with a
-window in flight, publishes with a window in flight, and consuming.
+and returns its figures as JSON: ``latencies_us`` (sequential RPC),
+``sequential_s`` and ``concurrent_s`` (the stress bar) or ``per_second``.
+Every one takes ``(address, name, count, window, size)``: ``name`` is the
+topic, subject or service prefix of its own, ``window`` how many calls or
+publishes are in flight (the most messages in flight for consumers), ``size``
+the payload's bytes.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-RPC_PAYLOAD = b"x" * 100
-MESSAGE_BODY = b"x" * 200
-BATCH = 200
+BATCH = 200  # messages per produce_batch()
+STRESS_CALLS = 256  # the original almanet's stress bar: this many calls one after the other, then at once, each < 1 s
 # No workload waits longer than this for what it expects.
 TIMEOUT = 300.0
 
@@ -46,48 +48,74 @@ async def windowed(call: Callable[[], Awaitable[Any]], count: int, window: int) 
 
 
 async def rpc(call: Callable[[], Awaitable[Any]], count: int, window: int) -> dict[str, Any]:
-    await windowed(call, min(count, 1000), window)  # warm-up: connections, caches, the service's JIT of nothing
+    await windowed(call, min(count, 1000), window)  # warm-up: connections, reply subscriptions, caches
     if window == 1:
         return {"latencies_us": await sequential(call, count)}
     return {"per_second": count / await windowed(call, count, window)}
 
 
+async def stress(call: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
+    """Seconds for STRESS_CALLS calls one after the other, then for as many started at once."""
+    await call()  # as the original test did: one call first
+    started = time.perf_counter()
+    for _ in range(STRESS_CALLS):
+        await call()
+    sequential_s = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(call() for _ in range(STRESS_CALLS)))
+    return {"sequential_s": sequential_s, "concurrent_s": time.perf_counter() - started}
+
+
 # --- almanet ---------------------------------------------------------------------------
 
 
-async def almanet_rpc(address: str, name: str, count: int, window: int) -> dict[str, Any]:
+async def almanet_rpc(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
-        uri = f"{name}.echo"
-        return await rpc(lambda: session.call(uri, RPC_PAYLOAD), count, window)
+        uri, payload = f"{name}.echo", b"x" * size
+        return await rpc(lambda: session.call(uri, payload), count, window)
 
 
-async def almanet_publish(address: str, name: str, count: int, window: int) -> dict[str, Any]:
+async def almanet_stress(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
-        if window:
-            elapsed = await windowed(lambda: session.produce(name, MESSAGE_BODY), count, window)
-        else:
-            started = time.perf_counter()
-            await produce_in_batches(session, name, count)
-            elapsed = time.perf_counter() - started
+        uri, payload = f"{name}.echo", b"x" * size
+        return await stress(lambda: session.call(uri, payload))
+
+
+async def almanet_publish(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+    import almanet
+
+    async with almanet.new_session(address) as session:
+        body = b"x" * size
+        elapsed = await windowed(lambda: session.produce(name, body), count, window)
     return {"per_second": count / elapsed}
 
 
-async def produce_in_batches(session: Any, topic: str, count: int) -> None:
+async def almanet_publish_batches(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+    import almanet
+
+    async with almanet.new_session(address) as session:
+        started = time.perf_counter()
+        await produce_in_batches(session, name, count, b"x" * size)
+        elapsed = time.perf_counter() - started
+    return {"per_second": count / elapsed}
+
+
+async def produce_in_batches(session: Any, topic: str, count: int, body: bytes) -> None:
     """``count`` messages in MPUBs of BATCH (the last one smaller)."""
     for start in range(0, count, BATCH):
-        await session.produce_batch(topic, [MESSAGE_BODY] * min(BATCH, count - start))
+        await session.produce_batch(topic, [body] * min(BATCH, count - start))
 
 
-async def almanet_consume(address: str, name: str, count: int, window: int) -> dict[str, Any]:
+async def almanet_consume(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
         # Waiting in the topic before the clock starts; subscribing, the first thing timed, gives them a channel.
-        await produce_in_batches(session, name, count)
+        await produce_in_batches(session, name, count, b"x" * size)
         messages = session.consume(name, "bench", max_in_flight=window)
 
         async def consume_all() -> None:
@@ -105,79 +133,99 @@ async def almanet_consume(address: str, name: str, count: int, window: int) -> d
     return {"per_second": count / elapsed}
 
 
-# --- NATS (nats-py, core NATS) --------------------------------------------------------------
+# --- NATS: core request/reply, and JetStream (file storage) ------------------------------------
 
 
-async def nats_rpc(address: str, name: str, count: int, window: int) -> dict[str, Any]:
+async def nats_rpc(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
     import nats
 
     client = await nats.connect(f"nats://{address}")
     try:
-        return await rpc(lambda: client.request(name, RPC_PAYLOAD, timeout=30), count, window)
+        payload = b"x" * size
+        return await rpc(lambda: client.request(name, payload, timeout=30), count, window)
     finally:
         await client.close()
 
 
-async def nats_publish(address: str, name: str, count: int, window: int) -> dict[str, Any]:
+async def nats_stress(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
     import nats
 
     client = await nats.connect(f"nats://{address}")
     try:
-        started = time.perf_counter()
-        await windowed(lambda: client.publish(name, MESSAGE_BODY), count, window)
-        await client.flush()
-        elapsed = time.perf_counter() - started
+        payload = b"x" * size
+        return await stress(lambda: client.request(name, payload, timeout=30))
+    finally:
+        await client.close()
+
+
+async def jetstream_publish(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+    """Publishes each acknowledged by the stream, ``window`` of them in flight."""
+    import nats
+
+    client = await nats.connect(f"nats://{address}")
+    stream = _stream_name(name)
+    try:
+        jetstream = client.jetstream()
+        await jetstream.add_stream(name=stream, subjects=[name])
+        body = b"x" * size
+        elapsed = await windowed(lambda: jetstream.publish(name, body, timeout=30), count, window)
+        await jetstream.delete_stream(stream)
     finally:
         await client.close()
     return {"per_second": count / elapsed}
 
 
-async def nats_consume(address: str, name: str, count: int, window: int) -> dict[str, Any]:
-    """A core subscription receiving ``count`` messages that another process publishes as fast as it can."""
+async def jetstream_consume(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+    """A durable pull consumer fetching ``window`` messages at a time and acknowledging each."""
     import nats
-
-    from almanet.bench.workers import publisher_process
+    from nats.js.api import ConsumerConfig
 
     client = await nats.connect(f"nats://{address}")
-    received = 0
-    done = asyncio.get_running_loop().create_future()
-    started = 0.0
-
-    async def on_message(message: Any) -> None:
-        nonlocal received, started
-        if not received:
-            started = time.perf_counter()
-        received += 1
-        if received == count:
-            done.set_result(time.perf_counter())
-
+    stream = _stream_name(name)
     try:
-        await client.subscribe(name, cb=on_message, pending_msgs_limit=count + 1, pending_bytes_limit=-1)
-        await client.flush()
-        with publisher_process("nats", address, name, count):
-            finished = await asyncio.wait_for(done, TIMEOUT)
+        jetstream = client.jetstream()
+        await jetstream.add_stream(name=stream, subjects=[name])
+        # Stored before the clock starts, as for almanet.
+        body = b"x" * size
+        for _ in range(count):
+            await jetstream.publish_async(name, body)
+        await jetstream.publish_async_completed()
+
+        async def consume_all() -> None:
+            # Acknowledgements outstanding never stop the fetches, as RDY counts only unanswered messages in NSQ.
+            subscription = await jetstream.pull_subscribe(
+                name, durable="bench", stream=stream, config=ConsumerConfig(max_ack_pending=-1)
+            )
+            received = 0
+            while received < count:
+                for message in await subscription.fetch(min(window, count - received), timeout=TIMEOUT):
+                    await message.ack()
+                    received += 1
+
+        started = time.perf_counter()
+        await asyncio.wait_for(consume_all(), TIMEOUT)
+        elapsed = time.perf_counter() - started
+        await jetstream.delete_stream(stream)
     finally:
         await client.close()
-    return {"per_second": (count - 1) / (finished - started)}  # from the first message to the last
+    return {"per_second": count / elapsed}
 
 
-# --- the RPC baseline (ansq, JSON, a future per call id) ---------------------------------------
+def _stream_name(subject: str) -> str:
+    """A stream name for ``subject`` (stream names have no dots)."""
+    return subject.replace(".", "_")
 
 
-async def baseline_rpc(address: str, name: str, count: int, window: int) -> dict[str, Any]:
-    from almanet.bench.baseline import BaselineCaller
+Measure = Callable[[str, str, int, int, int], Awaitable[dict[str, Any]]]
 
-    async with BaselineCaller(address) as caller:
-        text_payload = RPC_PAYLOAD.decode()  # JSON has no bytes
-        return await rpc(lambda: caller.call(name, text_payload), count, window)
-
-
-MEASURES: dict[tuple[str, str], Callable[[str, str, int, int], Awaitable[dict[str, Any]]]] = {
+MEASURES: dict[tuple[str, str], Measure] = {
     ("almanet", "rpc"): almanet_rpc,
+    ("almanet", "stress"): almanet_stress,
     ("almanet", "publish"): almanet_publish,
+    ("almanet", "publish_batches"): almanet_publish_batches,
     ("almanet", "consume"): almanet_consume,
     ("nats", "rpc"): nats_rpc,
-    ("nats", "publish"): nats_publish,
-    ("nats", "consume"): nats_consume,
-    ("baseline", "rpc"): baseline_rpc,
+    ("nats", "stress"): nats_stress,
+    ("jetstream", "publish"): jetstream_publish,
+    ("jetstream", "consume"): jetstream_consume,
 }
