@@ -26,7 +26,7 @@ from almanet import loops
 from almanet._speedups.envelope import EnvelopeError, Invocation, decode, encode_reply
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
 from almanet.nsq import ConnectionOptions, Consumer, Message
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, Connection
+from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE
 from almanet.nsq.consumer import check_name
 from almanet.nsq.errors import MessageTooBig
 from almanet.session import Session, check_uri, connection_options
@@ -76,15 +76,15 @@ _REPLY_PUBLISHED = _ReplyPublished()
 class _BigReplyPublished(_ReplyPublished):
     """Told nsqd's answer to a big reply's publish: one nsqd refuses as too big is answered with an error."""
 
-    def __init__(self, service: Service, connection: Connection, reply_to: str, call_id: int) -> None:
+    def __init__(self, service: Service, invocation: Message, reply_to: str, call_id: int) -> None:
         self.service = service
-        self.connection = connection  # the invocation's: the error reply goes back the way a small one would
+        self.invocation = invocation  # the error reply goes back the way a small reply would
         self.reply_to = reply_to
         self.call_id = call_id
 
     def set_exception(self, error: BaseException) -> None:
         if isinstance(error, MessageTooBig):
-            self.service._reply_too_big(self.connection, self.reply_to, self.call_id, error)
+            self.service._reply_too_big(self.invocation, self.reply_to, self.call_id, error)
         else:
             super().set_exception(error)
 
@@ -320,23 +320,22 @@ class Service:
             logger.error("the result of call %d cannot be sent: %s", call_id, error)
             unencodable = InternalError(f"the result cannot be encoded: {error}")
             body = encode_reply(call_id, False, unencodable.to_reply_payload())
-        connection = message.connection
         try:
             if len(body) > SEPARATE_PUBLISH_SIZE:
-                self.session.publish_apart(reply_to, body, _BigReplyPublished(self, connection, reply_to, call_id))
+                self.session.publish_apart(reply_to, body, _BigReplyPublished(self, message, reply_to, call_id))
             else:
-                connection.publish(reply_to, body, _REPLY_PUBLISHED)
+                message.publish(reply_to, body, _REPLY_PUBLISHED)
         except MessageTooBig as error:
-            self._reply_too_big(connection, reply_to, call_id, error)
+            self._reply_too_big(message, reply_to, call_id, error)
         except (ValueError, TypeError) as error:  # a reply topic no nsqd takes
             logger.warning("cannot reply to %r: %s", reply_to, error)
 
-    def _reply_too_big(self, connection: Connection, reply_to: str, call_id: int, error: MessageTooBig) -> None:
+    def _reply_too_big(self, invocation: Message, reply_to: str, call_id: int, error: MessageTooBig) -> None:
         logger.error("the reply to call %d is too big to send: %s", call_id, error)
         too_big = InternalError(f"the reply is too big to send: {error}").to_reply_payload()
         reply = encode_reply(call_id, False, too_big)
-        if connection.is_open:
-            connection.publish(reply_to, reply, _REPLY_PUBLISHED)
+        if invocation.connection_open:
+            invocation.publish(reply_to, reply, _REPLY_PUBLISHED)
         else:
             self.session.publish_apart(reply_to, reply, _REPLY_PUBLISHED)
 

@@ -390,11 +390,8 @@ class Session:
         if self._left:
             raise ConnectionError("the session has left")
         connection = self._call_connection
-        if connection is None or not connection.is_open:
-            if connection is not None:  # closing: before switching, as its calls are all that wait
-                self._call_connection_lost(connection)
-            connection = self._call_connection = self._reply_connection()
-            connection.when_closed(self._call_connection_lost)
+        if connection is not None and not connection.is_open:
+            self._call_connection_lost(connection)  # closing: its calls are all that wait, and cannot be answered
         deadline = self._running_loop().time() + timeout
         call_id = self._pending.add(call, deadline)
         try:
@@ -402,13 +399,21 @@ class Session:
             if len(body) > SEPARATE_PUBLISH_SIZE:
                 self.publish_apart(topic, body, call)
             else:
-                connection.publish(topic, body, call)
+                self._publish_call(topic, body, call)
         except BaseException:
             self._pending.pop(call_id)
             raise
         if self._expiry_timer is None or deadline < self._expiry_at:
             self._expire_at(deadline)
         return call_id
+
+    def _publish_call(self, topic: str, body: bytes, call: _Call) -> None:
+        """Publish an invocation through the connection its reply comes by (and the calls' FINs go by)."""
+        assert self._replies is not None
+        connection = self._replies.publish(topic, body, call)
+        if connection is not self._call_connection:
+            self._call_connection = connection
+            connection.when_closed(self._call_connection_lost)
 
     def publish_apart(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
         """Publish ``body`` through the session's producer, apart from the connections of calls and replies.
@@ -428,14 +433,6 @@ class Session:
         lost = ConnectionError(f"the connection to nsqd at {connection.address} was lost before the reply came")
         for call in self._pending.expire(float("inf")):
             call.set_exception(lost)
-
-    def _reply_connection(self) -> Connection:
-        """A connection the replies come by, to publish invocations through."""
-        assert self._replies is not None
-        for connection in self._replies.connections.values():
-            if connection.is_open:
-                return connection
-        raise ConnectionError(f"no connection to nsqd for the replies of {self.reply_topic}")
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

@@ -501,7 +501,8 @@ async def test_no_message_is_handed_out_after_its_handler_closed_the_connection(
 
     def on_message(message: Message) -> None:
         handled.append(message)
-        message.connection.close_soon()
+        (connection,) = consumer.connections.values()
+        connection.close_soon()
 
     async with FakeNsqd(serve) as nsqd:
         consumer = Consumer(TOPIC, "ch", on_message, nsqd_tcp_addresses=[nsqd.address], max_in_flight=10)

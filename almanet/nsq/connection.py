@@ -36,6 +36,7 @@ from almanet._speedups.frames import (
     encode_identify,
     encode_mpub,
     encode_pub,
+    encode_rdy,
     encode_req,
     encode_touch,
 )
@@ -148,10 +149,6 @@ class Message:
     def answered(self) -> bool:
         return self._answered
 
-    @property
-    def connection(self) -> Connection:
-        return self._connection
-
     def fin(self) -> None:
         """Done with it (FIN)."""
         self._answer(encode_fin(self.id), requeued=False, backoff=False)
@@ -159,6 +156,18 @@ class Message:
     def req(self, delay: float = 0.0, *, backoff: bool = False) -> None:
         """Give it back for redelivery after ``delay`` seconds (REQ); ``backoff`` counts it as a failure."""
         self._answer(encode_req(self.id, round(delay * 1000)), requeued=True, backoff=backoff)
+
+    def publish(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
+        """Publish through the connection this message came by (see ``Connection.publish``).
+
+        What a handler publishes in answer to it (a reply) leaves in one write with its FIN.
+        """
+        self._connection.publish(topic, body, answer)
+
+    @property
+    def connection_open(self) -> bool:
+        """Whether the connection it came by is open: what it publishes, and its FIN, can still go."""
+        return self._connection.is_open
 
     def touch(self) -> None:
         """Restart its msg_timeout (TOUCH)."""
@@ -267,7 +276,7 @@ class Connection(asyncio.Protocol):
         self.options = options
         self.negotiated: dict[str, Any] = {}
         self.in_flight = 0  # messages received and not answered yet
-        self.ready_count = 0  # the last RDY sent
+        self._ready_count = 0  # the last RDY sent
         self.max_msg_size = options.max_msg_size  # lowered to what nsqd says when it refuses a message as too big
         self._loop = asyncio.get_running_loop()
         self._frames = FrameReader(options.max_frame_size)
@@ -523,6 +532,18 @@ class Connection(asyncio.Protocol):
             self._open_publishes.clear()
             for publish in publishes:
                 self.send_request(publish.encode(), publish)
+
+    @property
+    def ready_count(self) -> int:
+        """The last RDY sent."""
+        return self._ready_count
+
+    def set_ready(self, count: int) -> None:
+        """Send RDY ``count`` unless it is the last one sent (capped by nsqd's max_rdy_count)."""
+        count = min(count, self.negotiated.get("max_rdy_count", count))
+        if count != self._ready_count and self.is_open:
+            self._ready_count = count
+            self.send(encode_rdy(count))
 
     def answered(self, command: bytes, *, requeued: bool, backoff: bool) -> None:
         """A message of this connection was answered with ``command`` (FIN or REQ)."""

@@ -17,8 +17,8 @@ import random
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from almanet._speedups.frames import encode_rdy, encode_sub, is_valid_name
-from almanet.nsq.connection import Connection, ConnectionOptions, Message, OnMessage
+from almanet._speedups.frames import encode_sub, is_valid_name
+from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, Message, OnMessage
 from almanet.nsq.errors import ProtocolError
 from almanet.nsq.lookupd import http_host_port, lookup
 from almanet.nsq.protocol import CLS
@@ -82,6 +82,7 @@ class Consumer:
         self.max_in_flight = max_in_flight
         self.options = options or ConnectionOptions()
         self.connections: dict[str, Connection] = {}
+        self._publishing: Connection | None = None  # see publish()
         self._on_message = on_message
         self._on_give_up = on_give_up
         self._direct = list(nsqd_tcp_addresses)
@@ -147,7 +148,7 @@ class Consumer:
         if self._stopped is None:
             self._stopping = True
             for connection in self.connections.values():
-                self._set_rdy(connection, 0)
+                connection.set_ready(0)
             for timer in (self._backoff_timer, self._rotation_timer):
                 if timer is not None:
                     timer.cancel()
@@ -159,6 +160,21 @@ class Consumer:
     async def _retire_all(self, timeout: float) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._retire(connection, timeout) for connection in list(self.connections.values())))
+
+    def publish(self, topic: str, body: bytes, answer: AnswerWaiter) -> Connection:
+        """Publish through a connection this consumer reads from; that connection.
+
+        What its nsqd sends back for it (a reply to an invocation) comes by the
+        same connection, so the caller may watch it (``when_closed``). The same
+        connection is used while it stays open. ``ConnectionError`` when none is.
+        """
+        connection = self._publishing
+        if connection is None or not connection.is_open:
+            connection = self._publishing = next((open_ for open_ in self.connections.values() if open_.is_open), None)
+            if connection is None:
+                raise ConnectionError(f"no connection to nsqd open for {self.topic}/{self.channel}")
+        connection.publish(topic, body, answer)
+        return connection
 
     # --- connections -----------------------------------------------------------
 
@@ -196,7 +212,7 @@ class Consumer:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self._set_rdy(connection, 0)
+        connection.set_ready(0)
         try:
             await self._drain(connection, deadline)
             await asyncio.wait_for(connection.request(CLS), max(0.0, deadline - loop.time()))
@@ -301,12 +317,6 @@ class Consumer:
 
     # --- RDY, backoff ---------------------------------------------------------------
 
-    def _set_rdy(self, connection: Connection, count: int) -> None:
-        count = min(count, connection.negotiated.get("max_rdy_count", count))
-        if connection.ready_count != count and connection.is_open:
-            connection.ready_count = count
-            connection.send(encode_rdy(count))
-
     def _distribute_rdy(self) -> None:
         """Share max_in_flight out as RDY (nothing while stopping or backing off)."""
         if self._stopping or self._backoff_level:
@@ -321,12 +331,12 @@ class Consumer:
             start = self._rotation % count
             chosen = {connections[(start + offset) % count] for offset in range(extra)}
             for connection in connections:
-                self._set_rdy(connection, 1 if connection in chosen else 0)
+                connection.set_ready(1 if connection in chosen else 0)
             if self._rotation_timer is None and extra:
                 self._rotation_timer = asyncio.get_running_loop().call_later(_RDY_ROTATION_INTERVAL, self._rotate)
             return
         for index, connection in enumerate(connections):
-            self._set_rdy(connection, share + (index < extra))
+            connection.set_ready(share + (index < extra))
 
     def _rotate(self) -> None:
         self._rotation_timer = None
@@ -354,7 +364,7 @@ class Consumer:
     def _start_backoff(self) -> None:
         self._probing = False
         for connection in self.connections.values():
-            self._set_rdy(connection, 0)
+            connection.set_ready(0)
         duration = min(self._max_backoff, self._backoff_unit * 2 ** (self._backoff_level - 1))
         logger.info("%s/%s: backing off for %.3g s", self.topic, self.channel, duration)
         self._backoff_timer = asyncio.get_running_loop().call_later(duration, self._probe)
@@ -373,7 +383,7 @@ class Consumer:
         if connections:
             probe = connections[self._rotation % len(connections)]
             for connection in connections:
-                self._set_rdy(connection, 1 if connection is probe else 0)
+                connection.set_ready(1 if connection is probe else 0)
         if self._rotation_timer is None:
             self._rotation_timer = asyncio.get_running_loop().call_later(_RDY_ROTATION_INTERVAL, self._rotate)
 
