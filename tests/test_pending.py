@@ -5,7 +5,7 @@ import math
 import random
 import weakref
 from types import ModuleType
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import pytest
 
@@ -118,6 +118,17 @@ def test_int_subclasses_are_looked_up_by_value(pending: ModuleType) -> None:
     assert table.get(OddInt(2)) is waiters[1]
     assert table.pop(OddInt(2)) is waiters[1]
     assert table.pop(OddInt(-5)) is None
+
+
+def test_the_table_is_generic_at_run_time(pending: ModuleType) -> None:
+    """``PendingCalls[Waiter]`` is what mypy is told, so it must work outside annotations too."""
+    alias = pending.PendingCalls[Waiter]
+    assert get_origin(alias) is pending.PendingCalls
+    assert get_args(alias) == (Waiter,)
+    table = alias()
+    assert type(table) is pending.PendingCalls
+    waiter = Waiter()
+    assert table.get(table.add(waiter, 1.0)) is waiter
 
 
 # --- deadlines, expire, next_deadline -------------------------------------------

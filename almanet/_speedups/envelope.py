@@ -2,11 +2,51 @@
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from almanet._speedups.envelope_py import *  # noqa: F403  (the pure twin is the type source)
-else:
-    from almanet._speedups import select
+from almanet._speedups import NO_EXTENSIONS
 
-    _impl = select("envelope")
-    globals().update({name: getattr(_impl, name) for name in _impl.__all__})
-    __all__ = _impl.__all__
+__all__ = [
+    "ENVELOPE_VERSION",
+    "EnvelopeError",
+    "Invocation",
+    "Reply",
+    "decode",
+    "encode_invocation",
+    "encode_reply",
+]
+
+# Which twin the names below come from, as almanet.speedups() reports it.
+IMPLEMENTATION = "py"
+# mypy reads the first branch only: the pure twin is the type source.
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from almanet._speedups.envelope_py import (
+        ENVELOPE_VERSION,
+        EnvelopeError,
+        Invocation,
+        Reply,
+        decode,
+        encode_invocation,
+        encode_reply,
+    )
+else:
+    try:
+        from almanet._speedups.envelope_c import (
+            ENVELOPE_VERSION,
+            EnvelopeError,
+            Invocation,
+            Reply,
+            decode,
+            encode_invocation,
+            encode_reply,
+        )
+
+        IMPLEMENTATION = "c"
+    except ImportError:
+        from almanet._speedups.envelope_py import (
+            ENVELOPE_VERSION,
+            EnvelopeError,
+            Invocation,
+            Reply,
+            decode,
+            encode_invocation,
+            encode_reply,
+        )

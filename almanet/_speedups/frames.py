@@ -2,11 +2,111 @@
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from almanet._speedups.frames_py import *  # noqa: F403  (the pure twin is the type source)
-else:
-    from almanet._speedups import select
+from almanet._speedups import NO_EXTENSIONS
 
-    _impl = select("frames")
-    globals().update({name: getattr(_impl, name) for name in _impl.__all__})
-    __all__ = _impl.__all__
+__all__ = [
+    "Command",
+    "CommandParser",
+    "ErrorFrame",
+    "FrameReader",
+    "MessageFrame",
+    "ResponseFrame",
+    "encode_auth",
+    "encode_dpub",
+    "encode_error",
+    "encode_fin",
+    "encode_identify",
+    "encode_message",
+    "encode_mpub",
+    "encode_pub",
+    "encode_rdy",
+    "encode_req",
+    "encode_response",
+    "encode_sub",
+    "encode_touch",
+    "is_valid_name",
+    "parse_base10",
+    "split_mpub",
+]
+
+# Which twin the names below come from, as almanet.speedups() reports it.
+IMPLEMENTATION = "py"
+# mypy reads the first branch only: the pure twin is the type source.
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from almanet._speedups.frames_py import (
+        Command,
+        CommandParser,
+        ErrorFrame,
+        FrameReader,
+        MessageFrame,
+        ResponseFrame,
+        encode_auth,
+        encode_dpub,
+        encode_error,
+        encode_fin,
+        encode_identify,
+        encode_message,
+        encode_mpub,
+        encode_pub,
+        encode_rdy,
+        encode_req,
+        encode_response,
+        encode_sub,
+        encode_touch,
+        is_valid_name,
+        parse_base10,
+        split_mpub,
+    )
+else:
+    try:
+        from almanet._speedups.frames_c import (
+            Command,
+            CommandParser,
+            ErrorFrame,
+            FrameReader,
+            MessageFrame,
+            ResponseFrame,
+            encode_auth,
+            encode_dpub,
+            encode_error,
+            encode_fin,
+            encode_identify,
+            encode_message,
+            encode_mpub,
+            encode_pub,
+            encode_rdy,
+            encode_req,
+            encode_response,
+            encode_sub,
+            encode_touch,
+            is_valid_name,
+            parse_base10,
+            split_mpub,
+        )
+
+        IMPLEMENTATION = "c"
+    except ImportError:
+        from almanet._speedups.frames_py import (
+            Command,
+            CommandParser,
+            ErrorFrame,
+            FrameReader,
+            MessageFrame,
+            ResponseFrame,
+            encode_auth,
+            encode_dpub,
+            encode_error,
+            encode_fin,
+            encode_identify,
+            encode_message,
+            encode_mpub,
+            encode_pub,
+            encode_rdy,
+            encode_req,
+            encode_response,
+            encode_sub,
+            encode_touch,
+            is_valid_name,
+            parse_base10,
+            split_mpub,
+        )

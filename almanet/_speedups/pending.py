@@ -2,11 +2,19 @@
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from almanet._speedups.pending_py import *  # noqa: F403  (the pure twin is the type source)
-else:
-    from almanet._speedups import select
+from almanet._speedups import NO_EXTENSIONS
 
-    _impl = select("pending")
-    globals().update({name: getattr(_impl, name) for name in _impl.__all__})
-    __all__ = _impl.__all__
+__all__ = ["PendingCalls"]
+
+# Which twin the names below come from, as almanet.speedups() reports it.
+IMPLEMENTATION = "py"
+# mypy reads the first branch only: the pure twin is the type source.
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from almanet._speedups.pending_py import PendingCalls
+else:
+    try:
+        from almanet._speedups.pending_c import PendingCalls
+
+        IMPLEMENTATION = "c"
+    except ImportError:
+        from almanet._speedups.pending_py import PendingCalls

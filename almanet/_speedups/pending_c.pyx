@@ -26,6 +26,8 @@ from libc.math cimport isnan
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 
+from types import GenericAlias
+
 from almanet._speedups.pending_py import __all__  # the same API, by construction
 
 
@@ -79,6 +81,9 @@ cdef class PendingCalls:
     cdef Py_ssize_t _size
     cdef Py_ssize_t _capacity
     cdef uint64_t _last_id
+
+    # Generic, as mypy is told: ``PendingCalls[Future[Any]]()`` is a table (the argument is not checked).
+    __class_getitem__ = classmethod(GenericAlias)
 
     def __cinit__(self):
         self._rehash(MIN_SLOTS)
