@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test test-pythons lint demo bench wheels clean
+.PHONY: install test test-pure test-pythons lint demo bench wheels clean
 
 install: $(INSTALLED)
 
@@ -26,6 +26,10 @@ lint: $(INSTALLED)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The suite again on the pure twins (CI runs it after `make test`).
+test-pure: $(INSTALLED)
+	ALMANET_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q
 
 # The suite again with CPython 3.10, 3.12 and 3.13 from pyenv (CI runs it after `make test`).
 test-pythons:

@@ -1,44 +1,21 @@
-"""Shared fixtures.
+"""Shared fixtures (shared helpers are in helpers.py).
 
 Every speedup test runs against both twins through one fixture per hot path.
 Broker tests use the ``almanet_broker`` fixture of almanet's pytest plugin:
-the embedded broker, or an external nsqd with ``ALMANET_TEST_NSQD`` set.
+the embedded broker, and nsqd where there is one.
 """
 
-import asyncio
-import contextlib
-import importlib
-import json
-import socket
-import time
-import urllib.parse
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
 
 import pytest
-from hypothesis import strategies as st
 
-from almanet._speedups import NO_EXTENSIONS
-from almanet.broker.nsqd import find_nsqd, nsqd_process
-from almanet.pytest_plugin import BrokerAddresses, broker_in_thread
+from almanet.pytest_plugin import BrokerAddresses
+from helpers import load_twin
 
 pytest_plugins = ["pytester"]
 
 IMPLEMENTATIONS = ["c", "py"]
-
-
-def load_twin(name: str, implementation: str) -> ModuleType:
-    """The ``c`` or ``py`` twin of hot path ``name``.
-
-    A compiled twin that does not import is a failure, unless
-    ALMANET_NO_EXTENSIONS asked for none.
-    """
-    if implementation == "c" and NO_EXTENSIONS:
-        pytest.skip("ALMANET_NO_EXTENSIONS is set: the compiled twin is not built")
-    return importlib.import_module(f"almanet._speedups.{name}_{implementation}")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -68,73 +45,3 @@ def embedded(almanet_broker: BrokerAddresses) -> BrokerAddresses:
     if not almanet_broker.embedded:
         pytest.skip("tests the embedded broker only")
     return almanet_broker
-
-
-async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` is true, checking every few milliseconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s: {condition}")
-        await asyncio.sleep(0.01)
-
-
-def mutate(draw: st.DrawFn, data: bytes) -> bytes:
-    """Flip, drop or insert a few bytes of ``data``, or cut it short."""
-    mutated = bytearray(data)
-    for _ in range(draw(st.integers(0, 3))):
-        if not mutated:
-            break
-        at = draw(st.integers(0, len(mutated) - 1))
-        action = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
-        if action == "flip":
-            mutated[at] = draw(st.integers(0, 255))
-        elif action == "drop":
-            del mutated[at]
-        elif action == "insert":
-            mutated[at:at] = draw(st.binary(min_size=1, max_size=4))
-        else:
-            del mutated[at:]
-    return bytes(mutated)
-
-
-async def channel_stats(http_address: str, topic: str, channel: str = "ch") -> dict[str, Any] | None:
-    """The channel's entry of ``/stats?format=json``, or None while it does not exist.
-
-    Read in a thread: an embedded broker of the test runs in the test's loop.
-    """
-
-    def get() -> dict[str, Any]:
-        query = urllib.parse.urlencode({"format": "json", "topic": topic})
-        with urllib.request.urlopen(f"http://{http_address}/stats?{query}", timeout=10) as response:
-            report: dict[str, Any] = json.load(response)
-            return report
-
-    report = await asyncio.to_thread(get)
-    for entry in report["topics"] or []:
-        if entry["topic_name"] == topic:
-            return next((stats for stats in entry["channels"] if stats["channel_name"] == channel), None)
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def broker_of_kind(kind: str, tcp_address: str = "127.0.0.1:0", *, max_msg_size: int | None = None) -> Iterator[str]:
-    """A broker of the test's own, ``embedded`` or ``nsqd`` (skipped when it cannot be started); its TCP address."""
-    if kind == "embedded":
-        settings: dict[str, Any] = {} if max_msg_size is None else {"max_msg_size": max_msg_size}
-        with broker_in_thread(tcp_address=tcp_address, http_address="127.0.0.1:0", **settings) as broker:
-            yield broker.tcp_address
-        return
-    executable = find_nsqd()
-    if executable is None:
-        pytest.skip("nsqd is named by ALMANET_TEST_NSQD only: this test starts its own")
-    flags = [f"-tcp-address={tcp_address}"] + ([] if max_msg_size is None else [f"-max-msg-size={max_msg_size}"])
-    with nsqd_process(executable, *flags) as (tcp_address, _):
-        yield tcp_address

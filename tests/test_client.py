@@ -28,7 +28,7 @@ import almanet.nsq.consumer
 from almanet.broker import Broker
 from almanet.nsq import CommandError, ConnectionOptions, Consumer, Message, MessageTooBig, Producer
 from almanet.pytest_plugin import BrokerAddresses
-from conftest import channel_stats, eventually
+from helpers import channel_stats, eventually
 
 pytestmark = pytest.mark.asyncio
 

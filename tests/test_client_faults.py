@@ -27,7 +27,7 @@ from almanet.nsq import (
     ProtocolError,
 )
 from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, OK
-from conftest import eventually
+from helpers import eventually
 
 pytestmark = pytest.mark.asyncio
 

@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import load_twin
+from helpers import load_twin
 
 REPLY_TO = "_almanet.reply.0123456789abcdef#ephemeral"
 DEADLINE = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -14,7 +14,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import load_twin, mutate
+from helpers import load_twin, mutate
 
 codec_settings = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from almanet.nsq.errors import ProtocolError
 from almanet.nsq.protocol import MAGIC_V2
-from conftest import load_twin, mutate
+from helpers import load_twin, mutate
 
 settings.register_profile("codec", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("codec")

@@ -14,7 +14,7 @@ import pytest
 
 import almanet
 from almanet.pytest_plugin import brokers_available
-from conftest import broker_of_kind, free_port
+from helpers import broker_of_kind, free_port
 
 pytestmark = pytest.mark.asyncio
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from conftest import load_twin
+from helpers import load_twin
 
 TIMES = [-math.inf, -1.0, -0.0, 0.0, 1.0, 2.0, 3.0, 1e9, math.inf]
 UNISSUED_IDS = [0, -1, 10_000, 2**64 - 1, 2**64, -(2**64), 10**30]

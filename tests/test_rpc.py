@@ -29,7 +29,7 @@ import almanet
 from almanet._speedups.envelope import encode_invocation
 from almanet.nsq import Producer
 from almanet.pytest_plugin import BrokerAddresses
-from conftest import channel_stats, eventually
+from helpers import channel_stats, eventually
 
 pytestmark = pytest.mark.asyncio
 

@@ -13,7 +13,7 @@ import pytest
 
 import almanet
 from almanet._speedups import NO_EXTENSIONS
-from conftest import load_twin
+from helpers import load_twin
 
 HOT_PATHS = ["envelope", "frames", "pending"]
 
