@@ -23,6 +23,10 @@ Frame = ResponseFrame | ErrorFrame | MessageFrame
 # Long enough for a loaded CI machine; tests waiting for something that must
 # not happen use short explicit timeouts instead.
 TIMEOUT = 5.0
+# How late a deferred or timed-out message may come back: nsqd (and the
+# embedded broker) find them in a scan every 100 ms of a list of channels
+# refreshed every 5 s, so a new channel's are found up to 5.1 s late.
+QUEUE_SCAN_LATENESS = 5.1
 
 
 class RawConnection:
@@ -63,6 +67,10 @@ class RawConnection:
 
     def send(self, data: bytes) -> None:
         self._writer.write(data)
+
+    def send_eof(self) -> None:
+        """Close the sending side: the broker reads the end of the stream, and may still answer."""
+        self._writer.write_eof()
 
     async def frame(self, timeout: float = TIMEOUT, *, heartbeats: bool = False) -> Frame:
         while True:

@@ -1011,8 +1011,11 @@ def test_unknown_expectation(address: str) -> None:
 @pytest.mark.usefixtures("no_broker_errors")
 def test_garbage_is_refused_and_closed(address: str, request_bytes: bytes) -> None:
     reply = exchange(address, request_bytes)
-    assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
-    assert reply.endswith(b"400 Bad Request") or b"400 Bad Request: " in reply
+    # Go versions differ on whether the status line says why too ("400 Bad Request: missing required Host header").
+    assert reply.startswith(b"HTTP/1.1 400 Bad Request"), reply
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head
+    assert body.startswith(b"400 Bad Request"), reply
 
 
 @pytest.mark.usefixtures("no_broker_errors")

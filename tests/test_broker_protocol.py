@@ -1,10 +1,11 @@
 """nsqd's TCP protocol V2 as the broker speaks it, over real sockets.
 
-Every test here runs against the shared broker of the ``almanet_broker``
-fixture: the embedded one, or a real nsqd when ALMANET_TEST_NSQD is set, so
-they assert only what nsqd does (error texts are nsqd's, from its source).
-Timing tests use nsqd's smallest settings (1 s msg_timeout and heartbeat
-interval) and wait for events, never sleep longer than the behaviour needs.
+Every test here runs against the shared brokers of the ``almanet_broker``
+fixture, the embedded one and nsqd, so they assert only what nsqd does
+(error texts are nsqd's, from its source). Timing tests use nsqd's smallest
+settings (1 s msg_timeout and heartbeat interval) and wait for events, never
+sleep longer than the behaviour needs; deferred and timed-out messages may
+come back up to ``QUEUE_SCAN_LATENESS`` late.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from rawnsq import RawConnection
+from rawnsq import QUEUE_SCAN_LATENESS, TIMEOUT, RawConnection
 
 from almanet._speedups.frames import (
     ErrorFrame,
@@ -221,10 +222,44 @@ async def test_the_read_deadline_runs_from_command_to_command(tcp: str, topic: s
 
     trickling = asyncio.ensure_future(trickle())
     try:
-        await connection.closed()  # nsqd: two heartbeat intervals after the IDENTIFY
+        # nsqd: two heartbeat intervals after the IDENTIFY, in the middle of the body.
+        assert await connection.error_then_closed() == b"E_BAD_MESSAGE PUB failed to read message body"
         assert time.monotonic() - started < 3
     finally:
         trickling.cancel()
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"PUB t\n\x00\x00", b"E_BAD_MESSAGE PUB failed to read message body size"),
+        (b"PUB t\n\x00\x00\x00\x05ab", b"E_BAD_MESSAGE PUB failed to read message body"),
+        (b"DPUB t 10\n", b"E_BAD_MESSAGE DPUB failed to read message body size"),
+        (b"IDENTIFY\n\x00\x00\x00\x10{", b"E_BAD_BODY IDENTIFY failed to read body"),
+        (b"MPUB t\n\x00\x00\x00\x20\x00\x00", b"E_BAD_BODY MPUB failed to read message count"),
+        (
+            b"MPUB t\n\x00\x00\x00\x20\x00\x00\x00\x02\x00\x00\x00\x01a\x00",
+            b"E_BAD_MESSAGE MPUB failed to read message(1) body size",
+        ),
+        (
+            b"MPUB t\n\x00\x00\x00\x20\x00\x00\x00\x02\x00\x00\x00\x05ab",
+            b"E_BAD_MESSAGE MPUB failed to read message body",
+        ),
+    ],
+)
+async def test_a_body_cut_short_by_the_end_of_the_stream_is_refused(tcp: str, data: bytes, error: bytes) -> None:
+    connection = await RawConnection.open(tcp)
+    connection.send(data)
+    connection.send_eof()
+    assert await connection.error_then_closed() == error
+
+
+async def test_a_command_line_cut_short_by_the_end_of_the_stream_gets_no_answer(tcp: str) -> None:
+    connection = await RawConnection.open(tcp)
+    connection.send(encode_pub("t", b"done") + b"PUB t")
+    connection.send_eof()
+    assert await connection.frame() == ResponseFrame(OK)  # what came before is answered
+    await connection.closed()
 
 
 async def test_sub_needs_heartbeats(tcp: str, topic: str) -> None:
@@ -380,7 +415,7 @@ async def test_req_with_a_delay_redelivers_after_it(tcp: str, topic: str) -> Non
     message = await connection.message()
     requeued = time.monotonic()
     connection.send(encode_req(message.id, 500))
-    again = await connection.message()
+    again = await connection.message(TIMEOUT + QUEUE_SCAN_LATENESS)
     assert time.monotonic() - requeued >= 0.45
     assert (again.id, again.attempts) == (message.id, 2)
     connection.send(encode_fin(again.id))
@@ -392,7 +427,7 @@ async def test_msg_timeout_redelivers_what_was_never_finished(tcp: str, topic: s
     connection = await RawConnection.consumer(tcp, topic, "c", msg_timeout=1000)
     message = await connection.message()
     sent = time.monotonic()
-    again = await connection.message()
+    again = await connection.message(TIMEOUT + QUEUE_SCAN_LATENESS)
     assert time.monotonic() - sent >= 0.9
     assert (again.id, again.attempts) == (message.id, 2)
     connection.send(encode_fin(message.id))
@@ -407,26 +442,31 @@ async def test_touch_extends_the_msg_timeout(tcp: str, topic: str) -> None:
     connection.send(encode_touch(message.id))
     touched = time.monotonic()
     await connection.nothing(0.7)  # past the original deadline
-    again = await connection.message()
+    again = await connection.message(TIMEOUT + QUEUE_SCAN_LATENESS)
     assert time.monotonic() - touched >= 0.9
     assert again.attempts == 2
     connection.send(encode_fin(again.id))
     await connection.close()
 
 
-async def test_each_message_times_out_on_time_after_another_comes_back(tcp: str, topic: str) -> None:
-    connection = await RawConnection.consumer(tcp, topic, "c", rdy=2, msg_timeout=1000)
+async def test_each_message_times_out_no_sooner_than_its_own_msg_timeout(tcp: str, topic: str) -> None:
+    # Unbuffered: each message reaches the test when the broker starts its clock.
+    connection = await RawConnection.consumer(tcp, topic, "c", rdy=2, msg_timeout=1000, output_buffer_size=-1)
     await publish(tcp, topic, b"first")
     await connection.message()
+    first_delivered = time.monotonic()
     await asyncio.sleep(0.3)
     await publish(tcp, topic, b"second")
-    second = await connection.message()
-    delivered = time.monotonic()
-    # "first" times out 0.3 s earlier and comes back to this consumer: "second" still times out 1 s after it came.
-    again = [await connection.message() for _ in range(2)]
-    assert [message.body for message in again] == [b"first", b"second"]
-    assert time.monotonic() - delivered < 1.4
-    connection.send(encode_fin(second.id))
+    await connection.message()
+    second_delivered = time.monotonic()
+    first = await connection.message(TIMEOUT + QUEUE_SCAN_LATENESS)
+    first_back = time.monotonic()
+    second = await connection.message(TIMEOUT + QUEUE_SCAN_LATENESS)
+    second_back = time.monotonic()
+    assert [first.body, second.body] == [b"first", b"second"]  # in the order of their deadlines
+    assert first_back - first_delivered >= 0.95
+    assert second_back - second_delivered >= 0.95
+    connection.send(encode_fin(first.id) + encode_fin(second.id))
     await connection.close()
 
 
@@ -500,7 +540,7 @@ async def test_dpub_delivers_after_the_defer(tcp: str, topic: str) -> None:
     published = time.monotonic()
     assert await publisher.frame() == ResponseFrame(OK)
     assert (await consumer.message()).body == b"now"
-    deferred = await consumer.message()
+    deferred = await consumer.message(TIMEOUT + QUEUE_SCAN_LATENESS)
     assert (deferred.body, deferred.attempts) == (b"deferred", 1)
     assert time.monotonic() - published >= 0.45
     await publisher.close()
@@ -525,7 +565,8 @@ async def test_each_channel_gets_every_message(tcp: str, topic: str) -> None:
 async def test_a_channel_shares_messages_among_its_consumers(
     almanet_broker: BrokerAddresses, tcp: str, topic: str
 ) -> None:
-    consumers = [await RawConnection.consumer(tcp, topic, "shared", rdy=100) for _ in range(2)]
+    # Unbuffered, so that a short wait tells a consumer has nothing more.
+    consumers = [await RawConnection.consumer(tcp, topic, "shared", rdy=100, output_buffer_size=-1) for _ in range(2)]
     # RDY has no reply: wait until the broker has both, or one may take everything.
     await wait_until(
         lambda: (
@@ -563,7 +604,7 @@ async def test_a_vanished_consumer_messages_go_to_the_others(tcp: str, topic: st
     message = await vanishing.message()
     await vanishing.close()
     staying.send(encode_rdy(1))
-    again = await staying.message()
+    again = await staying.message(TIMEOUT + QUEUE_SCAN_LATENESS)
     assert (again.id, again.body, again.attempts) == (message.id, b"orphan", 2)
     await staying.close()
 

@@ -10,7 +10,8 @@ where nsqd does.
 A minimal HTTP/1.1 server that behaves as Go's net/http where a client can
 tell: keep-alive, ``Content-Length`` or chunked request bodies, ``Expect:
 100-continue``, and a plain-text 400 (or 417, 431, 501, 505) followed by
-closing the connection for a request it cannot parse.
+closing the connection for a request it cannot parse, in the words of Go
+1.19, which nsqd v1.3.0's release is built with.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_HOST = re.compile(r"[^0-9A-Za-z!$%&'()*+,\-.:;=\[\]_~]")
 _BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
 _CHUNK_SIZE = re.compile(rb"([0-9a-fA-F]{1,16})(?:;.*)?")
 _INT32 = struct.Struct(">i")
@@ -104,7 +106,7 @@ class Response:
 class Request:
     """A request as the handlers see it: query and body are looked at on demand, as nsqd does."""
 
-    __slots__ = ("_body", "_query", "_raw_query", "content_length", "method", "path")
+    __slots__ = ("_body", "_query", "_raw_query", "body_read", "content_length", "method", "path")
 
     def __init__(
         self, method: str, path: str, raw_query: str, content_length: int | None, body: bytes | Unread
@@ -115,6 +117,7 @@ class Request:
         self._raw_query = raw_query
         self._query: dict[str, str] | None = None
         self._body = body
+        self.body_read = False  # the handler read the body (where Go sends 100 Continue)
 
     @property
     def query(self) -> dict[str, str]:
@@ -129,6 +132,7 @@ class Request:
     def read_body(self) -> bytes | None:
         """The body, None if larger than the route reads; a malformed one fails as nsqd's read does."""
         body = self._body
+        self.body_read = body is not Unread.TOO_BIG  # refused by its declared size, unread
         if body is Unread.MALFORMED:
             raise HTTPError(500, "INTERNAL_ERROR")
         return None if body is Unread.TOO_BIG else body
@@ -156,16 +160,27 @@ class Request:
 
 
 class _BadRequest(Exception):
-    """A request Go's HTTP server refuses before any handler sees it."""
+    """A request Go's HTTP server refuses before any handler sees it; ``detail`` for those it says why."""
 
     def __init__(self, status: int, detail: str = "") -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
 
-    def response(self) -> Response:
-        text = f"{self.status} {_REASONS[self.status]}" + (f": {self.detail}" if self.detail else "")
-        return Response(self.status, text.encode(), _TEXT, nsq_header=False)
+    def reply(self) -> bytes:
+        """Go's reply, which it writes itself: no Date or Content-Length, but for 417."""
+        status = f"{self.status} {_REASONS[self.status]}"
+        if self.status == 417:
+            headers = f"Connection: close\r\nDate: {_http_date()}\r\nContent-Length: 0"
+            return f"HTTP/1.1 {status}\r\n{headers}\r\n\r\n".encode()
+        if self.detail:
+            status += f": {self.detail}"
+        body = "Unsupported transfer encoding" if self.status == 501 else status
+        return f"HTTP/1.1 {status}\r\nContent-Type: {_TEXT}\r\nConnection: close\r\n\r\n{body}".encode()
+
+
+def _http_date() -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
 
 
 class _Head:
@@ -313,7 +328,9 @@ class HTTPConnection(asyncio.Protocol):
                 try:
                     head = self._read_head()
                 except _BadRequest as error:
-                    self._respond(error.response(), close=True)
+                    assert self._transport is not None
+                    self._transport.write(error.reply())
+                    self._close_after_reply(self._transport)
                     return
                 if head is None:
                     return
@@ -361,8 +378,12 @@ class HTTPConnection(asyncio.Protocol):
 
     def _answer(self, head: _Head, body: bytes | Unread) -> None:
         self._head = self._body = None
+        request = Request(head.method, head.path, head.raw_query, head.content_length, body)
+        response = self._api.handle(request)
+        if request.body_read and head.content_length != 0:
+            # Go sends it when the handler reads the body, even one already here.
+            self._expect_continue(head)
         self._continue_sent = False
-        response = self._api.handle(Request(head.method, head.path, head.raw_query, head.content_length, body))
         # What is left of an unread body would be taken for the next request.
         close = not head.keep_alive or isinstance(body, Unread)
         self._respond(response, close=close, http10=head.http10, head_only=head.method == "HEAD")
@@ -370,26 +391,35 @@ class HTTPConnection(asyncio.Protocol):
     def _respond(self, response: Response, *, close: bool, http10: bool = False, head_only: bool = False) -> None:
         transport = self._transport
         assert transport is not None
+        # Go writes the handler's headers by name, then those it adds itself: a
+        # plain-text type is the one it sniffs from a body nsqd gives no type.
+        sniffed = response.content_type == _TEXT
         lines = [f"HTTP/1.{0 if http10 else 1} {response.status} {_REASONS.get(response.status, '')}"]
         if response.allow is not None:
             lines.append(f"Allow: {response.allow}")
-        if response.content_type is not None:
+        if response.content_type is not None and not sniffed:
             lines.append(f"Content-Type: {response.content_type}")
         if response.nsq_header:
             lines.append("X-Nsq-Content-Type: nsq; version=1.0")
-        lines.append(f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}")
+        lines.append(f"Date: {_http_date()}")
         lines.append(f"Content-Length: {len(response.body)}")
-        if close:
+        if sniffed:
+            lines.append(f"Content-Type: {_TEXT}")
+        if http10:
+            if not close:
+                lines.append("Connection: keep-alive")
+        elif close:
             lines.append("Connection: close")
-        elif http10:
-            lines.append("Connection: keep-alive")
         transport.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else response.body))
         if close:
-            self._closing = True
-            self._buffer.clear()
-            if transport.can_write_eof():
-                transport.write_eof()
-            self._close_timer = asyncio.get_running_loop().call_later(_LINGER, transport.close)
+            self._close_after_reply(transport)
+
+    def _close_after_reply(self, transport: asyncio.Transport) -> None:
+        self._closing = True
+        self._buffer.clear()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._close_timer = asyncio.get_running_loop().call_later(_LINGER, transport.close)
 
 
 class API:
@@ -423,8 +453,11 @@ class API:
             return _error_response(HTTPError(404, "NOT_FOUND"))
         method, handler = route
         if request.method != method:
-            # httprouter names the route's methods in Allow.
-            return Response(405, _error_body("METHOD_NOT_ALLOWED"), _JSON, allow=method)
+            # httprouter names the route's methods in Allow, and answers OPTIONS itself.
+            allow = ", ".join(sorted([method, "OPTIONS"]))
+            if request.method == "OPTIONS":
+                return Response(200, b"", None, nsq_header=False, allow=allow)
+            return Response(405, _error_body("METHOD_NOT_ALLOWED"), _JSON, allow=allow)
         try:
             return handler(request)
         except HTTPError as error:
@@ -601,45 +634,55 @@ def _binary_mpub_end(body: bytes) -> int:
     return end
 
 
-def _parse_request_line(line: str) -> tuple[str, str, str, bool]:
-    """Method, path, raw query and whether it is HTTP/1.0, as Go's server reads a request line."""
+def _parse_request_line(line: str) -> tuple[str, str, str, str]:
+    """Method, path, raw query and version, as Go's server reads a request line."""
     method, _, rest = line.partition(" ")
     target, _, version = rest.partition(" ")
-    version_match = _VERSION.fullmatch(version)
     raw_path, _, raw_query = target.partition("?")
     if (
-        version_match is None
+        _VERSION.fullmatch(version) is None
         or not _TOKEN.fullmatch(method)
         or not (raw_path.startswith("/") or target == "*")
         or _CONTROL.search(target)
         or _BAD_ESCAPE.search(raw_path)
     ):
         raise _BadRequest(400)
-    if version_match[1] != "1":
-        raise _BadRequest(505, "unsupported protocol version")
-    return method, unquote(raw_path, errors="surrogateescape"), raw_query, version == "HTTP/1.0"
+    return method, unquote(raw_path, errors="surrogateescape"), raw_query, version
 
 
 def _parse_head(head: str) -> _Head:
+    """The request's head, refused in the order Go's server checks it."""
     request_line, *field_lines = head.split("\n")
-    method, path, raw_query, http10 = _parse_request_line(request_line.removesuffix("\r"))
+    method, path, raw_query, version = _parse_request_line(request_line.removesuffix("\r"))
+    http10 = version == "HTTP/1.0"
     fields: dict[str, list[str]] = {}
+    names: list[str] = []
     for line in field_lines:
         name, colon, value = line.removesuffix("\r").partition(":")
-        value = value.strip(" \t")
-        if not colon or not _TOKEN.fullmatch(name) or _CONTROL_BUT_TAB.search(value):
+        if not colon:
             raise _BadRequest(400)
-        fields.setdefault(name.lower(), []).append(value)
+        if not name:
+            continue  # Go skips a field without a name
+        names.append(name)
+        fields.setdefault(name.lower(), []).append(value.strip(" \t"))
     hosts = fields.get("host", [])
-    if not hosts and not http10:
-        raise _BadRequest(400, "missing required Host header")
     if len(hosts) > 1:
-        raise _BadRequest(400, "too many Host headers")
+        raise _BadRequest(400)
     # Go ignores Transfer-Encoding in HTTP/1.0, knows only chunked, and then ignores Content-Length.
     transfer_encodings = [] if http10 else [value.lower() for value in fields.get("transfer-encoding", [])]
     if transfer_encodings not in ([], ["chunked"]):
-        raise _BadRequest(501, "unsupported transfer encoding")
+        raise _BadRequest(501)
     content_length = None if transfer_encodings else _content_length(fields.get("content-length", []))
+    if version[5] != "1":
+        raise _BadRequest(505, "unsupported protocol version")
+    if not hosts and not http10:
+        raise _BadRequest(400, "missing required Host header")
+    if hosts and _BAD_HOST.search(hosts[0]):
+        raise _BadRequest(400, "malformed Host header")
+    if not all(_TOKEN.fullmatch(name) for name in names):
+        raise _BadRequest(400, "invalid header name")
+    if any(_CONTROL_BUT_TAB.search(value) for values in fields.values() for value in values):
+        raise _BadRequest(400, "invalid header value")
     connection = fields.get("connection", [""])[0]
     keep_alive = _has_token(connection, "keep-alive") if http10 else not _has_token(connection, "close")
     expect = fields.get("expect", [""])[0]

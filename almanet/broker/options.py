@@ -51,7 +51,7 @@ class BrokerOptions:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_msg_size > self.max_body_size:
             raise ValueError("max_msg_size must not exceed max_body_size")
-        for name in ("msg_timeout", "max_msg_timeout", "max_heartbeat_interval"):
+        for name in ("msg_timeout", "max_msg_timeout", "max_heartbeat_interval", "output_buffer_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.msg_timeout > self.max_msg_timeout:

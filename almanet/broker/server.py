@@ -13,6 +13,7 @@ from almanet import loops
 from almanet._version import __version__
 from almanet.broker.http import HTTPConnection
 from almanet.broker.options import BrokerOptions, split_address
+from almanet.broker.queuescan import QueueScan
 from almanet.broker.tcp import ClientConnection
 from almanet.broker.topics import Topic
 
@@ -39,6 +40,7 @@ class Broker:
         self._http_connections: set[HTTPConnection] = set()
         self._message_ids = itertools.count(1)
         self._servers: list[asyncio.Server] = []
+        self._queue_scan = QueueScan(self)
         self.tcp_address = ""
         self.http_address = ""
 
@@ -75,12 +77,14 @@ class Broker:
             raise
         self.tcp_address = _bound_address(tcp)
         self.http_address = _bound_address(http)
+        self._queue_scan.start()
         logger.info("TCP: listening on %s", self.tcp_address)
         logger.info("HTTP: listening on %s", self.http_address)
 
     async def stop(self) -> None:
         """Stop listening, close every connection and drop the messages (nothing is durable)."""
         servers, self._servers = self._servers, []
+        self._queue_scan.stop()
         for server in servers:
             server.close()
         # Closing would wait for clients that do not read.

@@ -3,8 +3,9 @@
 Commands are handled as nsqd handles them (``protocol_v2.go`` and
 ``client_v2.go`` in nsqd's source), with its error codes and texts. Only
 FIN, REQ and TOUCH failures leave the connection open; every other error
-frame is followed by closing it. Frames produced while handling one read are
-written together once per loop iteration.
+frame is followed by closing it. What is sent reaches the client when nsqd's
+output buffering would let it (see ``output``). Timed-out in-flight messages
+are taken back by the broker's queue scan (see ``queuescan``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -26,11 +28,12 @@ from almanet._speedups.frames import (
     encode_response,
     is_valid_name,
     parse_base10,
+    split_mpub,
 )
+from almanet.broker.output import ClientOutput
 from almanet.broker.topics import Channel, Message, QueueFull, Topic
 from almanet.nsq.errors import CommandError, ProtocolError, go_quote, wire_text
-from almanet.nsq.output import CoalescedOutput
-from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, MESSAGE_ID_SIZE, OK
+from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, MAGIC_V2, MESSAGE_ID_SIZE, OK
 
 if TYPE_CHECKING:
     from almanet.broker.server import Broker
@@ -44,6 +47,8 @@ STATE_CLOSING = 4
 
 # nsqd's default: half its 60 s client timeout.
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
+# nsqd's default output buffer size (its defaultBufferSize).
+DEFAULT_OUTPUT_BUFFER_SIZE = 16 * 1024
 
 # How many topics a connection remembers it published to.
 _PUBLISHED_TOPICS_CACHED = 64
@@ -84,7 +89,10 @@ class ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = CommandParser(options.max_msg_size, options.max_body_size, broker.max_req_timeout_ms)
         self._transport: asyncio.Transport | None = None
-        self._output = CoalescedOutput(self._loop)
+        self._output = ClientOutput(self._loop, DEFAULT_OUTPUT_BUFFER_SIZE, options.output_buffer_timeout)
+        # nsqd makes a client of a connection, with its message pump, heartbeats
+        # and read deadline, once the protocol magic has come.
+        self._magic_bytes_due = len(MAGIC_V2)
         self._handlers: dict[bytes, Callable[[Command], None]] = {
             b"IDENTIFY": self._identify,
             b"AUTH": self._auth,
@@ -102,7 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = STATE_INIT
         self.closed = False
         self.channel: Channel | None = None
-        self.in_flight: dict[bytes, Message] = {}  # in order of deadline (see _touch)
+        self.in_flight: dict[bytes, Message] = {}  # in order of deadline, but see _capped_deadline
         self.ready_count = 0
         self.writing_paused = False  # the client does not read what we send
         # Negotiated with IDENTIFY; seconds as floats.
@@ -111,8 +119,6 @@ class ClientConnection(asyncio.Protocol):
         self.user_agent = ""
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self.msg_timeout = options.msg_timeout
-        self.output_buffer_size = 16 * 1024
-        self.output_buffer_timeout = options.output_buffer_timeout
         self.sample_rate = 0
         # For /stats.
         self.remote_address = ""
@@ -123,11 +129,14 @@ class ClientConnection(asyncio.Protocol):
         self.pub_counts: dict[str, int] = {}
         self._published_topics: dict[bytes, Topic] = {}  # by wire name: no decode and lookup per PUB
         self._last_read = self._loop.time()
+        self._unparsed: list[bytes] = []  # the reads holding what the parser has not made a command of yet
         self._finished = False  # FINs of this read freed RDY slots
+        # The earliest deadline a TOUCH capped at max_msg_timeout: from then on,
+        # in_flight may be out of deadline order.
+        self._capped_deadline = math.inf
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._read_deadline_timer: asyncio.TimerHandle | None = None
         self._write_deadline_timer: asyncio.TimerHandle | None = None
-        self._timeout_timer: asyncio.TimerHandle | None = None
 
     # --- connection -------------------------------------------------------
 
@@ -139,9 +148,14 @@ class ClientConnection(asyncio.Protocol):
         if peer:
             self.remote_address = f"{peer[0]}:{peer[1]}"
         self._broker.clients.add(self)
-        self._arm_heartbeat()
 
     def data_received(self, data: bytes) -> None:
+        if self._magic_bytes_due:
+            self._magic_bytes_due = max(0, self._magic_bytes_due - len(data))
+            if not self._magic_bytes_due:
+                self.connect_ts = int(time.time())
+                self._output.restart_ticker(self._broker.options.output_buffer_timeout)
+                self._arm_heartbeat()
         parser = self._parser
         parser.feed(data)
         handlers = self._handlers
@@ -163,6 +177,13 @@ class ClientConnection(asyncio.Protocol):
             # nsqd's read deadline runs from one whole command to the next:
             # a command trickling in byte by byte does not put it off.
             self._last_read = self._loop.time()
+        unparsed = parser.buffered
+        if unparsed > len(data):
+            self._unparsed.append(data)
+        elif unparsed:
+            self._unparsed = [data]
+        elif self._unparsed:
+            self._unparsed = []
         if self._finished:
             # The channel refills the RDY slots FINs freed once per read, not once per FIN.
             self._finished = False
@@ -170,7 +191,18 @@ class ClientConnection(asyncio.Protocol):
             self.channel.dispatch()
 
     def eof_received(self) -> bool:
-        return False  # close our side too
+        self._refuse_cut_short_command()
+        self.close()
+        return True
+
+    def _refuse_cut_short_command(self) -> None:
+        """nsqd's error for a command whose body stops coming (end of stream, read deadline)."""
+        unparsed = self._parser.buffered
+        if unparsed and not self.closed:
+            options = self._broker.options
+            error = _cut_short_error(b"".join(self._unparsed)[-unparsed:], options.max_msg_size, options.max_body_size)
+            if error is not None:
+                self._send(encode_error(error.data))
 
     def pause_writing(self) -> None:
         # The client does not read what we send. Blocked writing to it, nsqd
@@ -207,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.ready_count = 0
-        self._output.flush()
+        self._output.close()
         if self._transport is not None:
             self._transport.close()
             if self._transport.get_write_buffer_size():
@@ -222,7 +254,7 @@ class ClientConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _send(self, frame: bytes) -> None:
-        self._output.write(frame)
+        self._output.send(frame)
 
     def _send_error(self, code: str, description: str) -> None:
         """An error frame that leaves the connection open (FIN, REQ and TOUCH failures)."""
@@ -260,6 +292,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._read_deadline_timer = None
         logger.debug("closing %s: nothing read for two heartbeat intervals", self.remote_address)
+        self._refuse_cut_short_command()
         self.close()
 
     def _arm_write_deadline(self) -> None:
@@ -283,63 +316,54 @@ class ClientConnection(asyncio.Protocol):
         logger.debug("closing %s: it read nothing for a heartbeat interval", self.remote_address)
         self.abort()
 
-    def _arm_timeouts(self) -> None:
-        if self._timeout_timer is None and self.in_flight:
-            first = next(iter(self.in_flight.values()))
-            self._timeout_timer = self._loop.call_at(first.deadline, self._expire_in_flight)
-
-    def _expire_in_flight(self) -> None:
-        """Give back the messages whose msg_timeout passed (to the channel's tail, as nsqd)."""
-        self._timeout_timer = None
-        now = self._loop.time()
-        expired = []
-        for message in self.in_flight.values():
-            if message.deadline > now:
-                break
-            expired.append(message)
-        self._give_back_expired(expired)
-
-    def _expire_any_in_flight(self) -> None:
-        """The check for touched messages whose deadline is capped out of order."""
-        now = self._loop.time()
-        self._give_back_expired([message for message in self.in_flight.values() if message.deadline <= now])
-
-    def _give_back_expired(self, expired: list[Message]) -> None:
-        channel = self.channel
-        assert channel is not None
+    def take_timed_out(self, now: float) -> list[Message]:
+        """Take the in-flight messages whose msg_timeout passed by ``now`` (the queue scan gives them back)."""
+        in_flight = self.in_flight
+        if now >= self._capped_deadline:
+            expired = [message for message in in_flight.values() if message.deadline <= now]
+            max_msg_timeout = self._broker.options.max_msg_timeout
+            self._capped_deadline = min(
+                (
+                    message.deadline
+                    for message in in_flight.values()
+                    if now < message.deadline == message.delivered_at + max_msg_timeout
+                ),
+                default=math.inf,
+            )
+        else:
+            expired = []
+            for message in in_flight.values():
+                if message.deadline > now:
+                    break
+                expired.append(message)
         for message in expired:
-            del self.in_flight[message.id]
-        if self.closed and not self.in_flight and self in channel.departed:
-            channel.departed.remove(self)
-        # Before the requeues, which may deliver to this client again: those
-        # new deadlines come after the earliest one still in flight.
-        self._arm_timeouts()
-        for message in expired:
-            channel.requeue(message, 0.0, timed_out=True)
+            del in_flight[message.id]
+        return expired
 
     def forget_in_flight(self) -> None:
         """The channel was emptied: its in-flight messages are gone."""
         self.in_flight.clear()
-        if self._timeout_timer is not None:
-            self._timeout_timer.cancel()
-            self._timeout_timer = None
+        self._capped_deadline = math.inf
 
     # --- delivery -----------------------------------------------------------
 
-    def deliver(self, message: Message, channel: Channel, now: float) -> None:
-        """Send ``message`` and hold it in flight until FIN, REQ or msg_timeout."""
+    def deliver(self, message: Message, channel: Channel, now: float) -> bool:
+        """Send ``message`` and hold it in flight until FIN, REQ or msg_timeout; whether RDY allows more."""
+        in_flight = self.in_flight
         if self.sample_rate and random.randrange(100) > self.sample_rate:
-            return  # nsqd drops the messages a sampling client does not take
+            return self.ready_count > len(in_flight)  # nsqd drops the messages a sampling client does not take
         message.attempts += 1
         message.delivered_at = now
         message.deadline = now + self.msg_timeout
-        self.in_flight[message.id] = message
+        in_flight[message.id] = message
         channel.in_flight_count += 1
         self.message_count += 1
-        if self._timeout_timer is None:
-            self._timeout_timer = self._loop.call_at(message.deadline, self._expire_in_flight)
+        ready_for_more = self.ready_count > len(in_flight)
         # attempts is a uint16 on the wire and wraps there, as in nsqd.
-        self._send(encode_message(message.timestamp, message.attempts & 0xFFFF, message.id, message.body))
+        self._output.send_message(
+            encode_message(message.timestamp, message.attempts & 0xFFFF, message.id, message.body), ready_for_more
+        )
+        return ready_for_more
 
     # --- commands -----------------------------------------------------------
 
@@ -349,15 +373,17 @@ class ClientConnection(asyncio.Protocol):
         assert command.body is not None
         data = _decode_identify(command.body)
         options = self._broker.options
+        output = self._output
         heartbeat_interval = data.get("heartbeat_interval", 0)
         if heartbeat_interval == -1:
             self.heartbeat_interval = 0
         elif heartbeat_interval != 0:
             _check_range("heartbeat interval", heartbeat_interval, 1000, options.max_heartbeat_interval * 1000)
             self.heartbeat_interval = heartbeat_interval / 1000
+        flush_interval = output.flush_interval
         buffer_timeout = data.get("output_buffer_timeout", 0)
         if buffer_timeout == -1:
-            self.output_buffer_timeout = 0
+            flush_interval = 0
         elif buffer_timeout != 0:
             _check_range(
                 "output buffer timeout",
@@ -365,14 +391,14 @@ class ClientConnection(asyncio.Protocol):
                 options.min_output_buffer_timeout * 1000,
                 options.max_output_buffer_timeout * 1000,
             )
-            self.output_buffer_timeout = buffer_timeout / 1000
+            flush_interval = buffer_timeout / 1000
         buffer_size = data.get("output_buffer_size", 0)
         if buffer_size == -1:
-            self.output_buffer_size = 1
-            self.output_buffer_timeout = 0
+            # Every write goes straight to the socket.
+            buffer_size = 1
+            flush_interval = 0
         elif buffer_size != 0:
             _check_range("output buffer size", buffer_size, 64, options.max_output_buffer_size)
-            self.output_buffer_size = buffer_size
         sample_rate = data.get("sample_rate", 0)
         _check_range("sample rate", sample_rate, 0, 99)
         msg_timeout = data.get("msg_timeout", 0)
@@ -383,6 +409,9 @@ class ClientConnection(asyncio.Protocol):
         self.client_id = data.get("client_id", "")
         self.hostname = data.get("hostname", "")
         self.user_agent = data.get("user_agent", "")
+        if buffer_size:
+            output.size = buffer_size
+        output.restart_ticker(flush_interval)
         self._arm_heartbeat()
         if not data.get("feature_negotiation", False):
             self._send(_OK_FRAME)
@@ -400,8 +429,8 @@ class ClientConnection(asyncio.Protocol):
             "snappy": False,
             "sample_rate": self.sample_rate,
             "auth_required": False,
-            "output_buffer_size": self.output_buffer_size,
-            "output_buffer_timeout": int(self.output_buffer_timeout * 1000),
+            "output_buffer_size": output.size,
+            "output_buffer_timeout": round(output.flush_interval * 1000),
         }
         self._send(encode_response(json.dumps(response, separators=(",", ":")).encode()))
 
@@ -443,6 +472,8 @@ class ClientConnection(asyncio.Protocol):
         if count > max_rdy_count:
             raise CommandError("E_INVALID", f"RDY count {count} out of range 0-{max_rdy_count}")
         self.ready_count = count
+        if count <= len(self.in_flight):
+            self._output.flush()  # nsqd's pump flushes a client ready for no more messages
         assert self.channel is not None
         self.channel.dispatch()
 
@@ -495,12 +526,9 @@ class ClientConnection(asyncio.Protocol):
         deadline = self._loop.time() + self.msg_timeout
         latest = message.delivered_at + self._broker.options.max_msg_timeout
         if deadline >= latest:
-            # Capped by max_msg_timeout, it may now expire before messages
-            # ahead of it in in_flight: a timer of its own catches that, set
-            # once however often the client touches it.
-            if message.deadline != latest:
-                self._loop.call_at(latest, self._expire_any_in_flight)
+            # Capped by max_msg_timeout, it may now expire before messages ahead of it in in_flight.
             deadline = latest
+            self._capped_deadline = min(self._capped_deadline, latest)
         message.deadline = deadline
         self.in_flight[message_id] = message  # to the end: in_flight stays in deadline order
 
@@ -509,6 +537,7 @@ class ClientConnection(asyncio.Protocol):
             raise CommandError("E_INVALID", "cannot CLS in current state")
         self.ready_count = 0
         self.state = STATE_CLOSING
+        self._output.flush()
         self._send(_CLOSE_WAIT_FRAME)
 
     def _nop(self, command: Command) -> None:
@@ -565,6 +594,44 @@ def _decode_identify(body: bytes) -> dict[str, Any]:
             raise _bad_identify_json()
         fields[field] = _LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
     return fields
+
+
+# What nsqd says when a body command's size or body stops coming, by command.
+_CUT_SHORT_SIZE = {
+    b"IDENTIFY": ("E_BAD_BODY", "IDENTIFY failed to read body size"),
+    b"AUTH": ("E_BAD_BODY", "AUTH failed to read body size"),
+    b"PUB": ("E_BAD_MESSAGE", "PUB failed to read message body size"),
+    b"DPUB": ("E_BAD_MESSAGE", "DPUB failed to read message body size"),
+    b"MPUB": ("E_BAD_BODY", "MPUB failed to read body size"),
+}
+_CUT_SHORT_BODY = {
+    b"IDENTIFY": ("E_BAD_BODY", "IDENTIFY failed to read body"),
+    b"AUTH": ("E_BAD_BODY", "AUTH failed to read body"),
+    b"PUB": ("E_BAD_MESSAGE", "PUB failed to read message body"),
+    b"DPUB": ("E_BAD_MESSAGE", "DPUB failed to read message body"),
+}
+
+
+def _cut_short_error(pending: bytes, max_msg_size: int, max_body_size: int) -> CommandError | None:
+    """nsqd's error for the command ``pending`` begins, cut short; None while its line is incomplete.
+
+    The parser has checked whatever of it came before the cut.
+    """
+    line_end = pending.find(b"\n")
+    if line_end < 0:
+        return None  # nsqd closes without a word
+    name = pending[:line_end].split(b" ", 1)[0].removesuffix(b"\r")
+    size_at = line_end + 1
+    if len(pending) - size_at < 4:
+        return CommandError(*_CUT_SHORT_SIZE[name])
+    if name != b"MPUB":
+        return CommandError(*_CUT_SHORT_BODY[name])
+    # nsqd reads MPUB's messages one by one: the error is about the first one cut short.
+    try:
+        split_mpub(pending, size_at + 4, len(pending), max_msg_size, max_body_size)
+    except CommandError as error:
+        return error
+    return None
 
 
 def _reject_constant(name: str) -> None:

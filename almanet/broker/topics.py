@@ -5,7 +5,9 @@ published while it has no channel until one appears. A channel queues its
 messages, defers those published with DPUB or requeued with a delay, and
 hands them out round-robin to those of its subscribers whose RDY allows.
 In-flight messages belong to the subscriber they were sent to (see
-``tcp.ClientConnection``); it gives them back on REQ and on msg_timeout.
+``tcp.ClientConnection``); it gives them back on REQ. As in nsqd, deferred
+messages and those whose msg_timeout passed come back when the broker's
+queue scan finds them (see ``queuescan``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import operator
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -58,7 +61,6 @@ class Channel:
         self.timeout_count = 0
         self._deferred: list[tuple[float, int, Message]] = []  # heap by due time
         self._deferred_seq = itertools.count()
-        self._deferred_timer: asyncio.TimerHandle | None = None
         self._next_client = 0  # round-robin position
 
     @property
@@ -96,41 +98,48 @@ class Channel:
             self.queue.append(message)
 
     def _defer(self, message: Message, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time() + delay
+        due = asyncio.get_running_loop().time() + delay
         heapq.heappush(self._deferred, (due, next(self._deferred_seq), message))
-        if self._deferred_timer is None or due < self._deferred_timer.when():
-            if self._deferred_timer is not None:
-                self._deferred_timer.cancel()
-            self._deferred_timer = loop.call_at(due, self._release_deferred)
 
-    def requeue(self, message: Message, delay: float, *, timed_out: bool = False) -> None:
-        """An in-flight message given back by REQ or by its msg_timeout."""
+    def requeue(self, message: Message, delay: float) -> None:
+        """An in-flight message given back by REQ."""
         self.in_flight_count -= 1
         if self.deleted:
             return
-        if timed_out:
-            self.timeout_count += 1
-        else:
-            self.requeue_count += 1
+        self.requeue_count += 1
         if delay > 0:
             self._defer(message, delay)
         else:
             self.queue.append(message)
         self.dispatch()
 
-    def _release_deferred(self) -> None:
-        self._deferred_timer = None
+    def scan(self, now: float) -> bool:
+        """Queue the messages whose msg_timeout or defer passed by ``now``; whether there were any.
+
+        nsqd's queue scan of one channel: timed-out messages first, in
+        deadline order, then the deferred ones due, to the queue's tail.
+        """
         if self.deleted:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+            return False
+        queue = self.queue
+        queued = len(queue)
+        timed_out: list[Message] = []
+        for client in itertools.chain(self.clients, self.departed):
+            if client.in_flight:
+                timed_out += client.take_timed_out(now)
+        if timed_out:
+            timed_out.sort(key=operator.attrgetter("deadline"))
+            self.in_flight_count -= len(timed_out)
+            self.timeout_count += len(timed_out)
+            queue.extend(timed_out)
+            self.departed = [client for client in self.departed if client.in_flight]
         deferred = self._deferred
         while deferred and deferred[0][0] <= now:
-            self.queue.append(heapq.heappop(deferred)[2])
-        if deferred:
-            self._deferred_timer = loop.call_at(deferred[0][0], self._release_deferred)
+            queue.append(heapq.heappop(deferred)[2])
+        if len(queue) == queued:
+            return False
         self.dispatch()
+        return True
 
     def dispatch(self) -> None:
         """Send queued messages to subscribers with RDY to spare, round-robin.
@@ -155,8 +164,7 @@ class Channel:
         index = 0
         while queue:
             client = ready[index]
-            client.deliver(queue.popleft(), self, loop_time)
-            if client.ready_count > len(client.in_flight):
+            if client.deliver(queue.popleft(), self, loop_time):
                 index += 1
             else:
                 del ready[index]
@@ -169,7 +177,7 @@ class Channel:
     def empty(self) -> None:
         """Drop every queued, deferred and in-flight message (nsqd's /channel/empty)."""
         self.queue.clear()
-        self._clear_deferred()
+        self._deferred.clear()
         for client in itertools.chain(self.clients, self.departed):
             client.forget_in_flight()
         self.departed.clear()
@@ -182,12 +190,6 @@ class Channel:
         clients, self.clients = self.clients, []
         for client in clients:
             client.close()
-
-    def _clear_deferred(self) -> None:
-        self._deferred.clear()
-        if self._deferred_timer is not None:
-            self._deferred_timer.cancel()
-            self._deferred_timer = None
 
 
 class Topic:
