@@ -1,15 +1,30 @@
-"""almanet: fast routed RPC and produce/consume for Python services over NSQ."""
+"""almanet: fast routed RPC and produce/consume for Python services over NSQ.
+
+Every error almanet raises derives from ``AlmanetError``.
+"""
 
 from almanet._speedups import speedups
+from almanet._speedups.envelope import EnvelopeError, Reply
 from almanet._version import __version__
-from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, InvalidReply, rpc_error
-from almanet.nsq.errors import CommandError, FrameError, MessageTooBig, ProtocolError
+from almanet.errors import CallTimeout, InternalError, InvalidEnvelope, InvalidPayload, InvalidReply, rpc_error
 from almanet.service import Procedure, Service, new_service
 from almanet.session import ConsumedMessage, Session, Subscription, new_session
+from almanet.wire.errors import (
+    AlmanetError,
+    CommandError,
+    ConnectionFailed,
+    FrameError,
+    MessageTooBig,
+    ProtocolError,
+)
 
 __all__ = [
+    "AlmanetError",
+    "CallTimeout",
     "CommandError",
+    "ConnectionFailed",
     "ConsumedMessage",
+    "EnvelopeError",
     "FrameError",
     "InternalError",
     "InvalidEnvelope",
@@ -18,6 +33,7 @@ __all__ = [
     "MessageTooBig",
     "Procedure",
     "ProtocolError",
+    "Reply",
     "Service",
     "Session",
     "Subscription",

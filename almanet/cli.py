@@ -94,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "bench":
         if args.rounds < 1 or args.scale <= 0:
             parser.error("--rounds must be at least 1 and --scale above 0")
-        from almanet.bench.runner import Settings, run
-
+        try:
+            from almanet.bench.runner import Settings, run
+        except ImportError:  # the harness is not in the wheel: it runs from a source checkout
+            parser.error("almanet bench runs from almanet's source checkout (make bench): it is not in the wheel")
         print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds)))
     elif args.command == "serve":
         _load_service(parser, args.service).serve(args.loop)

@@ -16,12 +16,18 @@ from typing import Any
 
 import msgpack
 
+from almanet.wire.errors import AlmanetError
+
 logger = logging.getLogger("almanet")
 
 _registry: dict[str, type[rpc_error]] = {}
 
 
-class rpc_error(Exception):  # lower case: the name users know from the original almanet
+class CallTimeout(AlmanetError, TimeoutError):
+    """No reply came within the call's timeout (also what calling a URI nothing serves gives)."""
+
+
+class rpc_error(AlmanetError):  # lower case: the name users know from the original almanet
     """An error a procedure raises for its caller.
 
     Subclasses register themselves under ``name`` (their class name unless

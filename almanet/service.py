@@ -24,12 +24,12 @@ from typing import Any
 
 from almanet import loops
 from almanet._speedups.envelope import EnvelopeError, Invocation, decode, encode_reply
+from almanet._speedups.frames import check_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
 from almanet.nsq import ConnectionOptions, Consumer, Message
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE
-from almanet.nsq.consumer import check_name
-from almanet.nsq.errors import MessageTooBig
 from almanet.session import Session, check_uri, connection_options
+from almanet.wire.errors import ConnectionFailed, MessageTooBig
 
 logger = logging.getLogger("almanet")
 
@@ -203,7 +203,7 @@ class Service:
                 await consumer.start()
                 logger.info("serving %s on channel %s", registered.uri, registered.channel)
                 if self._stopped:
-                    raise ConnectionError("the service was stopped while it started")
+                    raise ConnectionFailed("the service was stopped while it started")
         except BaseException:
             await self.stop()
             raise

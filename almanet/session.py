@@ -32,10 +32,11 @@ import msgpack
 from almanet._speedups.envelope import EnvelopeError, Reply, decode, encode_invocation
 from almanet._speedups.frames import is_valid_name
 from almanet._speedups.pending import PendingCalls
-from almanet.errors import rpc_error
+from almanet.errors import CallTimeout, rpc_error
 from almanet.nsq import Consumer, Message, Producer
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
-from almanet.nsq.protocol import EPHEMERAL_SUFFIX
+from almanet.wire.errors import ConnectionFailed
+from almanet.wire.protocol import EPHEMERAL_SUFFIX
 
 if TYPE_CHECKING:
     from almanet.service import Procedure
@@ -111,7 +112,7 @@ class _Call:
 
     def expire(self) -> None:
         if not self.future.done():
-            self.future.set_exception(TimeoutError(f"no reply from {self.uri} within {self.timeout:g} s"))
+            self.future.set_exception(CallTimeout(f"no reply from {self.uri} within {self.timeout:g} s"))
 
     # Told nsqd's answer to the publish of the invocation (see almanet.nsq.connection.AnswerWaiter).
 
@@ -308,7 +309,7 @@ class Session:
             self._expiry_timer.cancel()
             self._expiry_timer = None
         for call in self._pending.expire(float("inf")):
-            call.set_exception(ConnectionError("the session left before the reply came"))
+            call.set_exception(ConnectionFailed("the session left before the reply came"))
         self._replies = self._replies_subscribed = self._call_connection = None
         producer, self._producer = self._producer, Producer(*self.nsqd_addresses, options=self.options)
         await producer.close(timeout)
@@ -388,7 +389,7 @@ class Session:
 
     def _invoke(self, call: _Call, topic: str, payload: Any, timeout: float) -> int:
         if self._left:
-            raise ConnectionError("the session has left")
+            raise ConnectionFailed("the session has left")
         connection = self._call_connection
         if connection is not None and not connection.is_open:
             self._call_connection_lost(connection)  # closing: its calls are all that wait, and cannot be answered
@@ -430,7 +431,7 @@ class Session:
         if connection is not self._call_connection:
             return  # handled when the session moved on to another connection
         self._call_connection = None
-        lost = ConnectionError(f"the connection to nsqd at {connection.address} was lost before the reply came")
+        lost = ConnectionFailed(f"the connection to nsqd at {connection.address} was lost before the reply came")
         for call in self._pending.expire(float("inf")):
             call.set_exception(lost)
 
@@ -457,7 +458,7 @@ class Session:
     async def _subscribe_replies(self, timeout: float) -> None:
         """Subscribe to the reply topic (once), within the call's ``timeout``."""
         if self._left:
-            raise ConnectionError("the session has left")
+            raise ConnectionFailed("the session has left")
         if self._replies_subscribed is None:
             self._replies = self.consumer(self.reply_topic, REPLY_CHANNEL, self._receive_reply, _REPLIES_IN_FLIGHT)
             self._replies_subscribed = asyncio.ensure_future(self._replies.start())
@@ -465,7 +466,7 @@ class Session:
         try:
             await asyncio.wait_for(asyncio.shield(self._replies_subscribed), timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"could not subscribe to the replies within {timeout:g} s") from None
+            raise CallTimeout(f"could not subscribe to the replies within {timeout:g} s") from None
 
     def _replies_subscription_done(self, subscribed: asyncio.Future[None]) -> None:
         if (subscribed.cancelled() or subscribed.exception()) and self._replies_subscribed is subscribed:

@@ -19,12 +19,13 @@ from almanet._speedups.frames import (
     MessageFrame,
     ResponseFrame,
     encode_fin,
+    encode_identify,
     encode_mpub,
     encode_rdy,
     encode_sub,
 )
 from almanet.bench.brokers import Broker
-from almanet.nsq.protocol import MAGIC_V2
+from almanet.wire.protocol import MAGIC_V2
 
 BODY = b"x" * 200
 BATCH = [BODY] * 200
@@ -73,7 +74,10 @@ async def relay(address: str, topic: str) -> None:
     loop = asyncio.get_running_loop()
     host, _, port = address.rpartition(":")
     consumer_transport, consumer = await loop.create_connection(lambda: Consumer(MESSAGES), host, int(port))
-    consumer_transport.write(MAGIC_V2 + encode_sub(topic, "relay") + encode_rdy(2500))
+    # nsqd's shortest output-buffer tick, as almanet's consume() asks for: the
+    # last messages of a round wait 25 ms for it, not nsqd's default 250 ms.
+    identify = encode_identify({"output_buffer_timeout": 25})
+    consumer_transport.write(MAGIC_V2 + identify + encode_sub(topic, "relay") + encode_rdy(2500))
     publisher_transport, _ = await loop.create_connection(Publisher, host, int(port))
     publisher_transport.write(MAGIC_V2)
     command = encode_mpub(topic, BATCH)

@@ -17,7 +17,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from almanet._speedups.frames import Command, CommandParser, encode_response
-from almanet.nsq.protocol import CLOSE_WAIT, DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_REQ_TIMEOUT_MS, OK
+from almanet.wire.protocol import (
+    CLOSE_WAIT,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_MSG_SIZE,
+    DEFAULT_MAX_REQ_TIMEOUT_MS,
+    OK,
+)
 
 # Long enough for a loaded CI machine; waits that succeed return at once.
 TIMEOUT = 5.0

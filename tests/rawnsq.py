@@ -16,7 +16,7 @@ from almanet._speedups.frames import (
     encode_rdy,
     encode_sub,
 )
-from almanet.nsq.protocol import HEARTBEAT, MAGIC_V2, OK
+from almanet.wire.protocol import HEARTBEAT, MAGIC_V2, OK
 
 Frame = ResponseFrame | ErrorFrame | MessageFrame
 

@@ -29,7 +29,7 @@ from almanet._speedups.frames import (
     encode_touch,
 )
 from almanet.broker import Broker
-from almanet.nsq.protocol import CLS, MAGIC_V2, NOP, OK
+from almanet.wire.protocol import CLS, MAGIC_V2, NOP, OK
 
 names = st.sampled_from(["t", "t#ephemeral", "other"])
 channels = st.sampled_from(["c", "c#ephemeral", "d"])

@@ -35,8 +35,9 @@ import pytest
 from rawnsq import RawConnection
 
 from almanet._speedups.frames import ResponseFrame, encode_pub
-from almanet.nsq.protocol import DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_REQ_TIMEOUT_MS, OK
 from almanet.pytest_plugin import BrokerAddresses, broker_in_thread
+from almanet.wire.addresses import split_address
+from almanet.wire.protocol import DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_REQ_TIMEOUT_MS, OK
 
 # Long enough for a loaded CI machine; waits that succeed return at once.
 TIMEOUT = 5.0
@@ -104,11 +105,6 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
 
 
 def call(

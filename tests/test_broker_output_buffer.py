@@ -27,8 +27,8 @@ from almanet._speedups.frames import (
     encode_pub,
     encode_rdy,
 )
-from almanet.nsq.protocol import HEARTBEAT, OK
 from almanet.pytest_plugin import BrokerAddresses
+from almanet.wire.protocol import HEARTBEAT, OK
 
 pytestmark = pytest.mark.asyncio
 

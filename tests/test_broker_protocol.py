@@ -35,8 +35,8 @@ from almanet._speedups.frames import (
     encode_sub,
     encode_touch,
 )
-from almanet.nsq.protocol import CLOSE_WAIT, CLS, HEARTBEAT, NOP, OK
 from almanet.pytest_plugin import BrokerAddresses
+from almanet.wire.protocol import CLOSE_WAIT, CLS, HEARTBEAT, NOP, OK
 
 pytestmark = pytest.mark.asyncio
 

@@ -33,8 +33,8 @@ from almanet.broker.output import ClientOutput
 from almanet.broker.queuescan import QueueScan
 from almanet.broker.tcp import ClientConnection
 from almanet.broker.topics import Channel
-from almanet.nsq.protocol import OK
 from almanet.pytest_plugin import brokers_available
+from almanet.wire.protocol import OK
 
 LOOPBACK = {"tcp_address": "127.0.0.1:0", "http_address": "127.0.0.1:0"}
 

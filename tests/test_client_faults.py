@@ -26,7 +26,7 @@ from almanet.nsq import (
     Producer,
     ProtocolError,
 )
-from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, OK
+from almanet.wire.protocol import CLOSE_WAIT, HEARTBEAT, OK
 from helpers import eventually
 
 pytestmark = pytest.mark.asyncio

@@ -5,8 +5,8 @@ from types import ModuleType
 
 import pytest
 
-from almanet.nsq.errors import CommandError, ProtocolError
-from almanet.nsq.protocol import MAGIC_V2, MAX_COMMAND_LINE
+from almanet.wire.errors import CommandError, ProtocolError
+from almanet.wire.protocol import MAGIC_V2, MAX_COMMAND_LINE
 
 MESSAGE_ID = b"0123456789abcdef"
 

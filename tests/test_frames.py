@@ -6,8 +6,8 @@ from types import ModuleType
 
 import pytest
 
-from almanet.nsq.errors import FrameError, ProtocolError
-from almanet.nsq.protocol import DEFAULT_MAX_FRAME_SIZE
+from almanet.wire.errors import FrameError, ProtocolError
+from almanet.wire.protocol import DEFAULT_MAX_FRAME_SIZE
 
 MESSAGE_ID = b"0123456789abcdef"
 

@@ -13,8 +13,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from almanet.nsq.errors import ProtocolError
-from almanet.nsq.protocol import MAGIC_V2
+from almanet.wire.errors import ProtocolError
+from almanet.wire.protocol import MAGIC_V2
 from helpers import load_twin, mutate
 
 settings.register_profile("codec", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

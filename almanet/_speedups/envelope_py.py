@@ -26,6 +26,8 @@ from typing import Any
 
 import msgpack
 
+from almanet.wire.errors import AlmanetError
+
 __all__ = [
     "ENVELOPE_VERSION",
     "EnvelopeError",
@@ -54,7 +56,7 @@ _UINT64_FIELD = struct.Struct(">BQ")  # 0xcf, then the value
 _STR8_HEADER = struct.Struct(">BB")  # 0xd9, then the length
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(AlmanetError, ValueError):
     """A body is not a valid envelope; the message says why.
 
     ``call_id`` and ``reply_to`` are set when the body is an invocation whose

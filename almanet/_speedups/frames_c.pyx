@@ -20,8 +20,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove
 
-from almanet.nsq.errors import CommandError, ProtocolError
-from almanet.nsq.protocol import (
+from almanet.wire.errors import CommandError, ProtocolError
+from almanet.wire.protocol import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_MSG_SIZE,
@@ -39,6 +39,7 @@ from almanet._speedups.frames_py import (
     _frame_header_error,
     _line_too_long_error,
     _name_bytes,
+    check_name,
     split_mpub,
     _truncated_command_error,
     _truncated_frame_error,

@@ -20,8 +20,8 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from almanet.nsq.errors import CommandError, FrameError, ProtocolError, go_quote, wire_text
-from almanet.nsq.protocol import (
+from almanet.wire.errors import CommandError, FrameError, ProtocolError, go_quote, wire_text
+from almanet.wire.protocol import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_MSG_SIZE,
@@ -41,6 +41,7 @@ __all__ = [
     "FrameReader",
     "MessageFrame",
     "ResponseFrame",
+    "check_name",
     "encode_auth",
     "encode_dpub",
     "encode_error",
@@ -486,6 +487,12 @@ def split_mpub(buf: bytes | bytearray, start: int, end: int, max_msg_size: int, 
 
 # Type checks use type(), not isinstance(): an object can fake its __class__,
 # and the compiled twin must not be told a fake is bytes.
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a valid NSQ ``kind`` (``topic`` or ``channel``) name, else ``ValueError`` (``TypeError``)."""
+    _name_bytes(kind, name)
+    return name
 
 
 def _name_bytes(kind: str, name: str) -> bytes:

@@ -31,7 +31,7 @@ from urllib.parse import unquote, unquote_plus
 from almanet._speedups.frames import is_valid_name, split_mpub
 from almanet.broker.stats import stats, stats_text
 from almanet.broker.topics import QueueFull, Topic
-from almanet.nsq.errors import CommandError
+from almanet.wire.errors import AlmanetError, CommandError
 
 if TYPE_CHECKING:
     from almanet.broker.server import Broker
@@ -74,7 +74,7 @@ _INT32 = struct.Struct(">i")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
-class HTTPError(Exception):
+class HTTPError(AlmanetError):
     """An nsqd API error: ``{"message": message}`` with ``status``."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -10,7 +10,8 @@ import dataclasses
 import re
 from typing import Any
 
-from almanet.nsq.protocol import DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_REQ_TIMEOUT_MS
+from almanet.wire.addresses import split_address
+from almanet.wire.protocol import DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_REQ_TIMEOUT_MS
 
 
 def _option(default: Any, help: str) -> Any:  # noqa: A002
@@ -60,14 +61,6 @@ class BrokerOptions:
             raise ValueError("max_req_timeout must not be negative")
         split_address(self.tcp_address)
         split_address(self.http_address)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` → (host, port); raises ValueError for anything else."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")

@@ -12,10 +12,11 @@ from typing import Any
 from almanet import loops
 from almanet._version import __version__
 from almanet.broker.http import HTTPConnection
-from almanet.broker.options import BrokerOptions, split_address
+from almanet.broker.options import BrokerOptions
 from almanet.broker.queuescan import QueueScan
 from almanet.broker.tcp import ClientConnection
 from almanet.broker.topics import Topic
+from almanet.wire.addresses import split_address
 
 logger = logging.getLogger("almanet.broker")
 

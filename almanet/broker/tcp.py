@@ -32,8 +32,8 @@ from almanet._speedups.frames import (
 )
 from almanet.broker.output import ClientOutput
 from almanet.broker.topics import Channel, Message, QueueFull, Topic
-from almanet.nsq.errors import CommandError, ProtocolError, go_quote, wire_text
-from almanet.nsq.protocol import CLOSE_WAIT, HEARTBEAT, MAGIC_V2, MESSAGE_ID_SIZE, OK
+from almanet.wire.errors import CommandError, ProtocolError, go_quote, wire_text
+from almanet.wire.protocol import CLOSE_WAIT, HEARTBEAT, MAGIC_V2, MESSAGE_ID_SIZE, OK
 
 if TYPE_CHECKING:
     from almanet.broker.server import Broker

@@ -20,13 +20,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from almanet.nsq.protocol import EPHEMERAL_SUFFIX
+from almanet.wire.errors import AlmanetError
+from almanet.wire.protocol import EPHEMERAL_SUFFIX
 
 if TYPE_CHECKING:
     from almanet.broker.tcp import ClientConnection
 
 
-class QueueFull(Exception):
+class QueueFull(AlmanetError):
     """A publish would take a queue past mem-queue-size."""
 
 

@@ -7,8 +7,8 @@ two roles, ``lookupd`` nsqlookupd's ``/lookup``, ``output`` write coalescing.
 
 from almanet.nsq.connection import Connection, ConnectionOptions, Message
 from almanet.nsq.consumer import Consumer
-from almanet.nsq.errors import CommandError, FrameError, MessageTooBig, ProtocolError
 from almanet.nsq.producer import Producer
+from almanet.wire.errors import CommandError, FrameError, MessageTooBig, ProtocolError
 
 __all__ = [
     "CommandError",

@@ -41,9 +41,10 @@ from almanet._speedups.frames import (
     encode_touch,
 )
 from almanet._version import __version__
-from almanet.nsq.errors import CommandError, MessageTooBig, ProtocolError
-from almanet.nsq.output import CoalescedOutput
-from almanet.nsq.protocol import (
+from almanet.wire.addresses import split_address
+from almanet.wire.errors import CommandError, ConnectionFailed, MessageTooBig, ProtocolError
+from almanet.wire.output import CoalescedOutput
+from almanet.wire.protocol import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_MSG_SIZE,
@@ -307,23 +308,21 @@ class Connection(asyncio.Protocol):
         on_close: OnClose | None = None,
     ) -> Connection:
         """Connect to ``host:port``, IDENTIFY and AUTH; raises ``ConnectionError`` or ``CommandError``."""
-        host, _, port = address.rpartition(":")
+        host, port = split_address(address)
         loop = asyncio.get_running_loop()
         try:
             _, connection = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: cls(address, options, on_message, on_answered, on_close), host.strip("[]"), int(port)
-                ),
+                loop.create_connection(lambda: cls(address, options, on_message, on_answered, on_close), host, port),
                 options.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as error:
-            raise ConnectionError(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
+            raise ConnectionFailed(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
         try:
             await asyncio.wait_for(connection._handshake(), options.connect_timeout)
         except BaseException as error:
             connection.abort()
             if isinstance(error, asyncio.TimeoutError):
-                raise ConnectionError(f"nsqd at {address} did not answer IDENTIFY in time") from error
+                raise ConnectionFailed(f"nsqd at {address} did not answer IDENTIFY in time") from error
             raise
         return connection
 
@@ -333,7 +332,7 @@ class Connection(asyncio.Protocol):
         self.negotiated = self._json_answer("IDENTIFY", answer) if answer != b"OK" else {}
         if self.negotiated.get("auth_required"):
             if self.options.auth_secret is None:
-                raise ConnectionError(f"nsqd at {self.address} requires AUTH and no auth_secret is configured")
+                raise ConnectionFailed(f"nsqd at {self.address} requires AUTH and no auth_secret is configured")
             secret = self.options.auth_secret
             answer = await self.request(encode_auth(secret.encode() if isinstance(secret, str) else secret))
             self.negotiated["auth"] = self._json_answer("AUTH", answer)
@@ -347,7 +346,7 @@ class Connection(asyncio.Protocol):
             decoded = None
         if not isinstance(decoded, dict):
             error = ProtocolError(f"nsqd at {self.address} answered {command} with {answer[:80]!r}, not a JSON object")
-            raise ConnectionError(str(error)) from error
+            raise ConnectionFailed(str(error)) from error
         return decoded
 
     # --- asyncio.Protocol -------------------------------------------------------
@@ -408,7 +407,7 @@ class Connection(asyncio.Protocol):
             self._liveness_timer.cancel()
         self._output.discard()
         error = self._error or exc
-        lost = ConnectionError(f"connection to nsqd at {self.address} lost" + (f": {error}" if error else ""))
+        lost = ConnectionFailed(f"connection to nsqd at {self.address} lost" + (f": {error}" if error else ""))
         lost.__cause__ = error
         publishes, self._publishes = self._publishes, []
         self._open_publishes.clear()
@@ -479,7 +478,7 @@ class Connection(asyncio.Protocol):
     def send_request(self, command: bytes, answer: AnswerWaiter) -> None:
         """Send a command nsqd answers; ``answer`` gets the answer, ``CommandError`` or ``ConnectionError``."""
         if not self.is_open:
-            answer.set_exception(ConnectionError(f"connection to nsqd at {self.address} is closed"))
+            answer.set_exception(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
             return
         self._answers.append(answer)
         self._output.write(command)
@@ -497,7 +496,7 @@ class Connection(asyncio.Protocol):
             raise MessageTooBig(size, self.max_msg_size)
         if not self.is_open:
             check_message(topic, body, self.max_msg_size)
-            answer.set_exception(ConnectionError(f"connection to nsqd at {self.address} is closed"))
+            answer.set_exception(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
             return
         joined = None if delay or size > SEPARATE_PUBLISH_SIZE else self._open_publishes.get(topic)
         if joined is not None and joined.body_size + _MPUB_SIZE_FIELD + size <= self.options.max_body_size:
@@ -564,7 +563,7 @@ class Connection(asyncio.Protocol):
     def _check_liveness(self) -> None:
         # nsqd sends a heartbeat every interval: two missed mean the peer is gone.
         if self._loop.time() >= self._last_read + 2 * self.options.heartbeat_interval:
-            self._error = ConnectionError(f"no heartbeat from nsqd at {self.address}")
+            self._error = ConnectionFailed(f"no heartbeat from nsqd at {self.address}")
             logger.warning("%s", self._error)
             self.abort()
         else:

@@ -17,11 +17,11 @@ import random
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from almanet._speedups.frames import encode_sub, is_valid_name
+from almanet._speedups.frames import check_name, encode_sub
 from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, Message, OnMessage
-from almanet.nsq.errors import ProtocolError
 from almanet.nsq.lookupd import http_host_port, lookup
-from almanet.nsq.protocol import CLS
+from almanet.wire.errors import ConnectionFailed, ProtocolError
+from almanet.wire.protocol import CLS
 
 logger = logging.getLogger("almanet.nsq")
 
@@ -31,13 +31,6 @@ logger = logging.getLogger("almanet.nsq")
 _RDY_ROTATION_INTERVAL = 5.0
 # How long a connection to an nsqd that nsqlookupd no longer lists gets to finish its messages.
 _RETIRE_TIMEOUT = 30.0
-
-
-def check_name(kind: str, name: str) -> str:
-    """``name`` if it is a valid NSQ ``kind`` (topic or channel) name, else ``ValueError``."""
-    if not is_valid_name(name.encode("utf-8", "surrogateescape")):
-        raise ValueError(f"{name!r} is not a valid NSQ {kind} name ([.a-zA-Z0-9_-], 1 to 64, #ephemeral)")
-    return name
 
 
 class Consumer:
@@ -132,7 +125,7 @@ class Consumer:
                 self._reconnect_later(address)
         if self._direct and not self.connections and not self._lookupd:
             await self.stop()
-            raise ConnectionError(f"no nsqd reachable for {self.topic}/{self.channel}: {results[0]}")
+            raise ConnectionFailed(f"no nsqd reachable for {self.topic}/{self.channel}: {results[0]}")
         if self._lookupd:
             await self._poll_lookupd()
             self._spawn(self._poll_lookupd_forever())
@@ -172,7 +165,7 @@ class Consumer:
         if connection is None or not connection.is_open:
             connection = self._publishing = next((open_ for open_ in self.connections.values() if open_.is_open), None)
             if connection is None:
-                raise ConnectionError(f"no connection to nsqd open for {self.topic}/{self.channel}")
+                raise ConnectionFailed(f"no connection to nsqd open for {self.topic}/{self.channel}")
         connection.publish(topic, body, answer)
         return connection
 
@@ -192,7 +185,7 @@ class Consumer:
             )
         except asyncio.TimeoutError:
             connection.abort()
-            raise ConnectionError(f"nsqd at {address} did not answer SUB in time") from None
+            raise ConnectionFailed(f"nsqd at {address} did not answer SUB in time") from None
         except BaseException:
             connection.abort()
             raise

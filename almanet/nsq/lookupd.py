@@ -6,16 +6,18 @@ import asyncio
 import json
 from urllib.parse import quote
 
+from almanet.wire.addresses import split_address
+from almanet.wire.errors import ConnectionFailed
+
 
 def http_host_port(address: str) -> tuple[str, int]:
     """``host:port`` or ``http://host:port`` → (host, port)."""
     if address.startswith("http://"):
         address = address[len("http://") :]
-    address = address.rstrip("/")
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"nsqlookupd address {address!r} is not host:port or http://host:port")
-    return host.strip("[]"), int(port)
+    try:
+        return split_address(address.rstrip("/"))
+    except ValueError:
+        raise ValueError(f"nsqlookupd address {address!r} is not host:port or http://host:port") from None
 
 
 async def lookup(address: str, topic: str, timeout: float = 5.0) -> list[str]:
@@ -28,7 +30,7 @@ async def lookup(address: str, topic: str, timeout: float = 5.0) -> list[str]:
     try:
         status, body = await asyncio.wait_for(_get(host, port, f"/lookup?topic={quote(topic)}"), timeout)
     except (OSError, asyncio.TimeoutError) as error:
-        raise ConnectionError(f"nsqlookupd at {address} unreachable: {error or 'timed out'}") from error
+        raise ConnectionFailed(f"nsqlookupd at {address} unreachable: {error or 'timed out'}") from error
     if status == 404:
         return []  # TOPIC_NOT_FOUND: no nsqd has the topic yet
     try:
@@ -37,7 +39,7 @@ async def lookup(address: str, topic: str, timeout: float = 5.0) -> list[str]:
         producers = json.loads(body)["producers"]
         return [f"{producer['broadcast_address']}:{producer['tcp_port']}" for producer in producers]
     except (ValueError, KeyError, TypeError) as error:
-        raise ConnectionError(f"nsqlookupd at {address} answered /lookup badly: {error}") from error
+        raise ConnectionFailed(f"nsqlookupd at {address} answered /lookup badly: {error}") from error
 
 
 async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
@@ -51,5 +53,5 @@ async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
     head, _, body = response.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split(b" ")
     if len(status_line) < 2 or not status_line[1].isdigit():
-        raise ConnectionError(f"not an HTTP response from {host}:{port}")
+        raise ConnectionFailed(f"not an HTTP response from {host}:{port}")
     return int(status_line[1]), body

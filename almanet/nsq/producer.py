@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, check_message, encode_batch
-from almanet.nsq.errors import ProtocolError
+from almanet.wire.errors import ConnectionFailed, ProtocolError
 
 logger = logging.getLogger("almanet.nsq")
 
@@ -92,7 +92,7 @@ class Producer:
 
     def _send_when_connected(self, send: Callable[[Connection], None], answer: AnswerWaiter) -> None:
         if self._closed:
-            raise ConnectionError("the producer is closed")
+            raise ConnectionFailed("the producer is closed")
         self._unsent.append((send, answer))
         if self._connect_and_send_task is None:
             self._connect_and_send_task = asyncio.ensure_future(self._connect_and_send())
@@ -102,7 +102,7 @@ class Producer:
             connection = await self.connect()
         except BaseException as error:
             unsent, self._unsent = self._unsent, []
-            failed = error if isinstance(error, ConnectionError) else ConnectionError("the producer closed first")
+            failed = error if isinstance(error, ConnectionError) else ConnectionFailed("the producer closed first")
             for _, answer in unsent:
                 answer.set_exception(failed)
             if not isinstance(error, Exception):
@@ -120,7 +120,7 @@ class Producer:
         if connection is not None and connection.is_open:
             return connection
         if self._closed:
-            raise ConnectionError("the producer is closed")
+            raise ConnectionFailed("the producer is closed")
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open_first())
         try:
@@ -169,11 +169,11 @@ class Producer:
                 continue
             if self._closed:  # while connecting
                 await connection.close()
-                raise ConnectionError("the producer is closed")
+                raise ConnectionFailed("the producer is closed")
             connection.max_msg_size = self._known_max_msg_size()
             if offset:
                 logger.warning("publishing to %s (failed over: %s)", address, "; ".join(errors))
             self._next_address = index
             self._connection = connection
             return connection
-        raise ConnectionError("no nsqd reachable: " + "; ".join(errors))
+        raise ConnectionFailed("no nsqd reachable: " + "; ".join(errors))

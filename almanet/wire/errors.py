@@ -1,4 +1,14 @@
-"""Errors of the NSQ wire protocol.
+"""almanet's error root, and the errors of the NSQ wire protocol.
+
+``AlmanetError``
+    Every error almanet raises derives from it; each also subclasses the
+    builtin it stands for where callers expect one (``ConnectionError``,
+    ``TimeoutError``, ``ValueError``). The RPC errors (``almanet.rpc_error``
+    and its kind) are in ``almanet.errors``.
+
+``ConnectionFailed`` (a ``ConnectionError``)
+    A connection to nsqd or nsqlookupd could not be made, was lost, or is
+    closed: what was sent on it may or may not have arrived.
 
 ``ProtocolError``
     The bytes on a connection broke NSQ protocol V2; the connection cannot go on.
@@ -23,7 +33,15 @@ without an error frame, as nsqd does.
 """
 
 
-class ProtocolError(Exception):
+class AlmanetError(Exception):
+    """The root of every error almanet raises."""
+
+
+class ConnectionFailed(AlmanetError, ConnectionError):
+    """A connection to nsqd or nsqlookupd could not be made, was lost, or is closed."""
+
+
+class ProtocolError(AlmanetError):
     """The bytes on an NSQ connection broke protocol V2."""
 
 
@@ -45,7 +63,7 @@ class CommandError(ProtocolError):
         return str(self).encode("utf-8", "surrogateescape")
 
 
-class MessageTooBig(ValueError):
+class MessageTooBig(AlmanetError, ValueError):
     """A message larger than nsqd's ``--max-msg-size`` (``limit``): refused before it is sent, or by nsqd."""
 
     def __init__(self, size: int, limit: int, *, refused_by: str = "") -> None:
