@@ -25,7 +25,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -38,9 +38,6 @@ from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connecti
 from almanet.wire.errors import ConnectionFailed
 from almanet.wire.protocol import EPHEMERAL_SUFFIX
 
-if TYPE_CHECKING:
-    from almanet.service import Procedure
-
 logger = logging.getLogger("almanet")
 
 # What consume() asks of nsqd unless told otherwise: its output buffer (16 KiB),
@@ -52,6 +49,15 @@ logger = logging.getLogger("almanet")
 CONSUME_OUTPUT_BUFFER: dict[str, Any] = {"output_buffer_size": 0, "output_buffer_timeout": 0.025}
 
 REPLY_TOPIC_PREFIX = "_almanet.reply."
+
+
+class NamedProcedure(Protocol):
+    """What a call may name instead of a URI: a ``Procedure`` a service registered (the service is the floor above)."""
+
+    @property
+    def uri(self) -> str: ...
+
+
 REPLY_CHANNEL = "reply#ephemeral"
 DEFAULT_TIMEOUT = 60.0
 # Replies are FINed as they arrive: the RDY only needs to keep the pipe full.
@@ -338,7 +344,7 @@ class Session:
 
     # --- RPC ------------------------------------------------------------------------
 
-    async def call(self, uri: str | Procedure, payload: Any, *, timeout: float | None = None) -> Reply:
+    async def call(self, uri: str | NamedProcedure, payload: Any, *, timeout: float | None = None) -> Reply:
         """Call the procedure at ``uri`` with ``payload``; the reply's ``.payload`` is its result.
 
         Raises the procedure's ``rpc_error`` (its own class when imported here),
@@ -350,7 +356,7 @@ class Session:
         return reply
 
     async def multicall(
-        self, uri: str | Procedure, payload: Any, *, timeout: float | None = None, count: int | None = None
+        self, uri: str | NamedProcedure, payload: Any, *, timeout: float | None = None, count: int | None = None
     ) -> list[Reply | rpc_error]:
         """Call every channel that serves ``uri``; the replies (``rpc_error`` for error replies) within ``timeout``.
 
@@ -363,7 +369,7 @@ class Session:
 
     async def _request(
         self,
-        uri: str | Procedure,
+        uri: str | NamedProcedure,
         payload: Any,
         timeout: float | None,
         new_call: Callable[[asyncio.Future[Any], str, float], _Call],
@@ -381,7 +387,7 @@ class Session:
             self._pending.pop(call_id)  # cancelled, or failed to publish: gone from the table
             raise
 
-    def delay_call(self, uri: str | Procedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
+    def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
         body = encode_invocation(0, None, 0, None, payload)
