@@ -94,7 +94,7 @@ def test_no_modules_import_each_other_in_a_circle() -> None:
         stack.append(module)
         for imported in sorted(GRAPH[module]):
             if state.get(imported) == "open":
-                circles.append(stack[stack.index(imported) :] + [imported])
+                circles.append([*stack[stack.index(imported) :], imported])
             elif imported not in state:
                 visit(imported)
         stack.pop()
