@@ -27,8 +27,9 @@ from typing import Any
 from almanet.bench.processes import stop, wait_for_line
 from almanet.broker.nsqd import broker_process, nsqd_process
 
-# nsqd's own flags for the bench: every workload's messages fit in memory, as in the embedded broker.
-NSQD_FLAGS = ("-mem-queue-size=1000000",)
+# nsqd's own flags for the bench: every workload's messages fit in memory (bench_writer publishes over 1M a
+# second), as in the embedded broker, which is given the same --mem-queue-size.
+NSQD_FLAGS = ("-mem-queue-size=10000000",)
 
 _topic_numbers = itertools.count()
 
