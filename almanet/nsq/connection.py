@@ -43,7 +43,6 @@ from almanet._speedups.frames import (
 from almanet._version import __version__
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import CommandError, ConnectionFailed, MessageTooBig, ProtocolError
-from almanet.wire.output import CoalescedOutput
 from almanet.wire.protocol import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
@@ -281,7 +280,9 @@ class Connection(asyncio.Protocol):
         self.max_msg_size = options.max_msg_size  # lowered to what nsqd says when it refuses a message as too big
         self._loop = asyncio.get_running_loop()
         self._frames = FrameReader(options.max_frame_size)
-        self._output = CoalescedOutput(self._loop, self._send_publishes)
+        # What this loop iteration sends, written in one transport.write at its end (see _flush).
+        self._output: list[bytes] = []
+        self._flush_scheduled = False
         self._publishes: list[_Publish] = []  # made in this loop iteration, in order
         self._open_publishes: dict[str, _Publish] = {}  # by topic: the ones further publishes join
         self._answers: deque[AnswerWaiter] = deque()
@@ -354,7 +355,6 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its API.
         self._transport = cast(asyncio.Transport, transport)
-        self._output.attach(self._transport)
         self.is_open = True
 
     def data_received(self, data: bytes) -> None:
@@ -405,7 +405,7 @@ class Connection(asyncio.Protocol):
         self.is_open = False
         if self._liveness_timer is not None:
             self._liveness_timer.cancel()
-        self._output.discard()
+        self._output.clear()
         error = self._error or exc
         lost = ConnectionFailed(f"connection to nsqd at {self.address} lost" + (f": {error}" if error else ""))
         lost.__cause__ = error
@@ -467,7 +467,8 @@ class Connection(asyncio.Protocol):
     def send(self, command: bytes) -> None:
         """A command nsqd does not answer; coalesced with the others of this loop iteration."""
         if self.is_open:
-            self._output.write(command)
+            self._output.append(command)
+            self._schedule_flush()
 
     def request(self, command: bytes) -> asyncio.Future[bytes]:
         """Send a command nsqd answers; the future gets the answer, ``CommandError`` or ``ConnectionError``."""
@@ -481,7 +482,8 @@ class Connection(asyncio.Protocol):
             answer.set_exception(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
             return
         self._answers.append(answer)
-        self._output.write(command)
+        self._output.append(command)
+        self._schedule_flush()
 
     def publish(self, topic: str, body: bytes, answer: AnswerWaiter, *, delay: float = 0.0) -> None:
         """Publish ``body`` to ``topic`` (DPUB after ``delay`` seconds); ``answer`` gets nsqd's answer.
@@ -514,7 +516,7 @@ class Connection(asyncio.Protocol):
             publish = self._open_publishes[topic] = _Publish(topic, encode_pub(topic, body), body)
         publish.waiters.append(answer)
         self._publishes.append(publish)
-        self._output.schedule()
+        self._schedule_flush()
 
     def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: AnswerWaiter) -> None:
         """Publish ``bodies`` in one MPUB of their own: all of them or none; later publishes to the topic follow it."""
@@ -522,15 +524,30 @@ class Connection(asyncio.Protocol):
         publish.waiters.append(answer)
         self._open_publishes.pop(topic, None)  # in publish order: what comes next does not join an MPUB before it
         self._publishes.append(publish)
-        self._output.schedule()
+        self._schedule_flush()
 
-    def _send_publishes(self) -> None:
-        """This loop iteration's publishes, into the write that ends it."""
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:  # see _flush
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what this loop iteration sent, its publishes joined into MPUBs last, in one write.
+
+        One write for many commands saves a system call each; publishes are
+        encoded only now, so that all of one iteration's to a topic join one MPUB.
+        """
         if self._publishes:
             publishes, self._publishes = self._publishes, []
             self._open_publishes.clear()
             for publish in publishes:
-                self.send_request(publish.encode(), publish)
+                self.send_request(publish.encode(), publish)  # still scheduled: no flush of its own
+        output = self._output
+        transport = self._transport
+        if output and transport is not None and not transport.is_closing():
+            transport.write(output[0] if len(output) == 1 else b"".join(output))
+        output.clear()
+        self._flush_scheduled = False
 
     @property
     def ready_count(self) -> int:
@@ -574,7 +591,7 @@ class Connection(asyncio.Protocol):
         if self._reading_later and self.is_open:
             self._read_frames(0)  # answers nsqd sent already, and messages it counts as in flight here
         if self._transport is not None and not self._transport.is_closing():
-            self._output.flush()
+            self._flush()
             self._transport.close()
         self.is_open = False
 
@@ -587,7 +604,7 @@ class Connection(asyncio.Protocol):
 
     async def wait_answered(self) -> None:
         """Wait until every command and publish made so far is answered, or the connection is lost."""
-        self._output.flush()
+        self._flush()
         if self._answers:
             drained = self._loop.create_future()
             self._drained.append(drained)

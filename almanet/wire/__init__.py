@@ -1,8 +1,8 @@
 """The floor under the NSQ client and the embedded broker: what both ends of an NSQ connection share.
 
 ``protocol`` holds the facts of NSQ TCP protocol V2, ``errors`` almanet's
-error root and the protocol's errors, ``output`` the writes coalesced once
-per event-loop iteration, ``addresses`` the ``host:port`` parser. The
+error root and the protocol's errors, ``addresses`` the ``host:port``
+parser. The
 codec (``almanet._speedups.frames``) builds on it; ``almanet.nsq`` and
 ``almanet.broker`` build on both, never on each other.
 """
