@@ -597,6 +597,23 @@ async def test_messages_wait_in_the_topic_until_a_channel_exists(tcp: str, topic
     await consumer.close()
 
 
+async def test_a_shorter_msg_timeout_is_not_held_up_by_a_longer_one_before_it(tcp: str, topic: str) -> None:
+    # The channel holds both in flight: the second sent expires first.
+    patient = await RawConnection.consumer(tcp, topic, "c", msg_timeout=60_000)
+    await publish(tcp, topic, b"kept")
+    kept = await patient.message()
+    hasty = await RawConnection.consumer(tcp, topic, "c", msg_timeout=1000)
+    await publish(tcp, topic, b"dropped")
+    dropped = await hasty.message()
+    again = await hasty.message(TIMEOUT + QUEUE_SCAN_LATENESS)
+    assert (again.id, again.body, again.attempts) == (dropped.id, b"dropped", 2)
+    await patient.nothing()
+    patient.send(encode_fin(kept.id))
+    hasty.send(encode_fin(again.id))
+    await patient.close()
+    await hasty.close()
+
+
 async def test_a_vanished_consumer_messages_go_to_the_others(tcp: str, topic: str) -> None:
     vanishing = await RawConnection.consumer(tcp, topic, "c", msg_timeout=1000)
     staying = await RawConnection.consumer(tcp, topic, "c", rdy=0)

@@ -28,10 +28,10 @@ from almanet._speedups.frames import (
     encode_touch,
 )
 from almanet.broker import Broker, queuescan
+from almanet.broker.client import Client
 from almanet.broker.options import parse_duration
 from almanet.broker.output import ClientOutput
 from almanet.broker.queuescan import QueueScan
-from almanet.broker.tcp import ClientConnection
 from almanet.broker.topics import Channel
 from almanet.pytest_plugin import brokers_available
 from almanet.wire.protocol import OK
@@ -137,7 +137,7 @@ def record_timers(monkeypatch: pytest.MonkeyPatch, *owners: type) -> list[asynci
 
 
 async def test_stop_leaves_no_timer_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    timers = record_timers(monkeypatch, ClientConnection, ClientOutput, Channel, QueueScan)
+    timers = record_timers(monkeypatch, Client, ClientOutput, Channel, QueueScan)
     broker = Broker(**LOOPBACK)
     await broker.start()
     holder = await RawConnection.consumer(broker.tcp_address, "t", "c", rdy=2)  # keeps its output buffered
@@ -246,7 +246,7 @@ async def test_touch_schedules_nothing(start_broker: Any, monkeypatch: pytest.Mo
     connection = await RawConnection.open(broker.tcp_address)
     connection.send(encode_pub("t", b"x"))
     message = await consumer.message()
-    timers = record_timers(monkeypatch, ClientConnection, ClientOutput, Channel)
+    timers = record_timers(monkeypatch, Client, ClientOutput, Channel)
     unknown = b"0" * 16
     consumer.send(encode_touch(message.id) * 1000 + encode_fin(unknown))
     assert await consumer.frame() == ErrorFrame(b"E_FIN_FAILED FIN " + unknown + b" failed ID not in flight")

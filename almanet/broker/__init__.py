@@ -1,10 +1,21 @@
 """The embedded NSQ-compatible broker: nsqd's TCP protocol V2 and HTTP API, in memory.
 
-``options`` holds nsqd's settings, ``topics`` the topics and channels,
-``tcp`` one client connection, ``output`` when what is sent to it goes out,
-``queuescan`` when timed-out and deferred messages come back, ``http`` the
-HTTP API (and nsqlookupd's ``/lookup``), ``stats`` the ``/stats`` report,
-``server`` the ``Broker`` that ties them together.
+Its modules follow nsqd's files, lowest first:
+
+- ``options``: nsqd's settings.
+- ``output``: when what is sent to a client goes out (nsqd's output buffering).
+- ``topics``: topics, and channels with their queued, deferred and in-flight
+  messages (``topic.go``, ``channel.go``).
+- ``queuescan``: when timed-out and deferred messages come back (``queueScanLoop``).
+- ``client``: one client connection's transport, deadlines and IDENTIFY's
+  settings (``client_v2.go``).
+- ``protocol``: the TCP protocol V2's command handlers and message pump
+  (``protocol_v2.go``).
+- ``stats``: the ``/stats`` report (``stats.go``).
+- ``httpserver``: an HTTP/1.1 server that behaves as Go's net/http.
+- ``http``: nsqd's HTTP API routes, and nsqlookupd's ``/lookup`` (``http.go``).
+- ``server``: the ``Broker``, which ties them together.
+- ``nsqd``: a real nsqd in a process of its own, for tests and benchmarks.
 """
 
 from almanet.broker.options import BrokerOptions

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from almanet.broker.server import Broker
     from almanet.broker.topics import Channel
 
 # nsqd's defaults (QueueScanInterval and the rest).
@@ -29,8 +29,8 @@ QUEUE_SCAN_DIRTY_PERCENT = 0.25
 class QueueScan:
     """The broker's queue scan, from ``start()`` to ``stop()``."""
 
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
+    def __init__(self, list_channels: Callable[[], list[Channel]]) -> None:
+        self._list_channels = list_channels  # every channel of the broker's topics
         self._channels: list[Channel] = []
         self._start = 0.0
         self._tick_number = 0
@@ -55,7 +55,7 @@ class QueueScan:
         # Ticks the loop was too late for are dropped, as a Go ticker drops them.
         tick_number = max(tick_number, int((loop.time() - self._start) / QUEUE_SCAN_INTERVAL))
         if tick_number // QUEUE_SCAN_REFRESH_TICKS > self._tick_number // QUEUE_SCAN_REFRESH_TICKS:
-            self._channels = [channel for topic in self._broker.topics.values() for channel in topic.channels.values()]
+            self._channels = self._list_channels()
         self._tick_number = tick_number
         self._timer = loop.call_at(self._start + (tick_number + 1) * QUEUE_SCAN_INTERVAL, self._tick, tick_number + 1)
         channels = self._channels

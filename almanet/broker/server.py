@@ -11,11 +11,13 @@ from typing import Any
 
 from almanet import loops
 from almanet._version import __version__
-from almanet.broker.http import HTTPConnection
+from almanet.broker.client import Client
+from almanet.broker.http import API
+from almanet.broker.httpserver import HTTPConnection
 from almanet.broker.options import BrokerOptions
+from almanet.broker.protocol import ProtocolV2
 from almanet.broker.queuescan import QueueScan
-from almanet.broker.tcp import ClientConnection
-from almanet.broker.topics import Topic
+from almanet.broker.topics import Channel, Topic
 from almanet.wire.addresses import split_address
 
 logger = logging.getLogger("almanet.broker")
@@ -37,11 +39,13 @@ class Broker:
         self.broadcast_address = self.options.broadcast_address or socket.gethostname()
         self.start_time = 0
         self.topics: dict[str, Topic] = {}
-        self.clients: set[ClientConnection] = set()
+        self.clients: set[Client] = set()
         self._http_connections: set[HTTPConnection] = set()
         self._message_ids = itertools.count(1)
+        self._client_ids = itertools.count(1)
         self._servers: list[asyncio.Server] = []
-        self._queue_scan = QueueScan(self)
+        self._queue_scan = QueueScan(self._channels)
+        self._api = API(self)
         self.tcp_address = ""
         self.http_address = ""
 
@@ -67,10 +71,10 @@ class Broker:
         loop = asyncio.get_running_loop()
         self.start_time = int(time.time())
         try:
-            tcp = await loop.create_server(lambda: ClientConnection(self), *split_address(self.options.tcp_address))
+            tcp = await loop.create_server(lambda: ProtocolV2(self), *split_address(self.options.tcp_address))
             self._servers.append(tcp)
             http = await loop.create_server(
-                lambda: HTTPConnection(self, self._http_connections), *split_address(self.options.http_address)
+                lambda: HTTPConnection(self._api, self._http_connections), *split_address(self.options.http_address)
             )
             self._servers.append(http)
         except BaseException:
@@ -106,12 +110,19 @@ class Broker:
         """16 hex digits, like nsqd's message ids."""
         return b"%016x" % next(self._message_ids)
 
+    def new_client_id(self) -> int:
+        """A number no other client of this broker has had, as nsqd numbers its clients."""
+        return next(self._client_ids)
+
     def get_topic(self, name: str) -> Topic:
         """The topic named ``name`` (already validated), created if need be."""
         topic = self.topics.get(name)
         if topic is None:
             topic = self.topics[name] = Topic(name, self.options.mem_queue_size, self.new_message_id, self._forget)
         return topic
+
+    def _channels(self) -> list[Channel]:
+        return [channel for topic in self.topics.values() for channel in topic.channels.values()]
 
     def _forget(self, topic: Topic) -> None:
         if self.topics.get(topic.name) is topic:

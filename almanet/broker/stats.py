@@ -5,19 +5,34 @@ from __future__ import annotations
 import platform
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
-    from almanet.broker.server import Broker
-    from almanet.broker.tcp import ClientConnection
+    from almanet.broker.client import Client
     from almanet.broker.topics import Channel, Topic
+
+
+class StatsSource(Protocol):
+    """The broker, as its report sees it."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def start_time(self) -> int: ...
+    @property
+    def topics(self) -> dict[str, Topic]: ...
+    @property
+    def clients(self) -> set[Client]: ...
+
 
 # nsqd reports latency percentiles only when configured to; by default none.
 _NO_LATENCY: dict[str, Any] = {"count": 0, "percentiles": None}
 _SECOND = 1_000_000_000  # nanoseconds
 
 
-def stats(broker: Broker, topic_name: str | None, channel_name: str | None, include_clients: bool) -> dict[str, Any]:
+def stats(
+    broker: StatsSource, topic_name: str | None, channel_name: str | None, include_clients: bool
+) -> dict[str, Any]:
     """What nsqd's ``/stats?format=json`` answers (without ``memory``: there is no Go heap).
 
     Filtered as nsqd's GetStats filters: an unknown topic gives ``null`` topics
@@ -41,7 +56,7 @@ def stats(broker: Broker, topic_name: str | None, channel_name: str | None, incl
 
 
 def _report(
-    broker: Broker, topics: list[dict[str, Any]] | None, producers: list[dict[str, Any]] | None
+    broker: StatsSource, topics: list[dict[str, Any]] | None, producers: list[dict[str, Any]] | None
 ) -> dict[str, Any]:
     return {
         "version": broker.version,
@@ -81,13 +96,16 @@ def _channel(channel: Channel, topic_filter: str | None, include_clients: bool) 
         "requeue_count": channel.requeue_count,
         "timeout_count": channel.timeout_count,
         "client_count": len(channel.clients),
-        "clients": [_client(client, topic_filter) for client in channel.clients] if include_clients else None,
+        # The broker's channels have no other consumers than its client connections.
+        "clients": [_client(cast("Client", client), topic_filter) for client in channel.clients]
+        if include_clients
+        else None,
         "paused": False,
         "e2e_processing_latency": _NO_LATENCY,
     }
 
 
-def _client(client: ClientConnection, topic_filter: str | None) -> dict[str, Any]:
+def _client(client: Client, topic_filter: str | None) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "client_id": client.client_id,
         "hostname": client.hostname,
@@ -95,7 +113,7 @@ def _client(client: ClientConnection, topic_filter: str | None) -> dict[str, Any
         "remote_address": client.remote_address,
         "state": client.state,
         "ready_count": client.ready_count,
-        "in_flight_count": len(client.in_flight),
+        "in_flight_count": client.in_flight_count,
         "message_count": client.message_count,
         "finish_count": client.finish_count,
         "requeue_count": client.requeue_count,
@@ -120,7 +138,7 @@ def _client(client: ClientConnection, topic_filter: str | None) -> dict[str, Any
     return fields
 
 
-def stats_text(broker: Broker, report: dict[str, Any]) -> str:
+def stats_text(broker: StatsSource, report: dict[str, Any]) -> str:
     """nsqd's plain-text ``/stats`` for a report made by ``stats()``, written as nsqd's printStats writes it."""
     now_ns = time.time_ns()
     start = datetime.fromtimestamp(broker.start_time, timezone.utc).astimezone()

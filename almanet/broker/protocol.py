@@ -1,24 +1,22 @@
-"""One client connection of the embedded broker: nsqd's TCP protocol V2.
+"""nsqd's TCP protocol V2 (its ``protocol_v2.go``): the command handlers and the message pump.
 
-Commands are handled as nsqd handles them (``protocol_v2.go`` and
-``client_v2.go`` in nsqd's source), with its error codes and texts. Only
-FIN, REQ and TOUCH failures leave the connection open; every other error
-frame is followed by closing it. What is sent reaches the client when nsqd's
-output buffering would let it (see ``output``). Timed-out in-flight messages
-are taken back by the broker's queue scan (see ``queuescan``).
+Commands are handled as nsqd handles them, with its error codes and texts.
+Only FIN, REQ and TOUCH failures leave the connection open; every other
+error frame is followed by closing it. The messages a client is sent are in
+flight in their channel (see ``topics.Channel``) until it FINs or REQs them
+or their msg_timeout passes; the connection itself, its deadlines and what
+IDENTIFY negotiated are ``client.Client``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import math
 import random
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol
 
 from almanet._speedups.frames import (
     Command,
@@ -30,31 +28,18 @@ from almanet._speedups.frames import (
     parse_base10,
     split_mpub,
 )
-from almanet.broker.output import ClientOutput
-from almanet.broker.topics import Channel, Message, QueueFull, Topic
+from almanet.broker.client import STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED, Client
+from almanet.broker.options import BrokerOptions
+from almanet.broker.topics import Channel, Message, NotInFlight, QueueFull, Topic
 from almanet.wire.errors import CommandError, ProtocolError, go_quote, wire_text
-from almanet.wire.protocol import CLOSE_WAIT, HEARTBEAT, MAGIC_V2, MESSAGE_ID_SIZE, OK
-
-if TYPE_CHECKING:
-    from almanet.broker.server import Broker
+from almanet.wire.protocol import CLOSE_WAIT, MAGIC_V2, MESSAGE_ID_SIZE, OK
 
 logger = logging.getLogger("almanet.broker")
-
-# nsqd's client states, as /stats reports them.
-STATE_INIT = 0
-STATE_SUBSCRIBED = 3
-STATE_CLOSING = 4
-
-# nsqd's default: half its 60 s client timeout.
-DEFAULT_HEARTBEAT_INTERVAL = 30.0
-# nsqd's default output buffer size (its defaultBufferSize).
-DEFAULT_OUTPUT_BUFFER_SIZE = 16 * 1024
 
 # How many topics a connection remembers it published to.
 _PUBLISHED_TOPICS_CACHED = 64
 
 _OK_FRAME = encode_response(OK)
-_HEARTBEAT_FRAME = encode_response(HEARTBEAT)
 _CLOSE_WAIT_FRAME = encode_response(CLOSE_WAIT)
 
 # IDENTIFY fields nsqd decodes, by JSON type; others are ignored, as Go's JSON
@@ -80,16 +65,32 @@ _INT32_RANGE = range(-(2**31), 2**31)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class ClientConnection(asyncio.Protocol):
-    """nsqd's side of one client connection."""
+class Nsqd(Protocol):
+    """The broker, as its clients' commands see it."""
 
-    def __init__(self, broker: Broker) -> None:
-        options = broker.options
-        self._broker = broker
-        self._loop = asyncio.get_running_loop()
-        self._parser = CommandParser(options.max_msg_size, options.max_body_size, broker.max_req_timeout_ms)
-        self._transport: asyncio.Transport | None = None
-        self._output = ClientOutput(self._loop, DEFAULT_OUTPUT_BUFFER_SIZE, options.output_buffer_timeout)
+    @property
+    def options(self) -> BrokerOptions: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def max_req_timeout_ms(self) -> int: ...
+    @property
+    def clients(self) -> set[Client]: ...
+
+    def new_client_id(self) -> int: ...
+    def get_topic(self, name: str) -> Topic: ...
+
+
+class ProtocolV2(Client):
+    """One client connection speaking nsqd's protocol V2."""
+
+    def __init__(self, nsqd: Nsqd) -> None:
+        super().__init__(nsqd.options, nsqd.new_client_id(), nsqd.clients)
+        options = nsqd.options
+        self._version = nsqd.version
+        self._max_req_timeout_ms = nsqd.max_req_timeout_ms
+        self._get_topic = nsqd.get_topic
+        self._parser = CommandParser(options.max_msg_size, options.max_body_size, nsqd.max_req_timeout_ms)
         # nsqd makes a client of a connection, with its message pump, heartbeats
         # and read deadline, once the protocol magic has come.
         self._magic_bytes_due = len(MAGIC_V2)
@@ -107,55 +108,17 @@ class ClientConnection(asyncio.Protocol):
             b"MPUB": self._mpub,
             b"DPUB": self._dpub,
         }
-        self.state = STATE_INIT
-        self.closed = False
-        self.channel: Channel | None = None
-        self.in_flight: dict[bytes, Message] = {}  # in order of deadline, but see _capped_deadline
-        self.ready_count = 0
-        self.writing_paused = False  # the client does not read what we send
-        # Negotiated with IDENTIFY; seconds as floats.
-        self.client_id = ""
-        self.hostname = ""
-        self.user_agent = ""
-        self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
-        self.msg_timeout = options.msg_timeout
-        self.sample_rate = 0
-        # For /stats.
-        self.remote_address = ""
-        self.connect_ts = int(time.time())
-        self.message_count = 0
-        self.finish_count = 0
-        self.requeue_count = 0
-        self.pub_counts: dict[str, int] = {}
         self._published_topics: dict[bytes, Topic] = {}  # by wire name: no decode and lookup per PUB
-        self._last_read = self._loop.time()
         self._unparsed: list[bytes] = []  # the reads holding what the parser has not made a command of yet
         self._finished = False  # FINs of this read freed RDY slots
-        # The earliest deadline a TOUCH capped at max_msg_timeout: from then on,
-        # in_flight may be out of deadline order.
-        self._capped_deadline = math.inf
-        self._heartbeat_timer: asyncio.TimerHandle | None = None
-        self._read_deadline_timer: asyncio.TimerHandle | None = None
-        self._write_deadline_timer: asyncio.TimerHandle | None = None
 
-    # --- connection -------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have its API.
-        self._transport = cast(asyncio.Transport, transport)
-        self._output.attach(self._transport)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.remote_address = f"{peer[0]}:{peer[1]}"
-        self._broker.clients.add(self)
+    # --- reading commands -------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._magic_bytes_due:
             self._magic_bytes_due = max(0, self._magic_bytes_due - len(data))
             if not self._magic_bytes_due:
-                self.connect_ts = int(time.time())
-                self._output.restart_ticker(self._broker.options.output_buffer_timeout)
-                self._arm_heartbeat()
+                self.start()
         parser = self._parser
         parser.feed(data)
         handlers = self._handlers
@@ -195,170 +158,37 @@ class ClientConnection(asyncio.Protocol):
         self.close()
         return True
 
+    def _read_timed_out(self) -> None:
+        self._refuse_cut_short_command()
+        self.close()
+
     def _refuse_cut_short_command(self) -> None:
         """nsqd's error for a command whose body stops coming (end of stream, read deadline)."""
         unparsed = self._parser.buffered
         if unparsed and not self.closed:
-            options = self._broker.options
+            options = self.options
             error = _cut_short_error(b"".join(self._unparsed)[-unparsed:], options.max_msg_size, options.max_body_size)
             if error is not None:
                 self._send(encode_error(error.data))
 
-    def pause_writing(self) -> None:
-        # The client does not read what we send. Blocked writing to it, nsqd
-        # reads no more of its commands (so unread NOPs do not count against
-        # its read deadline), sends it no more messages (see Channel.dispatch),
-        # and gives it up when its write deadline passes.
-        self.writing_paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
-        self._arm_write_deadline()
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._last_read = self._loop.time()
-        if self._transport is not None and not self.closed:
-            self._cancel_write_deadline()
-            self._transport.resume_reading()
-            if self.channel is not None:
-                self.channel.dispatch()
-
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._output.discard()
-        self._broker.clients.discard(self)
-        self._stop_heartbeat()
-        self._cancel_write_deadline()
+        super().connection_lost(exc)
         channel = self.channel
         if channel is not None and not channel.deleted:
             channel.remove_client(self)
 
-    def close(self) -> None:
-        """Flush what is pending and close, as nsqd does after a fatal error."""
-        if self.closed:
-            return
-        self.closed = True
-        self.ready_count = 0
-        self._output.close()
-        if self._transport is not None:
-            self._transport.close()
-            if self._transport.get_write_buffer_size():
-                self._arm_write_deadline()  # the client may never read it
-
-    def abort(self) -> None:
-        """Close at once, dropping what the client has not read yet."""
-        self.closed = True
-        self.ready_count = 0
-        self._output.discard()
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _send(self, frame: bytes) -> None:
-        self._output.send(frame)
-
-    def _send_error(self, code: str, description: str) -> None:
-        """An error frame that leaves the connection open (FIN, REQ and TOUCH failures)."""
-        self._send(encode_error(CommandError(code, description).data))
-
-    # --- timers -----------------------------------------------------------
-
-    def _stop_heartbeat(self) -> None:
-        for timer in (self._heartbeat_timer, self._read_deadline_timer):
-            if timer is not None:
-                timer.cancel()
-        self._heartbeat_timer = self._read_deadline_timer = None
-
-    def _arm_heartbeat(self) -> None:
-        """(Re)start heartbeats and the read deadline at the negotiated interval."""
-        self._stop_heartbeat()
-        if self.heartbeat_interval > 0:
-            self._heartbeat_timer = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
-            self._read_deadline_timer = self._loop.call_at(
-                self._last_read + 2 * self.heartbeat_interval, self._check_read_deadline
-            )
-
-    def _heartbeat(self) -> None:
-        self._send(_HEARTBEAT_FRAME)
-        self._heartbeat_timer = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
-
-    def _check_read_deadline(self) -> None:
-        # nsqd closes a connection that sends nothing for two heartbeat
-        # intervals. Commands only note their time; the timer catches up here.
-        if self.writing_paused:
-            self._last_read = self._loop.time()
-        deadline = self._last_read + 2 * self.heartbeat_interval
-        if self._loop.time() < deadline:
-            self._read_deadline_timer = self._loop.call_at(deadline, self._check_read_deadline)
-            return
-        self._read_deadline_timer = None
-        logger.debug("closing %s: nothing read for two heartbeat intervals", self.remote_address)
-        self._refuse_cut_short_command()
-        self.close()
-
-    def _arm_write_deadline(self) -> None:
-        """nsqd's write deadline: a heartbeat interval for the client to read some of what is pending."""
-        if self.heartbeat_interval > 0 and self._write_deadline_timer is None and self._transport is not None:
-            self._write_deadline_timer = self._loop.call_later(
-                self.heartbeat_interval, self._check_write_deadline, self._transport.get_write_buffer_size()
-            )
-
-    def _cancel_write_deadline(self) -> None:
-        if self._write_deadline_timer is not None:
-            self._write_deadline_timer.cancel()
-            self._write_deadline_timer = None
-
-    def _check_write_deadline(self, pending_before: int) -> None:
-        self._write_deadline_timer = None
-        assert self._transport is not None
-        if self._transport.get_write_buffer_size() < pending_before:
-            self._arm_write_deadline()  # it reads, if slowly
-            return
-        logger.debug("closing %s: it read nothing for a heartbeat interval", self.remote_address)
-        self.abort()
-
-    def take_timed_out(self, now: float) -> list[Message]:
-        """Take the in-flight messages whose msg_timeout passed by ``now`` (the queue scan gives them back)."""
-        in_flight = self.in_flight
-        if now >= self._capped_deadline:
-            expired = [message for message in in_flight.values() if message.deadline <= now]
-            max_msg_timeout = self._broker.options.max_msg_timeout
-            self._capped_deadline = min(
-                (
-                    message.deadline
-                    for message in in_flight.values()
-                    if now < message.deadline == message.delivered_at + max_msg_timeout
-                ),
-                default=math.inf,
-            )
-        else:
-            expired = []
-            for message in in_flight.values():
-                if message.deadline > now:
-                    break
-                expired.append(message)
-        for message in expired:
-            del in_flight[message.id]
-        return expired
-
-    def forget_in_flight(self) -> None:
-        """The channel was emptied: its in-flight messages are gone."""
-        self.in_flight.clear()
-        self._capped_deadline = math.inf
-
-    # --- delivery -----------------------------------------------------------
+    # --- the message pump -------------------------------------------------
 
     def deliver(self, message: Message, channel: Channel, now: float) -> bool:
         """Send ``message`` and hold it in flight until FIN, REQ or msg_timeout; whether RDY allows more."""
-        in_flight = self.in_flight
         if self.sample_rate and random.randrange(100) > self.sample_rate:
-            return self.ready_count > len(in_flight)  # nsqd drops the messages a sampling client does not take
+            return self.ready_count > self.in_flight_count  # nsqd drops the messages a sampling client does not take
         message.attempts += 1
         message.delivered_at = now
-        message.deadline = now + self.msg_timeout
-        in_flight[message.id] = message
-        channel.in_flight_count += 1
+        channel.start_in_flight(message, self.id, now + self.msg_timeout)
+        in_flight_count = self.in_flight_count = self.in_flight_count + 1
         self.message_count += 1
-        ready_for_more = self.ready_count > len(in_flight)
+        ready_for_more = self.ready_count > in_flight_count
         # attempts is a uint16 on the wire and wraps there, as in nsqd.
         self._output.send_message(
             encode_message(message.timestamp, message.attempts & 0xFFFF, message.id, message.body), ready_for_more
@@ -372,54 +202,15 @@ class ClientConnection(asyncio.Protocol):
             raise CommandError("E_INVALID", "cannot IDENTIFY in current state")
         assert command.body is not None
         data = _decode_identify(command.body)
-        options = self._broker.options
-        output = self._output
-        heartbeat_interval = data.get("heartbeat_interval", 0)
-        if heartbeat_interval == -1:
-            self.heartbeat_interval = 0
-        elif heartbeat_interval != 0:
-            _check_range("heartbeat interval", heartbeat_interval, 1000, options.max_heartbeat_interval * 1000)
-            self.heartbeat_interval = heartbeat_interval / 1000
-        flush_interval = output.flush_interval
-        buffer_timeout = data.get("output_buffer_timeout", 0)
-        if buffer_timeout == -1:
-            flush_interval = 0
-        elif buffer_timeout != 0:
-            _check_range(
-                "output buffer timeout",
-                buffer_timeout,
-                options.min_output_buffer_timeout * 1000,
-                options.max_output_buffer_timeout * 1000,
-            )
-            flush_interval = buffer_timeout / 1000
-        buffer_size = data.get("output_buffer_size", 0)
-        if buffer_size == -1:
-            # Every write goes straight to the socket.
-            buffer_size = 1
-            flush_interval = 0
-        elif buffer_size != 0:
-            _check_range("output buffer size", buffer_size, 64, options.max_output_buffer_size)
-        sample_rate = data.get("sample_rate", 0)
-        _check_range("sample rate", sample_rate, 0, 99)
-        msg_timeout = data.get("msg_timeout", 0)
-        if msg_timeout != 0:
-            _check_range("msg timeout", msg_timeout, 1000, options.max_msg_timeout * 1000)
-            self.msg_timeout = msg_timeout / 1000
-        self.sample_rate = sample_rate
-        self.client_id = data.get("client_id", "")
-        self.hostname = data.get("hostname", "")
-        self.user_agent = data.get("user_agent", "")
-        if buffer_size:
-            output.size = buffer_size
-        output.restart_ticker(flush_interval)
-        self._arm_heartbeat()
+        self.negotiate(data)
         if not data.get("feature_negotiation", False):
             self._send(_OK_FRAME)
             return
+        options = self.options
         # Go's encoding/json field order; TLS and compression are not offered.
         response = {
             "max_rdy_count": options.max_rdy_count,
-            "version": self._broker.version,
+            "version": self._version,
             "max_msg_timeout": int(options.max_msg_timeout * 1000),
             "msg_timeout": int(self.msg_timeout * 1000),
             "tls_v1": False,
@@ -429,8 +220,8 @@ class ClientConnection(asyncio.Protocol):
             "snappy": False,
             "sample_rate": self.sample_rate,
             "auth_required": False,
-            "output_buffer_size": output.size,
-            "output_buffer_timeout": round(output.flush_interval * 1000),
+            "output_buffer_size": self.output_buffer_size,
+            "output_buffer_timeout": round(self.output_buffer_timeout * 1000),
         }
         self._send(encode_response(json.dumps(response, separators=(",", ":")).encode()))
 
@@ -451,7 +242,7 @@ class ClientConnection(asyncio.Protocol):
             raise CommandError("E_BAD_TOPIC", f"SUB topic name {go_quote(params[0])} is not valid")
         if not is_valid_name(params[1]):
             raise CommandError("E_BAD_CHANNEL", f"SUB channel name {go_quote(params[1])} is not valid")
-        channel = self._broker.get_topic(params[0].decode()).get_channel(params[1].decode())
+        channel = self._get_topic(params[0].decode()).get_channel(params[1].decode())
         channel.add_client(self)
         self.channel = channel
         self.state = STATE_SUBSCRIBED
@@ -468,11 +259,11 @@ class ClientConnection(asyncio.Protocol):
             if parsed is None:
                 raise CommandError("E_INVALID", f"RDY could not parse count {wire_text(command.params[0])}")
             count = parsed
-        max_rdy_count = self._broker.options.max_rdy_count
+        max_rdy_count = self.options.max_rdy_count
         if count > max_rdy_count:
             raise CommandError("E_INVALID", f"RDY count {count} out of range 0-{max_rdy_count}")
         self.ready_count = count
-        if count <= len(self.in_flight):
+        if count <= self.in_flight_count:
             self._output.flush()  # nsqd's pump flushes a client ready for no more messages
         assert self.channel is not None
         self.channel.dispatch()
@@ -489,17 +280,14 @@ class ClientConnection(asyncio.Protocol):
         assert self.channel is not None
         return self.channel, message_id
 
-    def _not_in_flight(self, channel: Channel, code: str, label: str, message_id: bytes) -> None:
-        owner = channel.owner_of(message_id)
-        reason = "ID not in flight" if owner is None else "client does not own message"
-        self._send_error(code, f"{label} {wire_text(message_id)} failed {reason}")
-
     def _fin(self, command: Command) -> None:
         channel, message_id = self._in_flight_command(command, "FIN", 1)
-        if self.in_flight.pop(message_id, None) is None:
-            self._not_in_flight(channel, "E_FIN_FAILED", "FIN", message_id)
+        try:
+            channel.finish(self.id, message_id)
+        except NotInFlight as error:
+            self._send_error("E_FIN_FAILED", f"FIN {wire_text(message_id)} failed {error}")
             return
-        channel.in_flight_count -= 1
+        self.in_flight_count -= 1
         self.finish_count += 1
         self._finished = True
 
@@ -509,28 +297,22 @@ class ClientConnection(asyncio.Protocol):
         if timeout_ms is None:
             raise CommandError("E_INVALID", f"REQ could not parse timeout {wire_text(command.params[1])}")
         # nsqd clamps an out-of-range timeout instead of refusing it.
-        timeout_ms = min(timeout_ms, self._broker.max_req_timeout_ms)
-        message = self.in_flight.pop(message_id, None)
-        if message is None:
-            self._not_in_flight(channel, "E_REQ_FAILED", "REQ", message_id)
+        timeout_ms = min(timeout_ms, self._max_req_timeout_ms)
+        try:
+            channel.requeue(self.id, message_id, timeout_ms / 1000)
+        except NotInFlight as error:
+            self._send_error("E_REQ_FAILED", f"REQ {wire_text(message_id)} failed {error}")
             return
+        self.in_flight_count -= 1
         self.requeue_count += 1
-        channel.requeue(message, timeout_ms / 1000)
+        channel.dispatch()
 
     def _touch(self, command: Command) -> None:
         channel, message_id = self._in_flight_command(command, "TOUCH", 1)
-        message = self.in_flight.pop(message_id, None)
-        if message is None:
-            self._not_in_flight(channel, "E_TOUCH_FAILED", "TOUCH", message_id)
-            return
-        deadline = self._loop.time() + self.msg_timeout
-        latest = message.delivered_at + self._broker.options.max_msg_timeout
-        if deadline >= latest:
-            # Capped by max_msg_timeout, it may now expire before messages ahead of it in in_flight.
-            deadline = latest
-            self._capped_deadline = min(self._capped_deadline, latest)
-        message.deadline = deadline
-        self.in_flight[message_id] = message  # to the end: in_flight stays in deadline order
+        try:
+            channel.touch(self.id, message_id, self.msg_timeout, self.options.max_msg_timeout)
+        except NotInFlight as error:
+            self._send_error("E_TOUCH_FAILED", f"TOUCH {wire_text(message_id)} failed {error}")
 
     def _cls(self, command: Command) -> None:
         if self.state != STATE_SUBSCRIBED:
@@ -548,7 +330,7 @@ class ClientConnection(asyncio.Protocol):
         if topic is None or topic.deleted:
             if len(self._published_topics) >= _PUBLISHED_TOPICS_CACHED:
                 self._published_topics.clear()
-            topic = self._published_topics[topic_name] = self._broker.get_topic(topic_name.decode())
+            topic = self._published_topics[topic_name] = self._get_topic(topic_name.decode())
         try:
             topic.publish(bodies, time.time_ns(), delay)
         except QueueFull as error:
@@ -640,8 +422,3 @@ def _reject_constant(name: str) -> None:
 
 def _bad_identify_json() -> CommandError:
     return CommandError("E_BAD_BODY", "IDENTIFY failed to decode JSON body")
-
-
-def _check_range(what: str, value: int, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise CommandError("E_BAD_BODY", f"IDENTIFY {what} ({value}) is invalid")
