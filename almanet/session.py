@@ -416,7 +416,8 @@ class Session:
 
     def _publish_call(self, topic: str, body: bytes, call: _Call) -> None:
         """Publish an invocation through the connection its reply comes by (and the calls' FINs go by)."""
-        assert self._replies is not None
+        if self._replies is None:  # the session left (and maybe joined again) while the call waited
+            raise ConnectionFailed("the session left before the call was sent")
         connection = self._replies.publish(topic, body, call)
         if connection is not self._call_connection:
             self._call_connection = connection

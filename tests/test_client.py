@@ -294,6 +294,23 @@ async def test_bad_bodies_are_refused_and_the_connection_goes_on(almanet_broker:
         await Producer(unused_address()).publish(topic, b"x" * (1024 * 1024 + 1))
 
 
+async def test_a_big_or_deferred_publish_keeps_its_place_among_the_others(
+    almanet_broker: BrokerAddresses, topic: str
+) -> None:
+    """Sent apart from the MPUB of the others, it still leaves after what was published before it."""
+    tcp = almanet_broker.tcp_address
+    inbox = Inbox()
+    big = b"x" * 20_000
+    async with Producer(tcp) as producer, consumer(tcp, topic, inbox, max_in_flight=10):
+        await asyncio.gather(producer.publish(topic, b"1"), producer.publish(topic, big), producer.publish(topic, b"2"))
+        received = []
+        for _ in range(3):
+            message = await inbox.next()
+            message.fin()
+            received.append(message.body)
+    assert received == [b"1", big, b"2"]
+
+
 async def test_refused_publishes_raise_command_error_and_the_next_publish_reconnects(topic: str) -> None:
     """nsqd refuses an MPUB whole, with an error frame, and closes: every publish coalesced into it fails."""
     async with own_broker(mem_queue_size=3, max_msg_size=100) as broker, Producer(broker.tcp_address) as producer:

@@ -311,13 +311,15 @@ class Connection(asyncio.Protocol):
         """Connect to ``host:port``, IDENTIFY and AUTH; raises ``ConnectionError`` or ``CommandError``."""
         host, port = split_address(address)
         loop = asyncio.get_running_loop()
+        connection = cls(address, options, on_message, on_answered, on_close)
         try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: cls(address, options, on_message, on_answered, on_close), host, port),
-                options.connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as error:
-            raise ConnectionFailed(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
+            await asyncio.wait_for(loop.create_connection(lambda: connection, host, port), options.connect_timeout)
+        except BaseException as error:
+            # Cancelled as the connection was made, wait_for drops the transport: it is closed, not leaked.
+            connection.abort()
+            if isinstance(error, (OSError, asyncio.TimeoutError)):
+                raise ConnectionFailed(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
+            raise
         try:
             await asyncio.wait_for(connection._handshake(), options.connect_timeout)
         except BaseException as error:
@@ -508,6 +510,9 @@ class Connection(asyncio.Protocol):
             joined.body_size += _MPUB_SIZE_FIELD + size
             joined.waiters.append(answer)
             return
+        if delay or size > SEPARATE_PUBLISH_SIZE:
+            # In publish order: what comes next to the topic does not join an MPUB sent before this.
+            self._open_publishes.pop(topic, None)
         if delay:
             publish = _Publish(topic, encode_dpub(topic, round(delay * 1000), body))
         elif size > SEPARATE_PUBLISH_SIZE:

@@ -76,6 +76,7 @@ class Consumer:
         self.options = options or ConnectionOptions()
         self.connections: dict[str, Connection] = {}
         self._publishing: Connection | None = None  # see publish()
+        self.max_msg_size = self.options.max_msg_size  # lowered to what nsqd says when it refuses a message
         self._on_message = on_message
         self._on_give_up = on_give_up
         self._direct = list(nsqd_tcp_addresses)
@@ -162,7 +163,8 @@ class Consumer:
         connection is used while it stays open. ``ConnectionError`` when none is.
         """
         connection = self._publishing
-        if connection is None or not connection.is_open:
+        if connection is None or not connection.is_open or self.connections.get(connection.address) is not connection:
+            # (one being retired is open, but gets no more messages: replies would not come by it)
             connection = self._publishing = next((open_ for open_ in self.connections.values() if open_.is_open), None)
             if connection is None:
                 raise ConnectionFailed(f"no connection to nsqd open for {self.topic}/{self.channel}")
@@ -179,6 +181,7 @@ class Consumer:
             on_answered=self._on_answered,
             on_close=self._on_close,
         )
+        connection.max_msg_size = self.max_msg_size
         try:
             await asyncio.wait_for(
                 connection.request(encode_sub(self.topic, self.channel)), self.options.connect_timeout
@@ -236,6 +239,7 @@ class Consumer:
         return not self._stopping and (address in self._direct or address in self._discovered)
 
     def _on_close(self, connection: Connection, error: BaseException | None) -> None:
+        self.max_msg_size = min(self.max_msg_size, connection.max_msg_size)  # kept for the next connection
         if self.connections.get(connection.address) is not connection:
             return
         del self.connections[connection.address]
