@@ -40,6 +40,12 @@ def topic() -> str:
 
 
 @pytest.fixture
+def tcp(almanet_broker: BrokerAddresses) -> str:
+    """The shared broker's TCP address."""
+    return almanet_broker.tcp_address
+
+
+@pytest.fixture
 def embedded(almanet_broker: BrokerAddresses) -> BrokerAddresses:
     """The shared broker, for tests of what only the embedded broker has (skipped against nsqd)."""
     if not almanet_broker.embedded:

@@ -27,15 +27,9 @@ from almanet._speedups.frames import (
     encode_pub,
     encode_rdy,
 )
-from almanet.pytest_plugin import BrokerAddresses
 from almanet.wire.protocol import HEARTBEAT, OK
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def tcp(almanet_broker: BrokerAddresses) -> str:
-    return almanet_broker.tcp_address
 
 
 async def publish(producer: RawConnection, topic: str, body: bytes = b"x") -> float:

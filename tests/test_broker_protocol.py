@@ -41,11 +41,6 @@ from almanet.wire.protocol import CLOSE_WAIT, CLS, HEARTBEAT, NOP, OK
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-def tcp(almanet_broker: BrokerAddresses) -> str:
-    return almanet_broker.tcp_address
-
-
 def channel_stats(broker: BrokerAddresses, topic: str) -> dict[str, dict[str, Any]] | None:
     """The channels of ``topic`` from ``/stats?format=json``, by name; None when the topic does not exist."""
     url = f"http://{broker.http_address}/stats?format=json&topic={urllib.parse.quote(topic)}"
