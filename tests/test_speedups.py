@@ -25,13 +25,15 @@ API = [
 ]
 
 # What a class has from how its twin is built (a dataclass, typing.Generic, a
-# Cython extension type), not from the API. Whether a class takes type
-# arguments is checked by subscripting it instead.
+# Cython extension type, the Python version: object.__getstate__ is new in
+# 3.11), not from the API. Whether a class takes type arguments is checked by
+# subscripting it instead.
 BUILD_ATTRIBUTES = {
     "__annotations__",
     "__class_getitem__",
     "__dataclass_fields__",
     "__dataclass_params__",
+    "__getstate__",
     "__module__",
     "__orig_bases__",
     "__parameters__",
@@ -40,6 +42,7 @@ BUILD_ATTRIBUTES = {
     "__setstate__",
     "__setstate_cython__",
     "__slots__",
+    "__weakref__",
 }
 
 
