@@ -26,22 +26,26 @@ API = [
 
 # What a class has from how its twin is built (a dataclass, typing.Generic, a
 # Cython extension type, the Python version: object.__getstate__ is new in
-# 3.11), not from the API. Whether a class takes type arguments is checked by
+# 3.11, __firstlineno__, __static_attributes__ and a dataclass's __replace__
+# in 3.13), not from the API. Whether a class takes type arguments is checked by
 # subscripting it instead.
 BUILD_ATTRIBUTES = {
     "__annotations__",
     "__class_getitem__",
     "__dataclass_fields__",
     "__dataclass_params__",
+    "__firstlineno__",
     "__getstate__",
     "__module__",
     "__orig_bases__",
     "__parameters__",
     "__pyx_vtable__",
     "__reduce_cython__",
+    "__replace__",
     "__setstate__",
     "__setstate_cython__",
     "__slots__",
+    "__static_attributes__",
     "__weakref__",
 }
 
