@@ -163,13 +163,16 @@ class Consumer:
         connection is used while it stays open. ``ConnectionError`` when none is.
         """
         connection = self._publishing
-        if connection is None or not connection.is_open or self.connections.get(connection.address) is not connection:
-            # (one being retired is open, but gets no more messages: replies would not come by it)
+        if connection is None or not connection.is_open:
             connection = self._publishing = next((open_ for open_ in self.connections.values() if open_.is_open), None)
             if connection is None:
                 raise ConnectionFailed(f"no connection to nsqd open for {self.topic}/{self.channel}")
         connection.publish(topic, body, answer)
         return connection
+
+    def _stop_publishing_through(self, connection: Connection) -> None:
+        if self._publishing is connection:
+            self._publishing = None
 
     # --- connections -----------------------------------------------------------
 
@@ -243,6 +246,7 @@ class Consumer:
         if self.connections.get(connection.address) is not connection:
             return
         del self.connections[connection.address]
+        self._stop_publishing_through(connection)
         if self._wanted(connection.address):
             logger.warning("lost %s (%s); reconnecting", connection.address, error)
             self._reconnect_later(connection.address)
@@ -308,6 +312,7 @@ class Consumer:
             if connection is not None and address not in self._direct:
                 logger.info("%s no longer has %s: disconnecting", address, self.topic)
                 del self.connections[address]
+                self._stop_publishing_through(connection)  # retired: open, but its replies would not come
                 self._spawn(self._retire(connection, _RETIRE_TIMEOUT))
         if vanished:
             self._distribute_rdy()
