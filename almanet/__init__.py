@@ -6,7 +6,16 @@ Every error almanet raises derives from ``AlmanetError``.
 from almanet._speedups import speedups
 from almanet._speedups.envelope import EnvelopeError, Reply
 from almanet._version import __version__
-from almanet.errors import CallTimeout, InternalError, InvalidEnvelope, InvalidPayload, InvalidReply, rpc_error
+from almanet.errors import (
+    CallTimeout,
+    InternalError,
+    InvalidEnvelope,
+    InvalidPayload,
+    InvalidReply,
+    NoResponders,
+    UnreadableBody,
+    rpc_error,
+)
 from almanet.service import Procedure, Service, new_service
 from almanet.session import ConsumedMessage, Session, Subscription, new_session
 from almanet.wire.errors import (
@@ -31,12 +40,14 @@ __all__ = [
     "InvalidPayload",
     "InvalidReply",
     "MessageTooBig",
+    "NoResponders",
     "Procedure",
     "ProtocolError",
     "Reply",
     "Service",
     "Session",
     "Subscription",
+    "UnreadableBody",
     "__version__",
     "new_service",
     "new_session",

@@ -24,7 +24,20 @@ _registry: dict[str, type[rpc_error]] = {}
 
 
 class CallTimeout(AlmanetError, TimeoutError):
-    """No reply came within the call's timeout (also what calling a URI nothing serves gives)."""
+    """No reply came within the call's timeout."""
+
+
+class NoResponders(CallTimeout):
+    """No service serves the URI called: none answered the session's discovery query in time.
+
+    Raised within ``DISCOVERY_WAIT`` (0.75 s), before the invocation is
+    published, so nothing is left behind in the broker. A ``TimeoutError``, as
+    a call nobody answers always was.
+    """
+
+
+class UnreadableBody(AlmanetError, ValueError):
+    """A consumed message's body is not what ``produce`` sends (one msgpack value): read its ``.body``."""
 
 
 class rpc_error(AlmanetError):  # lower case: the name users know from the original almanet

@@ -28,13 +28,14 @@ from almanet._speedups.frames import check_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
 from almanet.nsq import ConnectionOptions, Consumer, Message
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE
-from almanet.session import Session, check_uri, connection_options
+from almanet.session import DISCOVERY_TOPIC, Session, check_uri, connection_options
 from almanet.wire.errors import ConnectionFailed, MessageTooBig
 
 logger = logging.getLogger("almanet")
 
 DEFAULT_CHANNEL = "rpc"
 DEFAULT_MAX_CONCURRENCY = 1000
+_DISCOVERY_IN_FLIGHT = 100  # queries are answered as they arrive
 
 # Payload annotations a procedure's first parameter is checked against.
 _CHECKED_PAYLOAD_TYPES: dict[Any, tuple[type, ...]] = {
@@ -145,6 +146,8 @@ class Service:
         self.session = Session(*addresses, **session_options)
         self.procedures: list[Procedure] = []
         self._consumers: list[Consumer] = []
+        self._discovery: Consumer | None = None
+        self._served: frozenset[str] = frozenset()
         self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
 
@@ -204,6 +207,14 @@ class Service:
                 logger.info("serving %s on channel %s", registered.uri, registered.channel)
                 if self._stopped:
                     raise ConnectionFailed("the service was stopped while it started")
+            # Last: a session told that a URI is served finds its procedure subscribed.
+            self._served = frozenset(registered.uri for registered in self.procedures)
+            self._discovery = self.session.consumer(
+                DISCOVERY_TOPIC, f"service.{self.session.id}#ephemeral", self._answer_discovery, _DISCOVERY_IN_FLIGHT
+            )
+            await self._discovery.start()
+            if self._stopped:
+                raise ConnectionFailed("the service was stopped while it started")
         except BaseException:
             await self.stop()
             raise
@@ -211,6 +222,9 @@ class Service:
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: take no more calls, let those running finish and reply (up to ``timeout``), leave."""
         self._stopped = True
+        if self._discovery is not None:  # first: sessions stop hearing that this service serves
+            discovery, self._discovery = self._discovery, None
+            await discovery.stop(timeout)
         consumers, self._consumers = self._consumers, []
         await asyncio.gather(*(consumer.stop(timeout) for consumer in consumers))
         for task in list(self._running):  # past the timeout: nsqd redelivers their invocations
@@ -233,6 +247,23 @@ class Service:
         loops.run(self.serve_until_signal(), loop)
 
     # --- one invocation --------------------------------------------------------------
+
+    def _answer_discovery(self, message: Message) -> None:
+        """A session asks whether a URI is served (``session.DISCOVERY_TOPIC``): replied to when it is here."""
+        try:
+            query = decode(message.body)
+        except EnvelopeError as error:
+            logger.warning("%s: not a discovery query: %s", DISCOVERY_TOPIC, error)
+        else:
+            if (
+                isinstance(query, Invocation)
+                and query.reply_to is not None
+                and isinstance(query.payload, str)
+                and query.payload in self._served
+                and (not query.deadline or query.deadline > time.time() * 1000)
+            ):
+                self._reply(message, query.reply_to, query.call_id, True, None)
+        message.fin()
 
     def _receive_invocation(self, procedure: Procedure, message: Message) -> None:
         try:

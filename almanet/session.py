@@ -32,7 +32,7 @@ import msgpack
 from almanet._speedups.envelope import EnvelopeError, Reply, decode, encode_invocation
 from almanet._speedups.frames import is_valid_name
 from almanet._speedups.pending import PendingCalls
-from almanet.errors import CallTimeout, rpc_error
+from almanet.errors import CallTimeout, NoResponders, UnreadableBody, rpc_error
 from almanet.nsq import Consumer, Message, Producer
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
 from almanet.wire.errors import ConnectionFailed
@@ -60,6 +60,19 @@ class NamedProcedure(Protocol):
 
 REPLY_CHANNEL = "reply#ephemeral"
 DEFAULT_TIMEOUT = 60.0
+
+# Before a call publishes an invocation to a URI not known to be served, it
+# asks: a discovery query (an invocation whose payload is the URI) goes to
+# this topic, where every running service has a channel of its own, and the
+# services serving the URI reply. No reply within DISCOVERY_WAIT seconds:
+# the call fails with NoResponders and publishes nothing. The topic is
+# ephemeral, so queries nobody reads are bounded by nsqd's mem-queue-size.
+DISCOVERY_TOPIC = "_almanet.discovery#ephemeral"
+DISCOVERY_WAIT = 0.75
+# How long a URI stays known to be served after a service said so or a reply
+# came from it: within it, calls publish at once. A service that died is
+# found out by the first call after that, or the first call that times out.
+SERVED_FOR = 5.0
 # Replies are FINed as they arrive: the RDY only needs to keep the pipe full.
 _REPLIES_IN_FLIGHT = 2500
 
@@ -89,11 +102,13 @@ def split_addresses(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
     return nsqd, lookupd
 
 
-def encode_payload(payload: Any) -> bytes:
-    """A produced message's body: bytes as they are, anything else msgpack-encoded."""
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload)
-    return msgpack.packb(payload)  # type: ignore[no-any-return]
+def encode_payload(payload: Any, raw: bool) -> bytes:
+    """A produced message's body: ``payload`` msgpack-encoded, or as it is when ``raw`` (then bytes only)."""
+    if not raw:
+        return msgpack.packb(payload)  # type: ignore[no-any-return]
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise TypeError(f"a raw body is bytes, not {type(payload).__name__}")
+    return bytes(payload)
 
 
 class _Call:
@@ -169,8 +184,14 @@ class ConsumedMessage:
 
     @property
     def payload(self) -> Any:
-        """The body decoded as msgpack (what ``produce`` sent for anything but bytes)."""
-        return msgpack.unpackb(self.body, raw=False, strict_map_key=False)
+        """What ``produce`` sent (the body decoded as one msgpack value); ``UnreadableBody`` for another body."""
+        try:
+            return msgpack.unpackb(self.body, raw=False, strict_map_key=False)
+        except Exception as error:  # msgpack raises ValueError subclasses and others (FormatError, StackError)
+            raise UnreadableBody(
+                f"message {self.id.decode(errors='replace')} is not one msgpack value ({type(error).__name__}: "
+                f"{error}): produced raw or by another client? Read its .body"
+            ) from None
 
     def commit(self) -> None:
         """Done with it (FIN)."""
@@ -280,6 +301,8 @@ class Session:
         self._options_given = options  # consume() lets them override its own defaults
         self._producer = Producer(*self.nsqd_addresses, options=self.options)
         self._pending: PendingCalls[_Call] = PendingCalls()
+        self._served_until: dict[str, float] = {}  # URI -> loop time until which it is known served
+        self._discovering: dict[str, asyncio.Future[None]] = {}  # URI -> its discovery query, shared
         self._replies: Consumer | None = None
         self._replies_subscribed: asyncio.Future[None] | None = None
         self._call_connection: Connection | None = None
@@ -316,6 +339,7 @@ class Session:
             self._expiry_timer = None
         for call in self._pending.expire(float("inf")):
             call.set_exception(ConnectionFailed("the session left before the reply came"))
+        self._served_until.clear()  # the services may be gone when it joins again
         self._replies = self._replies_subscribed = self._call_connection = None
         producer, self._producer = self._producer, Producer(*self.nsqd_addresses, options=self.options)
         await producer.close(timeout)
@@ -379,13 +403,47 @@ class Session:
         timeout = self.timeout if timeout is None else timeout
         if self._replies_subscribed is None or not self._replies_subscribed.done():
             await self._subscribe_replies(timeout)
-        call = new_call(self._running_loop().create_future(), topic, timeout)
+        loop = self._running_loop()
+        if self._served_until.get(topic, 0.0) < loop.time():
+            started = loop.time()
+            await self._discover(topic, timeout)
+            timeout -= loop.time() - started
+        call = new_call(loop.create_future(), topic, timeout)
         call_id = self._invoke(call, topic, payload, timeout)
         try:
             return await call.future
-        except BaseException:
+        except BaseException as error:
             self._pending.pop(call_id)  # cancelled, or failed to publish: gone from the table
+            if isinstance(error, CallTimeout):
+                self._served_until.pop(topic, None)  # its service may be gone: the next call asks again
             raise
+
+    async def _discover(self, uri: str, timeout: float) -> None:
+        """Return once a service said it serves ``uri``; ``NoResponders`` when none did (see ``DISCOVERY_TOPIC``)."""
+        query = self._discovering.get(uri)
+        if query is None:
+            query = self._discovering[uri] = asyncio.ensure_future(self._ask_who_serves(uri))
+            query.add_done_callback(functools.partial(self._discovered, uri))
+        # Not cancelled by this call's timeout or cancellation: other calls may wait for it.
+        await asyncio.wait((query,), timeout=timeout)
+        if not query.done():
+            raise CallTimeout(f"no reply from {uri} within {timeout:g} s")
+        query.result()
+
+    async def _ask_who_serves(self, uri: str) -> None:
+        query = _Call(self._running_loop().create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
+        call_id = self._invoke(query, DISCOVERY_TOPIC, uri, DISCOVERY_WAIT)
+        try:
+            await query.future
+        except CallTimeout:
+            raise NoResponders(f"nothing serves {uri}: no service answered within {DISCOVERY_WAIT:g} s") from None
+        finally:
+            self._pending.pop(call_id)
+
+    def _discovered(self, uri: str, query: asyncio.Future[None]) -> None:
+        del self._discovering[uri]
+        if not query.cancelled() and query.exception() is None:
+            self._served_until[uri] = self._running_loop().time() + SERVED_FOR
 
     def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
@@ -493,22 +551,27 @@ class Session:
         call = pending.get(reply.call_id)
         if call is None:
             logger.debug("%s: a reply to call %d, which is over", self.reply_topic, reply.call_id)
-        elif call.reply(reply):
+            return
+        self._served_until[call.uri] = self._running_loop().time() + SERVED_FOR
+        if call.reply(reply):
             pending.pop(reply.call_id)
 
     # --- produce and consume --------------------------------------------------------
 
-    def produce(self, topic: str, payload: Any, *, delay: float = 0.0) -> asyncio.Future[bytes]:
+    def produce(self, topic: str, payload: Any, *, delay: float = 0.0, raw: bool = False) -> asyncio.Future[bytes]:
         """Publish ``payload`` to ``topic`` (after ``delay`` seconds); awaitable for nsqd's OK.
 
-        ``bytes`` go as they are, anything else msgpack-encoded. Publishes of
+        The body is ``payload`` msgpack-encoded, so a consumer's
+        ``message.payload`` is the same value (``bytes`` included). ``raw``:
+        the body is ``payload`` itself, which must be bytes (for consumers
+        that are not almanet's; they read ``message.body``). Publishes of
         one loop iteration to one topic leave as one MPUB.
         """
-        return self._producer.publish(topic, encode_payload(payload), delay=delay)
+        return self._producer.publish(topic, encode_payload(payload, raw), delay=delay)
 
-    def produce_batch(self, topic: str, payloads: Iterable[Any]) -> asyncio.Future[bytes]:
-        """Publish several payloads in one MPUB: all of them or none."""
-        return self._producer.publish_batch(topic, [encode_payload(payload) for payload in payloads])
+    def produce_batch(self, topic: str, payloads: Iterable[Any], *, raw: bool = False) -> asyncio.Future[bytes]:
+        """Publish several payloads in one MPUB: all of them or none (``raw`` as for ``produce``)."""
+        return self._producer.publish_batch(topic, [encode_payload(payload, raw) for payload in payloads])
 
     def consume(self, topic: str, channel: str, *, max_in_flight: int = 100, **options: Any) -> Subscription:
         """``topic``'s messages through ``channel`` (see ``Subscription``); at most ``max_in_flight`` uncommitted.

@@ -60,7 +60,13 @@ def mutate(draw: st.DrawFn, data: bytes) -> bytes:
 
 
 async def channel_stats(http_address: str, topic: str, channel: str = "ch") -> dict[str, Any] | None:
-    """The channel's entry of ``/stats?format=json``, or None while it does not exist.
+    """The channel's entry of ``/stats?format=json``, or None while it does not exist."""
+    entry = await topic_stats(http_address, topic)
+    return None if entry is None else next((c for c in entry["channels"] if c["channel_name"] == channel), None)
+
+
+async def topic_stats(http_address: str, topic: str) -> dict[str, Any] | None:
+    """The topic's entry of ``/stats?format=json``, or None while it does not exist.
 
     Read in a thread: an embedded broker of the test runs in the test's loop.
     """
@@ -72,10 +78,7 @@ async def channel_stats(http_address: str, topic: str, channel: str = "ch") -> d
             return report
 
     report = await asyncio.to_thread(get)
-    for entry in report["topics"] or []:
-        if entry["topic_name"] == topic:
-            return next((stats for stats in entry["channels"] if stats["channel_name"] == channel), None)
-    return None
+    return next((entry for entry in report["topics"] or [] if entry["topic_name"] == topic), None)
 
 
 def free_port() -> int:

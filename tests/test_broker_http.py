@@ -1123,3 +1123,15 @@ def test_full_memory_queue(small_broker: str, topic: str) -> None:
 def test_defer_limit_is_max_req_timeout(small_broker: str, topic: str) -> None:
     assert_ok(post(small_broker, f"/pub?topic={topic}&defer=1000", b"x"))
     assert_error(post(small_broker, f"/pub?topic={topic}&defer=1001", b"x"), 400, "INVALID_DEFER")
+
+
+def test_an_ephemeral_topic_or_channel_drops_what_its_memory_queue_cannot_hold(small_broker: str, topic: str) -> None:
+    """nsqd's ephemeral queues have no disk behind them: the overflow is dropped, the publish still OK."""
+    for _ in range(8):
+        assert_ok(post(small_broker, f"/pub?topic={topic}%23ephemeral", b"m"))
+    assert topic_stats(small_broker, f"{topic}#ephemeral")["depth"] == 5
+    assert_empty(post(small_broker, f"/topic/create?topic={topic}"))
+    assert_empty(post(small_broker, f"/channel/create?topic={topic}&channel=c%23ephemeral"))
+    for _ in range(8):
+        assert_ok(post(small_broker, f"/pub?topic={topic}", b"m"))
+    assert channel_stats(small_broker, topic, "c#ephemeral")["depth"] == 5

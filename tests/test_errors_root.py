@@ -12,6 +12,8 @@ from almanet.broker.topics import QueueFull
     [
         (almanet.ConnectionFailed, ConnectionError),
         (almanet.CallTimeout, TimeoutError),
+        (almanet.NoResponders, almanet.CallTimeout),
+        (almanet.UnreadableBody, ValueError),
         (almanet.MessageTooBig, ValueError),
         (almanet.EnvelopeError, ValueError),
         (almanet.ProtocolError, Exception),

@@ -37,13 +37,37 @@ async def test_produced_payloads_are_consumed_and_committed(session: almanet.Ses
     assert received == payloads
 
 
-async def test_bytes_pass_through_untouched(session: almanet.Session, topic: str) -> None:
-    await session.produce(topic, b"\x00raw")
+async def test_what_is_produced_comes_back_as_the_same_value(session: almanet.Session, topic: str) -> None:
+    values = [b"\x00raw", b"\x01", b"", "text", 1, 1.5, None, True, [1, b"x"], {"k": b"v", 2: [None]}]
+    for value in values:
+        await session.produce(topic, value)
+    await session.produce_batch(topic, values)
+    received = []
     messages, stop = await session.consume(topic, "ch")  # the pair form
-    message = await asyncio.wait_for(anext(messages), TIMEOUT)
-    assert message.body == b"\x00raw"
-    message.commit()
+    while len(received) < 2 * len(values):
+        message = await asyncio.wait_for(anext(messages), TIMEOUT)
+        received.append(message.payload)
+        message.commit()
     await stop()
+    assert received == values * 2
+
+
+async def test_a_raw_body_goes_as_it_is_and_is_read_from_body(session: almanet.Session, topic: str) -> None:
+    await session.produce(topic, b"\x00raw", raw=True)
+    await session.produce_batch(topic, [b"\x01", bytearray(b"{}")], raw=True)
+    with pytest.raises(TypeError, match="a raw body is bytes, not str"):
+        session.produce(topic, "text", raw=True)
+    messages, stop = await session.consume(topic, "ch")
+    bodies = []
+    for _ in range(3):
+        message = await asyncio.wait_for(anext(messages), TIMEOUT)
+        bodies.append(message.body)
+        if message.body == b"\x00raw":
+            with pytest.raises(almanet.UnreadableBody, match="Read its .body"):
+                message.payload  # noqa: B018
+        message.commit()
+    await stop()
+    assert bodies == [b"\x00raw", b"\x01", b"{}"]
 
 
 async def test_a_batch_is_published_at_once_and_in_order(session: almanet.Session, topic: str) -> None:
@@ -117,7 +141,7 @@ async def test_leaving_the_session_stops_its_consumers(almanet_broker: BrokerAdd
 async def test_ansq_consumes_what_a_session_produces(
     almanet_broker: BrokerAddresses, session: almanet.Session, topic: str
 ) -> None:
-    await session.produce(topic, b"raw for ansq")
+    await session.produce(topic, b"raw for ansq", raw=True)
     await session.produce(topic, {"msgpack": "for ansq"})
     reader = await ansq.create_reader(topic, "ch", nsqd_tcp_addresses=[almanet_broker.tcp_address])
     try:

@@ -1,5 +1,6 @@
 """README's runnable examples run and print what their comments say."""
 
+import asyncio
 import contextlib
 import io
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import almanet
 from almanet.pytest_plugin import BrokerAddresses
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -39,6 +41,7 @@ def test_quick_start_runs_as_written(almanet_broker: BrokerAddresses, tmp_path: 
     for block in (service_block, caller_block):
         assert "127.0.0.1:4150" in block
     printed = run_service_and_caller(
+        almanet_broker,
         tmp_path,
         service_block.replace("127.0.0.1:4150", almanet_broker.tcp_address),
         caller_block.replace("127.0.0.1:4150", almanet_broker.tcp_address),
@@ -46,15 +49,17 @@ def test_quick_start_runs_as_written(almanet_broker: BrokerAddresses, tmp_path: 
     assert printed == re.findall(r"#\s*(.+)$", caller_block, re.MULTILINE)
 
 
-def run_service_and_caller(directory: Path, service: str, caller: str) -> list[str]:
+def run_service_and_caller(broker: BrokerAddresses, directory: Path, service: str, caller: str) -> list[str]:
     """Run the ``service`` script until the ``caller`` script is done, each in a process; what the caller printed.
 
-    A call made before the service subscribes waits in the procedure's topic.
+    The caller starts once the service serves, as a user runs one, then the
+    other: a call to a URI nothing serves yet fails at once (NoResponders).
     """
     (directory / "service.py").write_text(service)
     (directory / "caller.py").write_text(caller)
     process = subprocess.Popen([sys.executable, "service.py"], cwd=directory)
     try:
+        wait_until_served(broker.tcp_address, "net.example.greeting")
         called = subprocess.run(
             [sys.executable, "caller.py"], cwd=directory, capture_output=True, text=True, timeout=60, check=True
         )
@@ -91,8 +96,27 @@ def test_the_seed_readme_runs_as_written(almanet_broker: BrokerAddresses, tmp_pa
         ]
     )
     printed = run_service_and_caller(
+        almanet_broker,
         tmp_path,
         service.replace("<your nsqd tcp addresses>", address),
         caller.replace("<your nsqd tcp addresses>", address),
     )
     assert printed == ["Hello, Aidar!", 'during call net.example.greeting("guest"): denied']
+
+
+def wait_until_served(address: str, uri: str) -> None:
+    """Return once ``uri`` answers a call (a str payload), within 60 s."""
+
+    async def served() -> None:
+        async with almanet.new_session(address) as session:
+            while not await answers(session):
+                pass
+
+    async def answers(session: almanet.Session) -> bool:
+        try:
+            await session.call(uri, "probe")
+        except almanet.NoResponders:
+            return False
+        return True
+
+    asyncio.run(asyncio.wait_for(served(), 60))

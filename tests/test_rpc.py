@@ -29,7 +29,7 @@ import almanet
 from almanet._speedups.envelope import encode_invocation
 from almanet.nsq import Producer
 from almanet.pytest_plugin import BrokerAddresses
-from helpers import channel_stats, eventually
+from helpers import channel_stats, eventually, topic_stats
 
 pytestmark = pytest.mark.asyncio
 
@@ -218,51 +218,97 @@ async def test_names_too_long_for_nsq_are_refused_at_registration(almanet_broker
 # --- timeouts and the pending-call table --------------------------------------------------
 
 
-async def test_a_call_nobody_serves_times_out(session: almanet.Session, prefix: str) -> None:
-    started = time.monotonic()
-    with pytest.raises(TimeoutError, match="no reply"):
-        await session.call(f"{prefix}.nobody", "hello?", timeout=0.2)
-    assert 0.2 <= time.monotonic() - started < 2
-    assert len(session._pending) == 0
-
-
-async def test_a_slow_procedure_times_out_and_its_late_reply_is_dropped(
-    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, caplog: pytest.LogCaptureFixture
+async def test_a_call_nobody_serves_fails_fast_and_leaves_nothing_behind(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="almanet")
-    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+    started = time.monotonic()
+    with pytest.raises(almanet.NoResponders, match=f"nothing serves {prefix}.nobody"):
+        await session.call(f"{prefix}.nobody", "hello?")  # the default timeout: 60 s
+    assert time.monotonic() - started < 1
+    assert len(session._pending) == 0
+    assert await topic_stats(almanet_broker.http_address, f"{prefix}.nobody") is None  # never published
+    with pytest.raises(TimeoutError):  # existing `except TimeoutError` still catches it
+        await session.multicall(f"{prefix}.nobody", "hello?")
+
+
+async def test_many_calls_nobody_serves_share_one_discovery_query(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    calls = [session.call(f"{prefix}.nobody", number) for number in range(1000)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(result, almanet.NoResponders) for result in results)
+    assert len(session._pending) == 0
+    assert await topic_stats(almanet_broker.http_address, f"{prefix}.nobody") is None
+
+
+async def test_a_call_shorter_than_the_discovery_wait_times_out_as_asked(
+    session: almanet.Session, prefix: str
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(almanet.CallTimeout, match="no reply") as raised:
+        await session.call(f"{prefix}.nobody", "hello?", timeout=0.2)
+    assert not isinstance(raised.value, almanet.NoResponders)
+    assert 0.2 <= time.monotonic() - started < 2
+    await eventually(lambda: len(session._pending) == 0)  # the discovery query, once its wait is over
+
+
+async def test_a_service_started_after_a_failed_call_is_found_by_the_next(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    with pytest.raises(almanet.NoResponders):
+        await session.call(f"{prefix}.greeting", "early")
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        assert (await session.call(f"{prefix}.greeting", "Aidar")).payload == "Hello, Aidar!"
+
+
+async def test_a_stopped_service_is_found_gone_once_its_uri_is_no_longer_known_served(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        await session.call(f"{prefix}.greeting", "Aidar")
+    session._served_until.clear()  # as SERVED_FOR after the last reply
+    started = time.monotonic()
+    with pytest.raises(almanet.NoResponders):
+        await session.call(f"{prefix}.greeting", "Aidar")
+    assert time.monotonic() - started < 1
+
+
+async def never_answering_service(address: str, prefix: str) -> almanet.Service:
+    service = almanet.new_service(address, prefix=prefix)
 
     @service.procedure
-    async def slow(payload: float, **kwargs: Any) -> float:
-        await asyncio.sleep(payload)
-        return payload
+    async def silent(payload: Any, **kwargs: Any) -> None:
+        await asyncio.Event().wait()
 
-    async with service:
-        with pytest.raises(TimeoutError):
-            await session.call(slow, 0.3, timeout=0.1)
-        assert (await session.call(slow, 0.0, timeout=5)).payload == 0.0
-        await eventually(lambda: "which is over" in caplog.text)  # the late reply came, found no call
-        assert len(session._pending) == 0
+    return service
 
 
-async def test_calls_with_different_timeouts_expire_in_deadline_order(session: almanet.Session, prefix: str) -> None:
+async def test_calls_with_different_timeouts_expire_in_deadline_order(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
     order: list[float] = []
 
     async def call(timeout: float) -> None:
         with pytest.raises(TimeoutError):
-            await session.call(f"{prefix}.nobody", None, timeout=timeout)
+            await session.call(f"{prefix}.silent", None, timeout=timeout)
         order.append(timeout)
 
-    await asyncio.gather(call(0.4), call(0.1), call(0.25))
+    async with await never_answering_service(almanet_broker.tcp_address, prefix) as service:
+        await asyncio.gather(call(0.4), call(0.1), call(0.25))
+        await service.stop(timeout=0)
     assert order == [0.1, 0.25, 0.4]
 
 
-async def test_a_cancelled_call_leaves_no_entry(session: almanet.Session, prefix: str) -> None:
-    calls = [asyncio.ensure_future(session.call(f"{prefix}.nobody", None, timeout=30)) for _ in range(100)]
-    await eventually(lambda: len(session._pending) == 100)
-    for call in calls:
-        call.cancel()
-    await asyncio.gather(*calls, return_exceptions=True)
+async def test_a_cancelled_call_leaves_no_entry(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    async with await never_answering_service(almanet_broker.tcp_address, prefix) as service:
+        calls = [asyncio.ensure_future(session.call(f"{prefix}.silent", None, timeout=30)) for _ in range(100)]
+        await eventually(lambda: len(session._pending) == 100)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await service.stop(timeout=0)
     assert len(session._pending) == 0
     assert session._pending.next_deadline() is None
 
@@ -311,17 +357,14 @@ async def test_bodies_that_are_not_invocations_are_answered_and_finished(
         future_version = msgpack.packb([2, 0, 77, session.reply_topic, "a future field"])
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        call_id = session._pending.add(
-            type("Waiter", (), {"reply": lambda self, reply: waiter.set_result(reply) or True})(), loop.time() + 10
-        )
+        call_id = session._pending.add(almanet.session._Call(waiter, topic, 10), loop.time() + 10)
         not_envelope = msgpack.packb([1, 0, call_id, session.reply_topic, 0, None])  # six elements
         async with Producer(almanet_broker.tcp_address) as producer:
             await producer.publish(topic, b"not msgpack at all \xc1")
             await producer.publish(topic, future_version)
             await producer.publish(topic, not_envelope)
-        reply = await asyncio.wait_for(waiter, TIMEOUT)
-        assert not reply.ok
-        assert reply.payload[0] == "InvalidEnvelope"
+        with pytest.raises(almanet.InvalidEnvelope):
+            await asyncio.wait_for(waiter, TIMEOUT)
         assert (await session.call(topic, "still serving")).payload == "Hello, still serving!"
     # Nothing was requeued: every bad body was FINed at once.
     stats = await channel_stats(almanet_broker.http_address, topic, "rpc")

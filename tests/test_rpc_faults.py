@@ -95,7 +95,7 @@ async def test_leave_is_bounded_by_its_timeout_when_nsqd_does_not_answer_publish
     async with FakeNsqd(serve_identify_only) as nsqd:
         session = almanet.new_session(nsqd.address)
         await session.join()
-        produced = session.produce("orders", b"never answered")
+        produced = session.produce("orders", b"never answered", raw=True)
         started = time.monotonic()
         await asyncio.wait_for(session.leave(timeout=0.5), TIMEOUT)
         assert time.monotonic() - started < 2

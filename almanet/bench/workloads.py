@@ -90,7 +90,7 @@ async def almanet_publish(address: str, name: str, count: int, window: int, size
 
     async with almanet.new_session(address) as session:
         body = b"x" * size
-        elapsed = await windowed(lambda: session.produce(name, body), count, window)
+        elapsed = await windowed(lambda: session.produce(name, body, raw=True), count, window)
     return {"per_second": count / elapsed}
 
 
@@ -107,7 +107,7 @@ async def almanet_publish_batches(address: str, name: str, count: int, window: i
 async def produce_in_batches(session: Any, topic: str, count: int, body: bytes) -> None:
     """``count`` messages in MPUBs of BATCH (the last one smaller)."""
     for start in range(0, count, BATCH):
-        await session.produce_batch(topic, [body] * min(BATCH, count - start))
+        await session.produce_batch(topic, [body] * min(BATCH, count - start), raw=True)
 
 
 async def almanet_consume(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:

@@ -26,7 +26,8 @@ class BrokerOptions:
     ``tcp_address`` and ``http_address`` take port 0 for a free port; the
     broker reports the ports it bound. ``mem_queue_size`` bounds every
     topic's and channel's queue: nsqd spills to disk beyond it, this broker
-    refuses the publish (``E_PUB_FAILED``) instead of losing messages.
+    refuses the publish (``E_PUB_FAILED``) instead of losing messages; an
+    ephemeral topic or channel drops what it cannot hold, as nsqd's do.
     """
 
     tcp_address: str = _option("0.0.0.0:4150", "<addr>:<port> to listen on for TCP clients")

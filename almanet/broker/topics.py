@@ -196,8 +196,9 @@ class Channel:
         self.message_count += 1
         if delay > 0:
             self._defer(message, delay)
-        else:
+        elif not self.ephemeral or len(self.queue) < self.topic.mem_queue_size:
             self.queue.append(message)
+        # else dropped: nsqd's ephemeral channels have no disk queue to overflow to
 
     def _defer(self, message: Message, delay: float) -> None:
         due = asyncio.get_running_loop().time() + delay
@@ -314,9 +315,9 @@ class Topic:
         channels = self.channels
         count = len(bodies)
         for channel in channels.values():
-            if len(channel.queue) + count > self.mem_queue_size:
+            if not channel.ephemeral and len(channel.queue) + count > self.mem_queue_size:
                 raise QueueFull(f"mem-queue-size ({self.mem_queue_size}) reached for a channel of topic {self.name}")
-        if not channels and len(self.waiting) + count > self.mem_queue_size:
+        if not channels and not self.ephemeral and len(self.waiting) + count > self.mem_queue_size:
             raise QueueFull(f"mem-queue-size ({self.mem_queue_size}) reached for topic {self.name}")
         self.message_count += count
         self.message_bytes += len(bodies[0]) if count == 1 else sum(map(len, bodies))
@@ -324,7 +325,9 @@ class Topic:
         if not channels:
             waiting = self.waiting
             for body in bodies:
-                waiting.append((new_id(), body, timestamp, delay))
+                if len(waiting) < self.mem_queue_size or not self.ephemeral:
+                    waiting.append((new_id(), body, timestamp, delay))
+                # else dropped, as an ephemeral nsqd topic drops what its memory queue cannot hold
             return
         for body in bodies:
             message_id = new_id()
