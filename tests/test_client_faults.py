@@ -26,6 +26,7 @@ from almanet.nsq import (
     Producer,
     ProtocolError,
 )
+from almanet.nsq.connection import _within
 from almanet.wire.protocol import CLOSE_WAIT, HEARTBEAT, OK
 from helpers import eventually
 
@@ -511,6 +512,19 @@ async def test_no_message_is_handed_out_after_its_handler_closed_the_connection(
         await asyncio.sleep(0.1)
         await consumer.stop(timeout=1)
     assert len(handled) == 1
+
+
+async def test_a_connection_being_opened_keeps_a_cancellation_that_comes_as_a_step_finishes() -> None:
+    """asyncio.wait_for before 3.12 returns the result then and drops the cancellation: a stopped consumer's
+    reconnection went on to handshake with an nsqd that never answered (this test file failed now and then)."""
+    loop = asyncio.get_running_loop()
+    step = loop.create_future()
+    opening = asyncio.ensure_future(_within(step, TIMEOUT))
+    await asyncio.sleep(0)
+    step.set_result("connected")
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
 
 
 async def test_stop_answers_messages_nsqd_sent_before_it_had_rdy_0_before_closing() -> None:

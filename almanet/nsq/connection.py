@@ -22,9 +22,9 @@ import logging
 import re
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from almanet._speedups.frames import (
     ErrorFrame,
@@ -53,6 +53,7 @@ from almanet.wire.protocol import (
 )
 
 logger = logging.getLogger("almanet.nsq")
+T = TypeVar("T")
 
 # Error frames nsqd sends without closing the connection; every other one is fatal.
 NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
@@ -313,15 +314,14 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         connection = cls(address, options, on_message, on_answered, on_close)
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: connection, host, port), options.connect_timeout)
+            await _within(loop.create_connection(lambda: connection, host, port), options.connect_timeout)
         except BaseException as error:
-            # Cancelled as the connection was made, wait_for drops the transport: it is closed, not leaked.
-            connection.abort()
+            connection.abort()  # cancelled as the connection was made: closed, not leaked
             if isinstance(error, (OSError, asyncio.TimeoutError)):
                 raise ConnectionFailed(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
             raise
         try:
-            await asyncio.wait_for(connection._handshake(), options.connect_timeout)
+            await _within(connection._handshake(), options.connect_timeout)
         except BaseException as error:
             connection.abort()
             if isinstance(error, asyncio.TimeoutError):
@@ -635,3 +635,23 @@ class Connection(asyncio.Protocol):
             callback(self)
         else:
             self._closed.add_done_callback(lambda _: callback(self))
+
+
+async def _within(awaitable: Awaitable[T], timeout: float) -> T:
+    """``awaitable``'s result within ``timeout`` seconds (else ``asyncio.TimeoutError``); cancelled with the caller.
+
+    Not ``asyncio.wait_for``: before Python 3.12, when the awaitable finishes
+    as the caller is cancelled, it returns the result and drops the
+    cancellation, and a consumer being stopped went on to handshake with a
+    connection it had just opened.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()
