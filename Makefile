@@ -51,10 +51,13 @@ bench: $(INSTALLED)
 		echo "nats-server is not installed: the bench leaves the NATS and JetStream columns empty"
 	$(BIN)/almanet bench
 
-# Builds a wheel with each CPython 3.10-3.13 under pyenv, installs it into a
-# fresh venv and checks that the compiled speedups load.
+# The release files, from a clean copy of HEAD (or of `make wheels REV=...`),
+# without docker: the sdist, and a manylinux wheel for each CPython 3.10-3.13
+# under pyenv, stripped by `auditwheel repair --strip`, its tag checked with
+# `auditwheel show`, installed into a fresh venv and tested there; `twine check`
+# on them all. They land in dist/ only when all passed (tools/check-wheels).
 wheels:
-	tools/check-wheels
+	tools/check-wheels $(REV)
 
 clean:
 	rm -rf build dist *.egg-info .venvs almanet/_speedups/*.c almanet/_speedups/*.so
