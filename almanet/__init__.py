@@ -6,6 +6,7 @@ Every error almanet raises derives from ``AlmanetError``.
 from almanet._speedups import speedups
 from almanet._speedups.envelope import EnvelopeError, Reply
 from almanet._version import __version__
+from almanet.asyncapi import describe
 from almanet.errors import (
     CallTimeout,
     InternalError,
@@ -21,6 +22,7 @@ from almanet.session import ConsumedMessage, Session, Subscription, new_session
 from almanet.wire.errors import (
     AlmanetError,
     CommandError,
+    CompressionError,
     ConnectionFailed,
     FrameError,
     MessageTooBig,
@@ -31,6 +33,7 @@ __all__ = [
     "AlmanetError",
     "CallTimeout",
     "CommandError",
+    "CompressionError",
     "ConnectionFailed",
     "ConsumedMessage",
     "EnvelopeError",
@@ -49,6 +52,7 @@ __all__ = [
     "Subscription",
     "UnreadableBody",
     "__version__",
+    "describe",
     "new_service",
     "new_session",
     "rpc_error",

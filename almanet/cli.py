@@ -14,18 +14,28 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from almanet._version import __version__
+from almanet.asyncapi import describe as describe_service
 from almanet.broker import Broker, BrokerOptions
-from almanet.broker.options import parse_duration
+from almanet.broker.options import parse_bool, parse_duration
 from almanet.errors import rpc_error
-from almanet.loops import LOOPS
+from almanet.loops import LOG_FORMAT, LOOPS
+from almanet.nsq import ConnectionOptions
 from almanet.service import Service
 from almanet.session import new_session
 
+# Addresses of almanet serve and almanet call when no --address is given: comma-separated.
+ADDRESSES_VARIABLE = "ALMANET_ADDRESSES"
+# The secret almanet serve and almanet call AUTH with when no --auth-secret is given.
+AUTH_SECRET_VARIABLE = "ALMANET_AUTH_SECRET"
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="almanet", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="almanet", description="Routed RPC and produce/consume over NSQ (also: python -m almanet)."
+    )
+    parser.add_argument("--version", action="version", version=f"almanet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     broker = commands.add_parser(
         "broker",
@@ -41,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     serve.add_argument("service", metavar="MODULE:SERVICE", help="e.g. examples.microservice:service")
     serve.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
+    serve.add_argument(
+        "--address",
+        action="append",
+        help="an nsqd TCP address host:port, or nsqlookupd's http://host:port (repeatable; default: "
+        f"{ADDRESSES_VARIABLE}, comma-separated, else the addresses the code gives)",
+    )
     call = commands.add_parser(
         "call",
         help="call a procedure and print its result as JSON",
@@ -51,9 +67,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     call.add_argument(
         "--address",
         action="append",
-        help="an nsqd TCP address host:port, or nsqlookupd's http://host:port (repeatable; default 127.0.0.1:4150)",
+        help="an nsqd TCP address host:port, or nsqlookupd's http://host:port (repeatable; default: "
+        f"{ADDRESSES_VARIABLE}, comma-separated, else 127.0.0.1:4150)",
     )
     call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply (default: 10)")
+    describe = commands.add_parser(
+        "describe",
+        help="print a service's API as an AsyncAPI 3.0 document (JSON)",
+        description="Import MODULE and print the AsyncAPI 3.0 document of its Service object SERVICE: every "
+        "procedure's URI, NSQ channel, payload and result JSON Schema, the errors it may raise, its docstring.",
+    )
+    describe.add_argument("service", metavar="MODULE:SERVICE", help="e.g. examples.microservice:service")
+    describe.add_argument("--title", help="the API's title (default: the service's prefix)")
+    describe.add_argument("--api-version", help="the API's version (default: almanet's)")
+    describe.add_argument("--output", metavar="FILE", help="write the document to FILE (default: stdout)")
     bench = commands.add_parser(
         "bench",
         help="measure almanet end to end on the embedded broker and nsqd, beside NATS and NSQ's Go clients",
@@ -69,21 +96,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--pure", action="store_true", help="run almanet with ALMANET_NO_EXTENSIONS=1 (default: compiled)"
     )
     bench.add_argument(
-        "--scale", type=float, default=1.0, help="multiplies every message count and run time (default: 1)"
+        "--scale", type=_above_zero, default=1.0, help="multiplies every message count and run time (default: 1)"
     )
     bench.add_argument(
-        "--rounds", type=int, default=5, help="times each workload is measured; the table gives the median (default: 5)"
+        "--rounds",
+        type=_at_least_one,
+        default=5,
+        help="times each workload is measured; the table gives the median (default: 5)",
     )
-    for command, default in ((broker, "info"), (serve, "info"), (call, "warn"), (bench, "warn")):
+    for command in (serve, call):
+        _add_connection_flags(command)
+    for command, default in ((broker, "info"), (serve, "info"), (call, "warn"), (describe, "warn"), (bench, "warn")):
         command.add_argument(
             "--log-level", choices=list(_LOG_LEVELS), default=default, help=f"log level (default: {default})"
         )
     args = parser.parse_args(argv)
     if getattr(args, "loop", "asyncio") == "uvloop" and importlib.util.find_spec("uvloop") is None:
         parser.error("uvloop is not installed: pip install 'almanet[uvloop]'")
-    logging.basicConfig(
-        level=_LOG_LEVELS[args.log_level], format="[%(name)s] %(asctime)s %(levelname)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=_LOG_LEVELS[args.log_level], format=LOG_FORMAT, stream=sys.stderr)
+    addresses = _addresses(args.address) if hasattr(args, "address") else []
     if args.command == "broker":
         settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(BrokerOptions)}
         try:
@@ -92,21 +123,64 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(error))
         asyncio.run(server.serve_until_signal())
     elif args.command == "bench":
-        if args.rounds < 1 or args.scale <= 0:
-            parser.error("--rounds must be at least 1 and --scale above 0")
         try:
             from almanet.bench.runner import Settings, run
         except ImportError:  # the harness is not in the wheel: it runs from a source checkout
             parser.error("almanet bench runs from almanet's source checkout (make bench): it is not in the wheel")
         print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds)))
     elif args.command == "serve":
-        _load_service(parser, args.service).serve(args.loop)
+        service = _load_service(parser, args.service)
+        if addresses:  # instead of the code's
+            try:
+                service.use_addresses(*addresses)
+            except ValueError as error:
+                parser.error(str(error))
+        connection = _connection_options(parser, args)
+        if connection:  # instead of the code's
+            service.use_options(**connection)
+        service.serve(args.loop)
+    elif args.command == "describe":
+        document = describe_service(_load_service(parser, args.service), title=args.title, version=args.api_version)
+        text = json.dumps(document, indent=2) + "\n"
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as output:
+                output.write(text)
+        else:
+            sys.stdout.write(text)
     else:
         try:
             payload = json.loads(args.payload)
         except ValueError as error:
             parser.error(f"the payload is not JSON: {error}")
-        sys.exit(asyncio.run(_call(args.address or ["127.0.0.1:4150"], args.uri, payload, args.timeout)))
+        connection = _connection_options(parser, args)
+        sys.exit(asyncio.run(_call(addresses or ["127.0.0.1:4150"], args.uri, payload, args.timeout, connection)))
+
+
+def _addresses(given: list[str] | None) -> list[str]:
+    """The --address flags, else those of ``ALMANET_ADDRESSES`` (comma-separated); none: the command's default."""
+    if given:
+        return given
+    return [address.strip() for address in os.environ.get(ADDRESSES_VARIABLE, "").split(",") if address.strip()]
+
+
+def _above_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text}")
+    return value
 
 
 def _load_service(parser: argparse.ArgumentParser, spec: str) -> Service:
@@ -123,11 +197,49 @@ def _load_service(parser: argparse.ArgumentParser, spec: str) -> Service:
     return service
 
 
-async def _call(addresses: list[str], uri: str, payload: Any, timeout: float) -> int:
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS, compression and AUTH of the connections to nsqd (``ConnectionOptions``)."""
+    group = parser.add_argument_group("connections to nsqd (default: the code's, for serve)")
+    group.add_argument("--tls", action="store_true", default=None, help="TLS, trusting the system's CAs")
+    group.add_argument("--tls-ca-file", metavar="FILE", help="TLS, trusting the CAs of this PEM file (implies --tls)")
+    group.add_argument("--tls-cert-file", metavar="FILE", help="a client certificate (PEM; implies --tls)")
+    group.add_argument("--tls-key-file", metavar="FILE", help="its key, unless it is in --tls-cert-file")
+    group.add_argument("--tls-server-hostname", metavar="NAME", help="the name nsqd's certificate must have")
+    group.add_argument("--snappy", action="store_true", default=None, help="snappy compression (almanet[snappy])")
+    group.add_argument("--deflate", action="store_true", default=None, help="deflate compression")
+    group.add_argument("--deflate-level", type=int, metavar="1-9", help="deflate's level (default: 6)")
+    group.add_argument(
+        "--auth-secret",
+        metavar="SECRET",
+        help=f"the secret for nsqd's AUTH (default: {AUTH_SECRET_VARIABLE}; the variable keeps it out of ps)",
+    )
+
+
+def _connection_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The connection options the flags give (and ``ALMANET_AUTH_SECRET``); checked: a bad one exits."""
+    names = ("tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_hostname", "snappy", "deflate")
+    options = {name: getattr(args, name) for name in (*names, "deflate_level", "auth_secret")}
+    options["auth_secret"] = options["auth_secret"] or os.environ.get(AUTH_SECRET_VARIABLE) or None
+    options = {name: value for name, value in options.items() if value is not None}
     try:
-        async with new_session(*addresses) as session:
+        ConnectionOptions(**options)
+    except (ValueError, ImportError) as error:
+        parser.error(str(error))
+    return options
+
+
+async def _call(
+    addresses: list[str], uri: str, payload: Any, timeout: float, options: dict[str, Any] | None = None
+) -> int:
+    try:
+        async with new_session(*addresses, **(options or {})) as session:
             reply = await session.call(uri, payload, timeout=timeout)
-    except (rpc_error, TimeoutError, ConnectionError, ValueError) as error:
+    except rpc_error as error:  # its str() begins with its name
+        print(error, file=sys.stderr)
+        if error.payload is not None:
+            print(f"payload: {json.dumps(error.payload, default=repr)}", file=sys.stderr)
+        return 1
+    except (TimeoutError, ConnectionError, ValueError) as error:
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
         return 1
     print(json.dumps(reply.payload, default=repr))
@@ -135,16 +247,24 @@ async def _call(addresses: list[str], uri: str, payload: Any, timeout: float) ->
 
 
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One nsqd flag per ``BrokerOptions`` field, with its default."""
+    """One nsqd flag per ``BrokerOptions`` field, with its default.
+
+    A boolean flag alone means true, and takes a value as Go's do (``--snappy=false``).
+    """
     defaults = BrokerOptions()
     for field in dataclasses.fields(BrokerOptions):
         default = getattr(defaults, field.name)
-        convert: Any = {int: int, float: parse_duration, str: str}[type(default)]
+        converters: dict[type, Any] = {bool: parse_bool, int: int, float: parse_duration, str: str}
+        convert: Any = field.metadata.get("parse") or converters[type(default)]
+        optional_value: dict[str, Any] = {"nargs": "?", "const": True} if isinstance(default, bool) else {}
         shown = f"{default:g}s" if isinstance(default, float) else repr(default)
+        if isinstance(default, bool):
+            shown = str(default).lower()
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             type=convert,
             default=default,
             metavar="<value>",
             help=f"{field.metadata['help']} (default: {shown})",
+            **optional_value,
         )

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from almanet import conversion
 from almanet.wire.errors import AlmanetError
 
 logger = logging.getLogger("almanet")
@@ -45,10 +46,16 @@ class rpc_error(AlmanetError):  # lower case: the name users know from the origi
 
     Subclasses register themselves under ``name`` (their class name unless
     they set one), so a caller that imports the same class catches it.
+    A subclass may declare ``payload_type`` (any annotation a procedure's
+    payload may have, see ``almanet.conversion``): the payload it is raised
+    with is sent as builtins, and the caller's exception has it converted
+    back to that type (``InvalidReply`` when it is not one). A payload of
+    None stays None.
     """
 
     name: str = "rpc_error"
     payload: Any = None
+    payload_type: Any = Any
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -56,6 +63,11 @@ class rpc_error(AlmanetError):  # lower case: the name users know from the origi
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls.__qualname__}.name must be a non-empty str")
         cls.name = name
+        if "payload_type" in cls.__dict__:
+            try:
+                conversion.converter(cls.payload_type)
+            except TypeError as error:
+                raise TypeError(f"{cls.__qualname__}.payload_type cannot be honoured: {error}") from None
         known = _registry.get(name)
         if known is not None and known.__qualname__ != cls.__qualname__:
             logger.warning("rpc_error name %r of %s now means %s", name, known, cls)
@@ -74,7 +86,10 @@ class rpc_error(AlmanetError):  # lower case: the name users know from the origi
 
     def to_reply_payload(self) -> list[Any]:
         """``[name, args, payload]``: the error reply's payload."""
-        return [self.name, [_encodable(arg) for arg in self.args], self.payload]
+        payload = self.payload
+        if payload is not None and type(self).payload_type is not Any:
+            payload = conversion.to_builtins(payload)
+        return [self.name, [_encodable(arg) for arg in self.args], payload]
 
     @classmethod
     def from_reply_payload(cls, payload: Any) -> rpc_error:
@@ -95,6 +110,15 @@ class rpc_error(AlmanetError):  # lower case: the name users know from the origi
         except Exception:  # its constructor takes other arguments: rebuild it as it was raised
             error = Exception.__new__(known)
             error.args = tuple(args)
+        convert = conversion.converter(known.payload_type) if error_payload is not None else None
+        if convert is not None:
+            try:
+                error_payload = convert(error_payload)
+            except conversion.ConversionError as reason:
+                return InvalidReply(
+                    f"the payload of {name} is not a {conversion.type_name(known.payload_type)}: {reason}",
+                    payload=error_payload,
+                )
         error.payload = error_payload
         return error
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -12,6 +13,14 @@ T = TypeVar("T")
 
 LoopName = Literal["asyncio", "uvloop"]
 LOOPS: tuple[LoopName, ...] = ("asyncio", "uvloop")
+
+LOG_FORMAT = "[%(name)s] %(asctime)s %(levelname)s: %(message)s"
+
+
+def log_to_stderr_unless_configured(level: int = logging.INFO) -> None:
+    """Log to stderr from ``level`` up, unless the application set up logging (the root logger has a handler)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
 
 def run(main: Coroutine[Any, Any, T], loop: LoopName = "asyncio") -> T:

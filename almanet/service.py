@@ -19,16 +19,27 @@ import inspect
 import logging
 import sys
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from almanet import loops
+if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated at run time
+    from typing_extensions import Unpack
+
+from almanet import conversion, loops
 from almanet._speedups.envelope import EnvelopeError, Invocation, decode, encode_reply
 from almanet._speedups.frames import check_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
 from almanet.nsq import ConnectionOptions, Consumer, Message
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE
-from almanet.session import DISCOVERY_TOPIC, Session, check_uri, connection_options
+from almanet.session import (
+    DISCOVERY_TOPIC,
+    Session,
+    SessionOptions,
+    check_keywords,
+    check_uri,
+    connection_options,
+    is_reply_topic,
+)
 from almanet.wire.errors import ConnectionFailed, MessageTooBig
 
 logger = logging.getLogger("almanet")
@@ -37,16 +48,8 @@ DEFAULT_CHANNEL = "rpc"
 DEFAULT_MAX_CONCURRENCY = 1000
 _DISCOVERY_IN_FLIGHT = 100  # queries are answered as they arrive
 
-# Payload annotations a procedure's first parameter is checked against.
-_CHECKED_PAYLOAD_TYPES: dict[Any, tuple[type, ...]] = {
-    str: (str,),
-    bytes: (bytes,),
-    int: (int,),
-    float: (float, int),
-    bool: (bool,),
-    list: (list,),
-    dict: (dict,),
-}
+P = ParamSpec("P")
+R = TypeVar("R")
 
 if sys.version_info >= (3, 12):
 
@@ -59,7 +62,10 @@ else:
 
 
 class _ReplyPublished:
-    """Told nsqd's answer to a reply's publish: a failure is logged (the caller will time out)."""
+    """Told nsqd's answer to the publish of a reply from ``uri``: a failure is logged (the caller will time out)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
 
     def done(self) -> bool:
         return False
@@ -68,16 +74,14 @@ class _ReplyPublished:
         pass
 
     def set_exception(self, error: BaseException) -> None:
-        logger.error("a reply could not be published: %s", error)
-
-
-_REPLY_PUBLISHED = _ReplyPublished()
+        logger.error("%s: a reply could not be published (its caller will time out): %s", self.uri, error)
 
 
 class _BigReplyPublished(_ReplyPublished):
     """Told nsqd's answer to a big reply's publish: one nsqd refuses as too big is answered with an error."""
 
-    def __init__(self, service: Service, invocation: Message, reply_to: str, call_id: int) -> None:
+    def __init__(self, service: Service, uri: str, invocation: Message, reply_to: str, call_id: int) -> None:
+        super().__init__(uri)
         self.service = service
         self.invocation = invocation  # the error reply goes back the way a small reply would
         self.reply_to = reply_to
@@ -85,36 +89,64 @@ class _BigReplyPublished(_ReplyPublished):
 
     def set_exception(self, error: BaseException) -> None:
         if isinstance(error, MessageTooBig):
-            self.service._reply_too_big(self.invocation, self.reply_to, self.call_id, error)
+            self.service._reply_too_big(self.invocation, self.uri, self.reply_to, self.call_id, error)
         else:
             super().set_exception(error)
 
 
-class Procedure:
-    """A function served under ``uri``; calling it calls the function here."""
+class Procedure(Generic[P, R]):
+    """A function served under ``uri``; calling it calls the function here.
+
+    ``payload_type`` and ``result_type`` are the function's payload and
+    return annotations, resolved (``typing.Any`` when absent; ``None`` for
+    ``-> None``); ``raises``, the ``rpc_error`` classes it says it may raise.
+    """
 
     def __init__(
         self,
-        function: Callable[..., Any],
+        function: Callable[P, R],
         uri: str,
         channel: str,
         max_concurrency: int,
         options: ConnectionOptions,
+        raises: tuple[type[rpc_error], ...] = (),
     ) -> None:
         self.function = function
         self.uri = uri
         self.channel = channel
         self.max_concurrency = max_concurrency
         self.options = options  # of the connections its invocations come by
+        self.raises = raises
         self.is_async = inspect.iscoroutinefunction(function)
-        self.payload_types, self.context_names = _inspect_parameters(function)
+        self.payload_type, self.result_type, self.context_names = _inspect_parameters(function, uri)
+        # A str, bytes, int, float, bool, list, dict or None payload is checked by isinstance alone
+        # (takes); any other annotation is converted (receive), which takes() says of every payload.
+        self._check_payload = conversion.converter(self.payload_type)
+        plain = conversion.PLAIN_TYPES.get(self.payload_type) if _hashable(self.payload_type) else None
+        self.payload_types = plain or ((_Converted,) if self._check_payload is not None else ())
+        # What the service runs: a result annotated as a type the envelope does not encode as it is
+        # (a dataclass, an enum...) is turned into builtins on the way out.
+        self.serve: Callable[..., Any] = (
+            _returning_builtins(function, self.is_async) if conversion.needs_builtins(self.result_type) else function
+        )
         functools.update_wrapper(self, function)
 
     def takes(self, payload: Any) -> bool:
-        """Whether ``payload`` has the type the function's payload parameter is annotated with, if checked."""
+        """Whether ``payload`` goes to the function as it is: a payload not annotated, or of its plain type (``str``,
+        ``int``...). For any other, ``receive`` checks and converts it."""
         types = self.payload_types
         # bool is an int subclass, but not a number to a procedure taking int or float.
         return not types or (isinstance(payload, types) and (type(payload) is not bool or bool in types))
+
+    def receive(self, payload: Any) -> Any:
+        """``payload`` as the function takes it, checked and converted to ``payload_type``; else ``InvalidPayload``."""
+        check = self._check_payload
+        if check is None:
+            return payload
+        try:
+            return check(payload)
+        except conversion.ConversionError as error:
+            raise InvalidPayload(f"{self.uri} does not take this payload: {error}") from None
 
     def context(self, session: Session, invocation: Invocation) -> dict[str, Any]:
         """The keyword arguments of a call: those of ``CONTEXT`` the function takes."""
@@ -129,7 +161,7 @@ class Procedure:
         names = self.context_names
         return context if names is None else {name: context[name] for name in names}
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.function(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -137,19 +169,50 @@ class Procedure:
 
 
 class Service:
-    """Procedures under ``prefix``, served on the nsqd (and nsqlookupd) ``addresses`` (see ``Session``)."""
+    """Procedures under ``prefix``, served on the nsqd (and nsqlookupd) ``addresses``.
 
-    def __init__(self, *addresses: str, prefix: str = "", **session_options: Any) -> None:
+    ``timeout`` and the connection options are its session's (see ``Session``).
+    """
+
+    def __init__(self, *addresses: str, prefix: str = "", **options: Unpack[SessionOptions]) -> None:
+        check_keywords("Service.__init__", options)
         if prefix:
             check_uri(prefix)
         self.prefix = prefix
-        self.session = Session(*addresses, **session_options)
-        self.procedures: list[Procedure] = []
+        self.session = Session(*addresses, **options)
+        self.procedures: list[Procedure[..., Any]] = []
         self._consumers: list[Consumer] = []
         self._discovery: Consumer | None = None
         self._served: frozenset[str] = frozenset()
         self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
+        # What a reply's publish tells its failure to, by URI: one each, not one a reply.
+        self._reply_published = {DISCOVERY_TOPIC: _ReplyPublished(DISCOVERY_TOPIC)}
+        self._calls_started: dict[Message, float] = {}  # while DEBUG is on: time.perf_counter() at each call
+
+    @overload
+    def procedure(
+        self,
+        function: Callable[P, R],
+        *,
+        name: str | None = ...,
+        channel: str = ...,
+        max_concurrency: int = ...,
+        raises: Iterable[type[rpc_error]] = ...,
+        **options: Any,
+    ) -> Procedure[P, R]: ...
+
+    @overload
+    def procedure(
+        self,
+        function: None = ...,
+        *,
+        name: str | None = ...,
+        channel: str = ...,
+        max_concurrency: int = ...,
+        raises: Iterable[type[rpc_error]] = ...,
+        **options: Any,
+    ) -> Callable[[Callable[P, R]], Procedure[P, R]]: ...
 
     def procedure(
         self,
@@ -158,21 +221,36 @@ class Service:
         name: str | None = None,
         channel: str = DEFAULT_CHANNEL,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        raises: Iterable[type[rpc_error]] = (),
         **options: Any,
     ) -> Any:
         """Register ``function`` (async or sync) as ``<prefix>.<name>``; as ``@procedure`` or ``@procedure(...)``.
 
         The procedure is called as ``function(payload, session=..., uri=...,
-        caller=..., deadline=..., headers=...)``. A payload annotated ``str``,
-        ``bytes``, ``int``, ``float``, ``bool``, ``list`` or ``dict`` is checked:
-        another type is answered with ``InvalidPayload``. ``channel``: instances
-        on one channel share the calls, every channel gets each call.
-        ``options`` override the service's connection options for this
-        procedure (``msg_timeout`` longer than the slowest call, for instance:
-        nsqd hands an invocation unanswered by then to another instance).
+        caller=..., deadline=..., headers=...)``. The payload's annotation
+        decides what the function receives: ``str``, ``bytes``, ``int``,
+        ``float``, ``bool``, ``list``, ``dict`` or ``None`` are checked as they
+        are; dataclasses, msgspec Structs, ``TypedDict``, generic aliases
+        (``list[int]``, ``dict[str, Any]``), unions, enums, datetimes and
+        pydantic models are validated and converted (``almanet.conversion``);
+        a payload that does not fit is answered with ``InvalidPayload``
+        saying why. A result the envelope cannot encode (a dataclass, an
+        enum...) is sent as builtins; a caller that calls the ``Procedure``
+        gets it back as the return annotation says. An annotation that
+        cannot be honoured (or resolved) is a ``TypeError`` here. ``raises``:
+        the ``rpc_error`` classes the procedure may raise (``Procedure.raises``,
+        for its description). ``channel``: instances on one channel share the
+        calls, every channel gets each call. ``options`` override the
+        service's connection options for this procedure (``msg_timeout``
+        longer than the slowest call, for instance: nsqd hands an invocation
+        unanswered by then to another instance).
         """
+        declared = tuple(raises)
+        for error in declared:
+            if not (isinstance(error, type) and issubclass(error, rpc_error)):
+                raise TypeError(f"raises takes rpc_error subclasses, not {error!r}")
 
-        def register(function: Callable[..., Any]) -> Procedure:
+        def register(function: Callable[..., Any]) -> Procedure[..., Any]:
             local_name = name or function.__name__
             uri = check_uri(f"{self.prefix}.{local_name}" if self.prefix else local_name)
             check_name("channel", channel)
@@ -181,8 +259,9 @@ class Service:
             if any(known.uri == uri and known.channel == channel for known in self.procedures):
                 raise ValueError(f"{uri} is already registered on channel {channel!r}")
             procedure_options = connection_options(self.session.options, options)
-            registered = Procedure(function, uri, channel, max_concurrency, procedure_options)
+            registered = Procedure(function, uri, channel, max_concurrency, procedure_options, declared)
             self.procedures.append(registered)
+            self._reply_published.setdefault(uri, _ReplyPublished(uri))
             return registered
 
         return register if function is None else register(function)
@@ -204,7 +283,6 @@ class Service:
                 )
                 self._consumers.append(consumer)  # before it starts: stop() meanwhile stops it too
                 await consumer.start()
-                logger.info("serving %s on channel %s", registered.uri, registered.channel)
                 if self._stopped:
                     raise ConnectionFailed("the service was stopped while it started")
             # Last: a session told that a URI is served finds its procedure subscribed.
@@ -215,6 +293,11 @@ class Service:
             await self._discovery.start()
             if self._stopped:
                 raise ConnectionFailed("the service was stopped while it started")
+            addresses = ", ".join([*self.session.nsqd_addresses, *self.session.lookupd_addresses])
+            for registered in self.procedures:
+                logger.info("serving %s (channel %s) on %s", registered.uri, registered.channel, addresses)
+            if not self.procedures:
+                logger.warning("serving no procedures on %s: none is registered", addresses)
         except BaseException:
             await self.stop()
             raise
@@ -243,8 +326,24 @@ class Service:
         await loops.serve_until_signal(self.start, self.stop)
 
     def serve(self, loop: loops.LoopName = "asyncio") -> None:
-        """Run the service until SIGINT or SIGTERM, on asyncio's loop or on uvloop (blocking)."""
+        """Run the service until SIGINT or SIGTERM, on asyncio's loop or on uvloop (blocking).
+
+        Unless the application set up logging (the root logger has a handler),
+        logs to stderr at INFO: a line for each procedure served once it is,
+        errors naming their procedure; at DEBUG, each call too.
+        """
+        loops.log_to_stderr_unless_configured()
         loops.run(self.serve_until_signal(), loop)
+
+    def use_addresses(self, *addresses: str) -> None:
+        """Serve on these nsqd and nsqlookupd ``addresses`` instead (``Session.use_addresses``), while stopped."""
+        self.session.use_addresses(*addresses)
+
+    def use_options(self, **options: Any) -> None:
+        """Serve with these connection options changed (``Session.use_options``), for every procedure, while stopped."""
+        self.session.use_options(**options)
+        for registered in self.procedures:
+            registered.options = connection_options(registered.options, options)
 
     # --- one invocation --------------------------------------------------------------
 
@@ -262,17 +361,17 @@ class Service:
                 and query.payload in self._served
                 and (not query.deadline or query.deadline > time.time() * 1000)
             ):
-                self._reply(message, query.reply_to, query.call_id, True, None)
+                self._reply(message, DISCOVERY_TOPIC, query.reply_to, query.call_id, True, None)
         message.fin()
 
-    def _receive_invocation(self, procedure: Procedure, message: Message) -> None:
+    def _receive_invocation(self, procedure: Procedure[..., Any], message: Message) -> None:
         try:
             invocation = decode(message.body)
         except EnvelopeError as error:
             logger.warning("%s: not an invocation: %s", procedure.uri, error)
             if error.reply_to is not None and error.call_id is not None:
                 invalid = InvalidEnvelope(str(error)).to_reply_payload()
-                self._reply(message, error.reply_to, error.call_id, False, invalid)
+                self._reply(message, procedure.uri, error.reply_to, error.call_id, False, invalid)
             message.fin()
             return
         if not isinstance(invocation, Invocation):
@@ -284,28 +383,38 @@ class Service:
             logger.debug("%s: dropped call %d, past its deadline", procedure.uri, invocation.call_id)
             message.fin()
             return
+        if invocation.reply_to is not None and not is_reply_topic(invocation.reply_to):
+            logger.warning(
+                "%s: refused a call to reply to %r, not a session's topic", procedure.uri, invocation.reply_to
+            )
+            message.fin()
+            return
+        if logger.isEnabledFor(logging.DEBUG):  # ~75 ns a call; at DEBUG, each call is timed and logged (_answer)
+            self._calls_started[message] = time.perf_counter()
         payload = invocation.payload
         if not procedure.takes(payload):
-            logger.warning("%s: refused a payload of type %s", procedure.uri, type(payload).__name__)
-            refused = InvalidPayload(f"{procedure.uri} does not take a payload of type {type(payload).__name__}")
-            self._answer(invocation, False, refused.to_reply_payload(), message)
-            return
+            try:
+                payload = procedure.receive(payload)
+            except InvalidPayload as refused:
+                logger.warning("refused a payload: %s", refused.args[0])  # which names the URI
+                self._answer(procedure, invocation, False, refused.to_reply_payload(), message)
+                return
         try:
             context = procedure.context(self.session, invocation)
             if procedure.is_async:
-                task = _start_task(self._run(procedure.function(payload, **context), procedure, invocation, message))
+                task = _start_task(self._run(procedure.serve(payload, **context), procedure, invocation, message))
                 if not task.done():
                     self._running.add(task)  # a reference, so the task is not collected while it waits
                     task.add_done_callback(self._running.discard)
             else:
-                work = functools.partial(procedure.function, payload, **context)
+                work = functools.partial(procedure.serve, payload, **context)
                 future = asyncio.get_running_loop().run_in_executor(None, work)
                 future.add_done_callback(functools.partial(self._finish_sync, procedure, invocation, message))
         except Exception as error:  # the call could not start: answered all the same, never redelivered
             self._answer_error(error, procedure, invocation, message)
 
     async def _run(
-        self, call: Coroutine[Any, Any, Any], procedure: Procedure, invocation: Invocation, message: Message
+        self, call: Coroutine[Any, Any, Any], procedure: Procedure[..., Any], invocation: Invocation, message: Message
     ) -> None:
         try:
             result = await call
@@ -314,20 +423,20 @@ class Service:
             if not isinstance(error, Exception):
                 raise
         else:
-            self._answer(invocation, True, result, message)
+            self._answer(procedure, invocation, True, result, message)
 
     def _finish_sync(
-        self, procedure: Procedure, invocation: Invocation, message: Message, future: asyncio.Future[Any]
+        self, procedure: Procedure[..., Any], invocation: Invocation, message: Message, future: asyncio.Future[Any]
     ) -> None:
         # Not re-raised here: SystemExit or KeyboardInterrupt of a worker thread would stop the loop.
         error = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if error is not None:
             self._answer_error(error, procedure, invocation, message)
         else:
-            self._answer(invocation, True, future.result(), message)
+            self._answer(procedure, invocation, True, future.result(), message)
 
     def _answer_error(
-        self, error: BaseException, procedure: Procedure, invocation: Invocation, message: Message
+        self, error: BaseException, procedure: Procedure[..., Any], invocation: Invocation, message: Message
     ) -> None:
         if not isinstance(error, rpc_error):
             logger.error("%s raised", procedure.uri, exc_info=error)
@@ -336,39 +445,55 @@ class Service:
             payload = error.to_reply_payload()
         except Exception:  # args whose str() raises
             payload = InternalError(f"{type(error).__name__}: {_describe(error)}").to_reply_payload()
-        self._answer(invocation, False, payload, message)
+        self._answer(procedure, invocation, False, payload, message)
 
-    def _answer(self, invocation: Invocation, ok: bool, payload: Any, message: Message) -> None:
+    def _answer(
+        self, procedure: Procedure[..., Any], invocation: Invocation, ok: bool, payload: Any, message: Message
+    ) -> None:
         """Reply (when the caller waits for one), then FIN."""
         if invocation.reply_to is not None:
-            self._reply(message, invocation.reply_to, invocation.call_id, ok, payload)
+            self._reply(message, procedure.uri, invocation.reply_to, invocation.call_id, ok, payload)
         message.fin()
+        if self._calls_started:  # DEBUG was on when a call came (an empty dict's check otherwise)
+            self._log_call(procedure.uri, ok, payload, message)
 
-    def _reply(self, message: Message, reply_to: str, call_id: int, ok: bool, payload: Any) -> None:
+    def _log_call(self, uri: str, ok: bool, payload: Any, message: Message) -> None:
+        """At DEBUG: the call's URI, time (from its receipt to its reply) and outcome (ok, or the error's name)."""
+        started = self._calls_started.pop(message, None)
+        if started is not None:
+            milliseconds = (time.perf_counter() - started) * 1000
+            outcome = "ok" if ok else payload[0] if isinstance(payload, list) and payload else "error"
+            logger.debug("%s: %s in %.3f ms", uri, outcome, milliseconds)
+
+    def _reply(self, message: Message, uri: str, reply_to: str, call_id: int, ok: bool, payload: Any) -> None:
+        if not is_reply_topic(reply_to):  # what else could be published to is not this service's to say
+            logger.warning("%s: no reply to %r, which is not a session's reply topic", uri, reply_to)
+            return
         try:
-            body = encode_reply(call_id, ok, payload)
+            body = _encode_reply(call_id, ok, payload)
         except TypeError as error:
-            logger.error("the result of call %d cannot be sent: %s", call_id, error)
+            logger.error("%s: the result of call %d cannot be sent: %s", uri, call_id, error)
             unencodable = InternalError(f"the result cannot be encoded: {error}")
             body = encode_reply(call_id, False, unencodable.to_reply_payload())
         try:
             if len(body) > SEPARATE_PUBLISH_SIZE:
-                self.session.publish_apart(reply_to, body, _BigReplyPublished(self, message, reply_to, call_id))
+                self.session.publish_apart(reply_to, body, _BigReplyPublished(self, uri, message, reply_to, call_id))
             else:
-                message.publish(reply_to, body, _REPLY_PUBLISHED)
+                message.publish(reply_to, body, self._reply_published.get(uri) or _ReplyPublished(uri))
         except MessageTooBig as error:
-            self._reply_too_big(message, reply_to, call_id, error)
+            self._reply_too_big(message, uri, reply_to, call_id, error)
         except (ValueError, TypeError) as error:  # a reply topic no nsqd takes
-            logger.warning("cannot reply to %r: %s", reply_to, error)
+            logger.warning("%s: cannot reply to %r: %s", uri, reply_to, error)
 
-    def _reply_too_big(self, invocation: Message, reply_to: str, call_id: int, error: MessageTooBig) -> None:
-        logger.error("the reply to call %d is too big to send: %s", call_id, error)
+    def _reply_too_big(self, invocation: Message, uri: str, reply_to: str, call_id: int, error: MessageTooBig) -> None:
+        logger.error("%s: the reply to call %d is too big to send: %s", uri, call_id, error)
+        published = self._reply_published.get(uri) or _ReplyPublished(uri)
         too_big = InternalError(f"the reply is too big to send: {error}").to_reply_payload()
         reply = encode_reply(call_id, False, too_big)
         if invocation.connection_open:
-            invocation.publish(reply_to, reply, _REPLY_PUBLISHED)
+            invocation.publish(reply_to, reply, published)
         else:
-            self.session.publish_apart(reply_to, reply, _REPLY_PUBLISHED)
+            self.session.publish_apart(reply_to, reply, published)
 
 
 def _describe(error: BaseException) -> str:
@@ -382,8 +507,11 @@ def _describe(error: BaseException) -> str:
 CONTEXT = ("session", "uri", "caller", "deadline", "headers")
 
 
-def _inspect_parameters(function: Callable[..., Any]) -> tuple[tuple[type, ...], tuple[str, ...] | None]:
-    """The payload types to check (empty: any), and the context names the function takes (None: all, **kwargs)."""
+def _inspect_parameters(function: Callable[..., Any], uri: str) -> tuple[Any, Any, tuple[str, ...] | None]:
+    """The payload and result types (``Any``: unchecked), and the context names the function takes (None: all).
+
+    ``TypeError`` naming the procedure for an annotation that does not resolve or cannot be honoured.
+    """
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError) as error:
@@ -391,16 +519,63 @@ def _inspect_parameters(function: Callable[..., Any]) -> tuple[tuple[type, ...],
     parameters = list(signature.parameters.values())
     if not parameters or parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
         raise TypeError(f"a procedure takes the payload as its first positional parameter: {function!r}")
+    payload_name = parameters[0].name
     try:
-        payload_annotation = inspect.get_annotations(function, eval_str=True).get(parameters[0].name)
-    except (NameError, TypeError, SyntaxError):  # annotations that do not resolve here: not checked
-        payload_annotation = None
-    payload_types = _CHECKED_PAYLOAD_TYPES.get(payload_annotation, ())
+        annotations = conversion.resolve_annotations(function, (payload_name, "return"))
+    except TypeError as error:
+        raise TypeError(f"procedure {uri}: {error}") from None
+    payload_type, result_type = annotations.get(payload_name, Any), annotations.get("return", Any)
+    _check_annotation(uri, "payload", payload_type)
+    _check_annotation(uri, "return", result_type)
     if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
-        return payload_types, None
-    return payload_types, tuple(name for name in CONTEXT if name in signature.parameters)
+        return payload_type, result_type, None
+    return payload_type, result_type, tuple(name for name in CONTEXT if name in signature.parameters)
 
 
-def new_service(*addresses: str, prefix: str = "", **options: Any) -> Service:
-    """A service whose procedures are named ``<prefix>.<name>``, on the given addresses (see ``Session``)."""
+def _returning_builtins(function: Callable[..., Any], is_async: bool) -> Callable[..., Any]:
+    """``function``, its result turned into builtins (``conversion.to_builtins``)."""
+    if is_async:
+
+        async def serve_async(*args: Any, **kwargs: Any) -> Any:
+            return conversion.to_builtins(await function(*args, **kwargs))
+
+        return serve_async
+
+    def serve(*args: Any, **kwargs: Any) -> Any:
+        return conversion.to_builtins(function(*args, **kwargs))
+
+    return serve
+
+
+class _Converted:
+    """What no payload is an instance of: ``Procedure.takes`` is false for payloads to convert."""
+
+
+def _check_annotation(uri: str, what: str, annotation: Any) -> None:
+    try:
+        conversion.converter(annotation)
+    except TypeError as error:
+        raise TypeError(f"procedure {uri}: its {what} annotation cannot be honoured: {error}") from None
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _encode_reply(call_id: int, ok: bool, payload: Any) -> bytes:
+    """The reply's envelope; a payload the envelope cannot encode (a dataclass, an enum...) is sent as builtins."""
+    try:
+        return encode_reply(call_id, ok, payload)
+    except TypeError as refused:
+        payload = conversion.as_builtins(payload, refused)
+    return encode_reply(call_id, ok, payload)
+
+
+def new_service(*addresses: str, prefix: str = "", **options: Unpack[SessionOptions]) -> Service:
+    """A service whose procedures are named ``<prefix>.<name>``, on the given addresses (see ``Service``)."""
+    check_keywords("new_service", options)
     return Service(*addresses, prefix=prefix, **options)

@@ -20,21 +20,29 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import re
 import secrets
+import ssl
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar, overload
 
 import msgpack
 
+if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated at run time
+    from typing_extensions import Unpack
+
+from almanet import conversion
 from almanet._speedups.envelope import EnvelopeError, Reply, decode, encode_invocation
 from almanet._speedups.frames import is_valid_name
 from almanet._speedups.pending import PendingCalls
-from almanet.errors import CallTimeout, NoResponders, UnreadableBody, rpc_error
+from almanet.errors import CallTimeout, InvalidReply, NoResponders, UnreadableBody, rpc_error
 from almanet.nsq import Consumer, Message, Producer
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
+from almanet.nsq.lookupd import http_host_port
+from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed
 from almanet.wire.protocol import EPHEMERAL_SUFFIX
 
@@ -49,6 +57,13 @@ logger = logging.getLogger("almanet")
 CONSUME_OUTPUT_BUFFER: dict[str, Any] = {"output_buffer_size": 0, "output_buffer_timeout": 0.025}
 
 REPLY_TOPIC_PREFIX = "_almanet.reply."
+_REPLY_TOPIC = re.compile(r"_almanet\.reply\.[0-9a-f]{16}#ephemeral")
+
+
+@functools.lru_cache(maxsize=4096)
+def is_reply_topic(topic: str) -> bool:
+    """Whether ``topic`` is a session's reply topic: the only topics a service publishes replies to."""
+    return _REPLY_TOPIC.fullmatch(topic) is not None
 
 
 class NamedProcedure(Protocol):
@@ -56,6 +71,19 @@ class NamedProcedure(Protocol):
 
     @property
     def uri(self) -> str: ...
+
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _Procedure(Protocol[T_co]):
+    """For the type checker: a ``Procedure`` whose function returns a ``T_co``."""
+
+    @property
+    def uri(self) -> str: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> T_co: ...
 
 
 REPLY_CHANNEL = "reply#ephemeral"
@@ -96,7 +124,16 @@ def split_addresses(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
     nsqd: list[str] = []
     lookupd: list[str] = []
     for address in addresses:
-        (lookupd if address.startswith("http://") else nsqd).append(address)
+        if not isinstance(address, str):
+            raise TypeError(f"an address is a str (host:port, or http://host:port), not {type(address).__name__}")
+        if address.startswith("http://"):
+            http_host_port(address)  # ValueError now, not at the first lookup
+            lookupd.append(address)
+        elif "://" in address:
+            raise ValueError(f"address {address!r}: nsqd's TCP addresses are host:port, nsqlookupd's http://host:port")
+        else:
+            split_address(address)
+            nsqd.append(address)
     if not nsqd:
         raise ValueError("a session needs at least one nsqd TCP address (host:port) to publish to")
     return nsqd, lookupd
@@ -105,23 +142,39 @@ def split_addresses(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
 def encode_payload(payload: Any, raw: bool) -> bytes:
     """A produced message's body: ``payload`` msgpack-encoded, or as it is when ``raw`` (then bytes only)."""
     if not raw:
-        return msgpack.packb(payload)  # type: ignore[no-any-return]
+        try:
+            return msgpack.packb(payload)  # type: ignore[no-any-return]
+        except TypeError as refused:  # a dataclass, an enum...: sent as builtins
+            return msgpack.packb(conversion.as_builtins(payload, refused))  # type: ignore[no-any-return]
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise TypeError(f"a raw body is bytes, not {type(payload).__name__}")
     return bytes(payload)
 
 
+def _encode_invocation(
+    call_id: int, reply_to: str | None, deadline: int, headers: dict[str, Any] | None, payload: Any
+) -> bytes:
+    """The invocation's envelope; a payload the envelope cannot encode (a dataclass, an enum...) is sent as builtins."""
+    try:
+        return encode_invocation(call_id, reply_to, deadline, headers, payload)
+    except TypeError as refused:
+        payload = conversion.as_builtins(payload, refused)
+    return encode_invocation(call_id, reply_to, deadline, headers, payload)
+
+
 class _Call:
     """A call waiting for its reply: in the pending-call table, and told the answer to its invocation's publish."""
 
-    __slots__ = ("future", "timeout", "uri")
+    __slots__ = ("future", "origin", "timeout", "uri")
 
     def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float) -> None:
         self.future = future
         self.uri = uri
         self.timeout = timeout
+        # The connection the invocation went by, which its replies come by; None: any of the session's nsqd.
+        self.origin: Connection | None = None
 
-    def reply(self, reply: Reply) -> bool:
+    def reply(self, reply: Reply[Any]) -> bool:
         """Take ``reply``; True when the call is over."""
         future = self.future
         if not future.done():
@@ -156,9 +209,9 @@ class _Multicall(_Call):
     def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float, expected: int | None) -> None:
         super().__init__(future, uri, timeout)
         self.expected = expected
-        self.results: list[Reply | rpc_error] = []
+        self.results: list[Reply[Any] | rpc_error] = []
 
-    def reply(self, reply: Reply) -> bool:
+    def reply(self, reply: Reply[Any]) -> bool:
         self.results.append(reply if reply.ok else rpc_error.from_reply_payload(reply.payload))
         if self.expected is not None and len(self.results) >= self.expected:
             self.expire()
@@ -277,6 +330,48 @@ class Subscription:
         return self, self.stop
 
 
+class SessionOptions(TypedDict, total=False):
+    """The keywords of ``new_session``, ``Session`` (and ``new_service``, ``Service``).
+
+    ``timeout``, then ``ConnectionOptions``'s fields, for every connection of the
+    session; ``output_buffer_size`` and ``output_buffer_timeout`` None (the
+    default): calls unbuffered, ``consume`` with ``CONSUME_OUTPUT_BUFFER``.
+    """
+
+    timeout: float
+    auth_secret: str | bytes | None
+    tls: bool
+    tls_context: ssl.SSLContext | None
+    tls_ca_file: str | None
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    tls_server_hostname: str | None
+    snappy: bool
+    deflate: bool
+    deflate_level: int
+    heartbeat_interval: float
+    msg_timeout: float | None
+    max_msg_size: int
+    max_body_size: int
+    max_frame_size: int
+    max_reconnect_interval: float
+    connect_timeout: float
+    output_buffer_size: int | None
+    output_buffer_timeout: float | None
+    sample_rate: int
+    client_id: str
+    hostname: str
+    user_agent: str
+
+
+def check_keywords(function: str, options: Mapping[str, object]) -> None:
+    """``TypeError`` as Python words it, for a keyword ``function`` (which takes ``SessionOptions``) does not take."""
+    for name in options:
+        if name not in SessionOptions.__annotations__:
+            known = ", ".join(SessionOptions.__annotations__)
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}; it takes: {known}")
+
+
 class Session:
     """A connection to NSQ for calling procedures and producing and consuming messages.
 
@@ -284,21 +379,36 @@ class Session:
     go to the first that answers. Addresses written ``http://host:port`` are
     nsqlookupd's: consumers (replies, ``consume``, a service's procedures)
     also subscribe on every nsqd that nsqlookupd lists for their topic.
-    ``timeout``: seconds a call waits for its reply by default.
-    ``options``: the fields of ``almanet.nsq.ConnectionOptions`` for every
+    ``timeout``: seconds a call waits for its reply by default. The other
+    keywords are the fields of ``almanet.nsq.ConnectionOptions``, for every
     connection of the session (``auth_secret``, ``heartbeat_interval``,
-    ``msg_timeout``, nsqd's ``max_msg_size``, ``max_reconnect_interval``...).
+    ``msg_timeout``, nsqd's ``max_msg_size``, ``max_reconnect_interval``...),
+    with their defaults, but for the output buffer: ``output_buffer_size``
+    and ``output_buffer_timeout`` None leave it to almanet (calls and
+    replies unbuffered, ``consume`` buffered: ``CONSUME_OUTPUT_BUFFER``).
 
-    A session that left may join again.
+    A session that left may join again, on other addresses if need be (``use_addresses``).
     """
 
-    def __init__(self, *addresses: str, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> None:
+    def __init__(self, *addresses: str, **options: Unpack[SessionOptions]) -> None:
+        check_keywords("Session.__init__", options)
         self.nsqd_addresses, self.lookupd_addresses = split_addresses(addresses)
         self.id = secrets.token_hex(8)
         self.reply_topic = f"{REPLY_TOPIC_PREFIX}{self.id}#ephemeral"
-        self.timeout = timeout
-        self.options = connection_options(ConnectionOptions(), options)
-        self._options_given = options  # consume() lets them override its own defaults
+        connection: dict[str, Any] = dict(options)
+        self.timeout: float = connection.pop("timeout", DEFAULT_TIMEOUT)
+        output_buffer_size = connection.pop("output_buffer_size", None)
+        output_buffer_timeout = connection.pop("output_buffer_timeout", None)
+        self.options = dataclasses.replace(
+            ConnectionOptions(),
+            output_buffer_size=-1 if output_buffer_size is None else output_buffer_size,
+            output_buffer_timeout=output_buffer_timeout,
+            **connection,
+        )
+        # What consume() asks for unless told otherwise, here or to it: nsqd's output buffer.
+        given = {"output_buffer_size": output_buffer_size, "output_buffer_timeout": output_buffer_timeout}
+        self._consume_buffer = {name: value for name, value in CONSUME_OUTPUT_BUFFER.items() if given[name] is None}
+        self._joined = False
         self._producer = Producer(*self.nsqd_addresses, options=self.options)
         self._pending: PendingCalls[_Call] = PendingCalls()
         self._served_until: dict[str, float] = {}  # URI -> loop time until which it is known served
@@ -326,10 +436,34 @@ class Session:
         self._left = False
         self._loop = asyncio.get_running_loop()
         await self._producer.connect()
+        self._joined = True
+
+    def use_addresses(self, *addresses: str) -> None:
+        """From now on, connect to these nsqd and nsqlookupd ``addresses`` instead (as ``Session`` takes them).
+
+        While the session is not joined (before ``join``, or after ``leave``):
+        for tests on a broker of their own, and ``almanet serve --address``.
+        """
+        if self._joined or self._replies is not None:
+            raise RuntimeError("a session changes its addresses only while it is not joined: leave first")
+        self.nsqd_addresses, self.lookupd_addresses = split_addresses(addresses)
+        self._producer = Producer(*self.nsqd_addresses, options=self.options)
+
+    def use_options(self, **options: Any) -> None:
+        """From now on, connect with these connection options changed (``tls_ca_file``, ``auth_secret``...).
+
+        While the session is not joined, as ``use_addresses``: for ``almanet
+        serve --tls-ca-file`` and its other connection flags.
+        """
+        if self._joined or self._replies is not None:
+            raise RuntimeError("a session changes its options only while it is not joined: leave first")
+        self.options = connection_options(self.options, options)
+        self._producer = Producer(*self.nsqd_addresses, options=self.options)
 
     async def leave(self, timeout: float = 10.0) -> None:
         """Stop consuming, fail the calls still waiting (``ConnectionError``), close once publishes are answered."""
         self._left = True
+        self._joined = False
         for subscription in list(self._subscriptions):
             await subscription.stop(timeout)
         if self._replies is not None:
@@ -368,25 +502,77 @@ class Session:
 
     # --- RPC ------------------------------------------------------------------------
 
-    async def call(self, uri: str | NamedProcedure, payload: Any, *, timeout: float | None = None) -> Reply:
+    # What the type checker makes of a call: Reply[T] for a Procedure returning T (async or not), or for
+    # result_type=T. Only the first two take a Procedure without result_type: with an argument whose type
+    # holds Any (**kwargs: Any), mypy gives Any when overloads with differing parameter types match it.
+    @overload
+    async def call(
+        self,
+        uri: _Procedure[Coroutine[Any, Any, T]],
+        payload: Any,
+        *,
+        timeout: float | None = ...,
+        result_type: None = ...,
+    ) -> Reply[T]: ...
+
+    @overload
+    async def call(
+        self, uri: _Procedure[T], payload: Any, *, timeout: float | None = ..., result_type: None = ...
+    ) -> Reply[T]: ...
+
+    @overload
+    async def call(
+        self, uri: str | NamedProcedure, payload: Any, *, timeout: float | None = ..., result_type: type[T]
+    ) -> Reply[T]: ...
+
+    @overload
+    async def call(
+        self, uri: str | NamedProcedure, payload: Any, *, timeout: float | None = ..., result_type: Any
+    ) -> Reply[Any]: ...
+
+    @overload
+    async def call(self, uri: str, payload: Any, *, timeout: float | None = ...) -> Reply[Any]: ...
+
+    async def call(
+        self, uri: str | NamedProcedure, payload: Any, *, timeout: float | None = None, result_type: Any = None
+    ) -> Reply[Any]:
         """Call the procedure at ``uri`` with ``payload``; the reply's ``.payload`` is its result.
 
         Raises the procedure's ``rpc_error`` (its own class when imported here),
         ``TimeoutError`` when no reply comes within ``timeout`` seconds (as when
         nothing serves the URI), ``ConnectionError`` when the invocation
         cannot be published, ``ValueError`` for an invalid URI.
+        ``result_type``: what the result is converted to (``InvalidReply``
+        saying why when it cannot be); a ``Procedure`` called has its return
+        annotation for it. A payload the envelope cannot encode (a
+        dataclass, a pydantic model, an enum...) is sent as builtins.
         """
-        reply: Reply = await self._request(uri, payload, timeout, _Call)
-        return reply
+        if not isinstance(uri, str):  # a Procedure: its annotations say what the payload and result are
+            if result_type is None:
+                result_type = getattr(uri, "result_type", None)
+            if conversion.needs_builtins(getattr(uri, "payload_type", Any)):
+                payload = conversion.to_builtins(payload)  # rather than after the envelope refused it
+        convert = conversion.converter(result_type) if result_type is not None else None
+        reply: Reply[Any] = await self._request(uri, payload, timeout, _Call)
+        if convert is None:
+            return reply
+        try:
+            result = convert(reply.payload)
+        except conversion.ConversionError as error:
+            topic = uri if isinstance(uri, str) else uri.uri
+            raise InvalidReply(
+                f"the result of {topic} is not a {conversion.type_name(result_type)}: {error}", payload=reply.payload
+            ) from None
+        return reply if result is reply.payload else Reply(reply.call_id, reply.ok, result)
 
     async def multicall(
         self, uri: str | NamedProcedure, payload: Any, *, timeout: float | None = None, count: int | None = None
-    ) -> list[Reply | rpc_error]:
+    ) -> list[Reply[Any] | rpc_error]:
         """Call every channel that serves ``uri``; the replies (``rpc_error`` for error replies) within ``timeout``.
 
         Returns when ``count`` replies have come, if given, else when the timeout passes.
         """
-        replies: list[Reply | rpc_error] = await self._request(
+        replies: list[Reply[Any] | rpc_error] = await self._request(
             uri, payload, timeout, functools.partial(_Multicall, expected=count)
         )
         return replies
@@ -448,7 +634,7 @@ class Session:
     def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
-        body = encode_invocation(0, None, 0, None, payload)
+        body = _encode_invocation(0, None, 0, None, payload)
         return self._producer.publish(topic, body, delay=delay)
 
     def _invoke(self, call: _Call, topic: str, payload: Any, timeout: float) -> int:
@@ -460,7 +646,7 @@ class Session:
         deadline = self._running_loop().time() + timeout
         call_id = self._pending.add(call, deadline)
         try:
-            body = encode_invocation(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
+            body = _encode_invocation(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
             if len(body) > SEPARATE_PUBLISH_SIZE:
                 self.publish_apart(topic, body, call)
             else:
@@ -476,7 +662,7 @@ class Session:
         """Publish an invocation through the connection its reply comes by (and the calls' FINs go by)."""
         if self._replies is None:  # the session left (and maybe joined again) while the call waited
             raise ConnectionFailed("the session left before the call was sent")
-        connection = self._replies.publish(topic, body, call)
+        connection = call.origin = self._replies.publish(topic, body, call)
         if connection is not self._call_connection:
             self._call_connection = connection
             connection.when_closed(self._call_connection_lost)
@@ -552,6 +738,15 @@ class Session:
         if call is None:
             logger.debug("%s: a reply to call %d, which is over", self.reply_topic, reply.call_id)
             return
+        if call.origin is not None and message.connection is not call.origin:
+            logger.warning(
+                "%s: dropped a reply to call %d from nsqd at %s: the call went to nsqd at %s, its replies come by it",
+                self.reply_topic,
+                reply.call_id,
+                message.connection.address,
+                call.origin.address,
+            )
+            return
         self._served_until[call.uri] = self._running_loop().time() + SERVED_FOR
         if call.reply(reply):
             pending.pop(reply.call_id)
@@ -589,9 +784,7 @@ class Session:
                 topic,
                 channel,
                 max_in_flight=max_in_flight,
-                options=connection_options(
-                    ConnectionOptions(), {**CONSUME_OUTPUT_BUFFER, **self._options_given, **options}
-                ),
+                options=connection_options(self.options, {**self._consume_buffer, **options}),
             )
         )
         self._subscriptions.add(subscription)
@@ -607,6 +800,7 @@ def connection_options(base: ConnectionOptions, overrides: dict[str, Any]) -> Co
     return dataclasses.replace(base, **overrides) if overrides else base
 
 
-def new_session(*addresses: str, **options: Any) -> Session:
-    """A session on the given nsqd (``host:port``) and nsqlookupd (``http://host:port``) addresses."""
+def new_session(*addresses: str, **options: Unpack[SessionOptions]) -> Session:
+    """A session on the given nsqd (``host:port``) and nsqlookupd (``http://host:port``) addresses (see ``Session``)."""
+    check_keywords("new_session", options)
     return Session(*addresses, **options)

@@ -6,6 +6,7 @@ session's calls do, on a loop clock that moves on between calls.
 """
 
 import importlib
+from collections import deque
 from collections.abc import Callable
 from types import ModuleType
 
@@ -40,12 +41,14 @@ def in_flight(implementation: str, calls_in_flight: int) -> Callable[[], int]:
     """1000 times: register a call, resolve the oldest, with ``calls_in_flight`` calls waiting throughout."""
     table = twin(implementation).PendingCalls()
     add, pop = table.add, table.pop
-    for deadline in DEADLINES[:calls_in_flight]:
-        add(WAITER, deadline)
+    # Call ids are random: the calls waiting, oldest first.
+    waiting = deque(add(WAITER, deadline) for deadline in DEADLINES[:calls_in_flight])
+    push, oldest = waiting.append, waiting.popleft
 
     def round_() -> int:
         for deadline in DEADLINES:
-            pop(add(WAITER, deadline) - calls_in_flight)
+            push(add(WAITER, deadline))
+            pop(oldest())
         return len(table)
 
     return round_

@@ -51,7 +51,7 @@ class FakeClient:
 
     def __init__(self, number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.number = number
-        self.commands: list[Command] = []  # everything the client sent, in order
+        self.commands: list[Command] = []  # everything the client sent, in order (but handshake()'s probe)
         self._reader = reader
         self._writer = writer
         self._parser = CommandParser(DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_REQ_TIMEOUT_MS)
@@ -81,11 +81,22 @@ class FakeClient:
         self._writer.write(data)
 
     async def handshake(self, **negotiated: Any) -> dict[str, Any]:
-        """Answer IDENTIFY as nsqd does, changed by ``negotiated``; returns what the client identified with."""
+        """Answer IDENTIFY as nsqd does, changed by ``negotiated``; returns what the client identified with.
+
+        Also the client's probe for ``--tls-required`` that follows IDENTIFY in
+        its write (NOP, then IDENTIFY without feature negotiation): OK, and
+        left out of ``commands``.
+        """
         identify = await self.expect(b"IDENTIFY")
         assert identify.body is not None
         self.send(encode_response(json.dumps({**NSQD_NEGOTIATED, **negotiated}).encode()))
         identified: dict[str, Any] = json.loads(identify.body)
+        if self._pending and self._pending[0].name == b"NOP":
+            await self.expect(b"NOP")
+            probe = await self.expect(b"IDENTIFY")
+            assert probe.body is not None and not json.loads(probe.body).get("feature_negotiation")
+            self.send(encode_response(OK))
+            del self.commands[-2:]
         return identified
 
     async def subscribe(self) -> None:

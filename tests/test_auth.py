@@ -1,97 +1,86 @@
-"""Sessions and services on an nsqd that requires AUTH, through the public API.
+"""Sessions and services on a broker that requires AUTH, through the public API: the embedded broker and nsqd.
 
-nsqd asks an auth server over HTTP (``--auth-http-address``); the test runs
-one that grants every topic to one secret. The embedded broker has no auth
-yet (it answers AUTH with E_AUTH_DISABLED, as nsqd without an auth server),
-so this runs on nsqd only.
+The broker asks an auth server over HTTP (``--auth-http-address``); the test
+runs one (``authserver``) that grants every topic to one secret, and some
+topics to another. test_broker_secure.py tests the embedded broker's auth
+with pynsq.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.server
-import json
-import threading
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from authserver import AuthServer, allow, grant
 
 import almanet
 from almanet.broker.nsqd import find_nsqd, nsqd_process
+from almanet.pytest_plugin import broker_in_thread
 
 pytestmark = pytest.mark.asyncio
 
 SECRET = "open sesame"
 
 
-class AuthServer(http.server.BaseHTTPRequestHandler):
-    """nsqd's auth protocol: GET /auth?secret=... answers the identity and what it may do."""
+LIMITED = "only orders"
+GRANTS = {
+    SECRET: grant("tester", allow(".*")),
+    # Calls and replies, and publishing to orders.* only.
+    LIMITED: grant("limited", allow(r"orders\..*", permissions=("publish",)), allow(r"_almanet\..*")),
+}
 
-    def do_GET(self) -> None:
-        query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
-        if query.get("secret") != [SECRET]:
-            self.send_response(403)
-            self.end_headers()
+
+@pytest.fixture(params=["embedded", "nsqd"])
+def broker_with_auth(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A broker of the test's own that asks the test's auth server; its TCP address."""
+    with AuthServer(GRANTS) as server:
+        if request.param == "embedded":
+            with broker_in_thread(
+                tcp_address="127.0.0.1:0", http_address="127.0.0.1:0", auth_http_address=server.address
+            ) as broker:
+                yield broker.tcp_address
             return
-        body = json.dumps(
-            {
-                "ttl": 3600,
-                "identity": "tester",
-                "authorizations": [{"topic": ".*", "channels": [".*"], "permissions": ["subscribe", "publish"]}],
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def nsqd_with_auth() -> Iterator[str]:
-    executable = find_nsqd()
-    if executable is None:
-        pytest.skip("needs an nsqd binary to start (ALMANET_NSQD or PATH)")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with nsqd_process(executable, f"-auth-http-address=127.0.0.1:{server.server_port}") as (tcp_address, _):
+        executable = find_nsqd()
+        if executable is None:
+            pytest.skip("needs an nsqd binary to start (ALMANET_NSQD or PATH)")
+        with nsqd_process(executable, f"-auth-http-address={server.address}") as (tcp_address, _):
             yield tcp_address
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
-async def test_calls_and_consuming_work_with_the_secret() -> None:
-    with nsqd_with_auth() as address:
-        service = almanet.new_service(address, prefix="auth", auth_secret=SECRET)
+async def test_calls_and_consuming_work_with_the_secret(broker_with_auth: str) -> None:
+    address = broker_with_auth
+    service = almanet.new_service(address, prefix="auth", auth_secret=SECRET)
 
-        @service.procedure
-        async def greet(payload: str, **kwargs: Any) -> str:
-            return f"hello {payload}"
+    @service.procedure
+    async def greet(payload: str, **kwargs: Any) -> str:
+        return f"hello {payload}"
 
-        async with service, almanet.new_session(address, auth_secret=SECRET) as session:
-            assert (await session.call(greet, "you", timeout=10)).payload == "hello you"
-            await session.produce("auth.events", {"n": 1})
-            async with session.consume("auth.events", "ch") as messages:
-                async for message in messages:
-                    message.commit()
-                    assert message.payload == {"n": 1}
-                    break
+    async with service, almanet.new_session(address, auth_secret=SECRET) as session:
+        assert (await session.call(greet, "you", timeout=10)).payload == "hello you"
+        await session.produce("auth.events", {"n": 1})
+        async with session.consume("auth.events", "ch") as messages:
+            async for message in messages:
+                message.commit()
+                assert message.payload == {"n": 1}
+                break
 
 
-async def test_without_the_secret_joining_fails_clearly() -> None:
-    with nsqd_with_auth() as address, pytest.raises(ConnectionError, match="requires AUTH and no auth_secret"):
-        async with almanet.new_session(address):
+async def test_without_the_secret_joining_fails_clearly(broker_with_auth: str) -> None:
+    with pytest.raises(ConnectionError, match="requires AUTH and no auth_secret"):
+        async with almanet.new_session(broker_with_auth):
             pass
 
 
-async def test_a_wrong_secret_is_refused() -> None:
-    with nsqd_with_auth() as address, pytest.raises(ConnectionError, match="E_AUTH_FAILED AUTH failed"):
-        async with almanet.new_session(address, auth_secret="wrong"):
+async def test_a_wrong_secret_is_refused(broker_with_auth: str) -> None:
+    with pytest.raises(ConnectionError, match="E_AUTH_FAILED AUTH failed"):
+        async with almanet.new_session(broker_with_auth, auth_secret="wrong"):
             pass
+
+
+async def test_a_denied_permission_is_a_clear_error_and_the_rest_goes_on(broker_with_auth: str) -> None:
+    async with almanet.new_session(broker_with_auth, auth_secret=LIMITED) as session:
+        assert await session.produce("orders.placed", {"n": 1}) == b"OK"
+        with pytest.raises(almanet.CommandError, match='E_UNAUTHORIZED AUTH failed for PUB on "payments" ""'):
+            await session.produce("payments", {"n": 1})
+        assert await session.produce("orders.placed", {"n": 2}) == b"OK"  # on a new connection

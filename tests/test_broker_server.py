@@ -163,7 +163,7 @@ async def test_stop_leaves_no_timer_running(monkeypatch: pytest.MonkeyPatch) -> 
         ({"msg_timeout": 0}, "msg_timeout must be positive"),
         ({"msg_timeout": 100.0, "max_msg_timeout": 10.0}, "msg_timeout must not exceed max_msg_timeout"),
         ({"output_buffer_timeout": 0}, "output_buffer_timeout must be positive"),
-        ({"tcp_address": "localhost"}, "is not host:port"),
+        ({"tcp_address": "localhost"}, "'localhost' has no port: write host:port, e.g. 127.0.0.1:4150"),
     ],
 )
 def test_invalid_options_are_refused(settings: dict[str, Any], message: str) -> None:

@@ -19,6 +19,7 @@ from almanet.broker.topics import QueueFull
         (almanet.ProtocolError, Exception),
         (almanet.FrameError, almanet.ProtocolError),
         (almanet.CommandError, almanet.ProtocolError),
+        (almanet.CompressionError, almanet.ProtocolError),
         (almanet.rpc_error, Exception),
         (almanet.InternalError, almanet.rpc_error),
         (QueueFull, Exception),

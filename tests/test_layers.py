@@ -17,11 +17,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "almanet"
 # client (nsq) and the broker share a floor and never import each other.
 FLOORS: list[tuple[str, ...]] = [
     ("almanet._version", "almanet.wire", "almanet.loops"),
-    ("almanet._speedups",),
+    ("almanet._speedups", "almanet.conversion"),
     ("almanet.nsq", "almanet.broker"),
     ("almanet.errors",),
     ("almanet.session",),
     ("almanet.service",),
+    ("almanet.asyncapi",),
     ("almanet", "almanet.cli", "almanet.pytest_plugin", "almanet.bench", "almanet.__main__"),
 ]
 APART = [("almanet.nsq", "almanet.broker")]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+import typing
 from typing import Any
 
 import pytest
 
 import almanet
+from almanet.nsq import ConnectionOptions
+from almanet.session import SessionOptions
 
 
 def test_calls_ask_for_each_message_at_once_and_consume_for_buffering() -> None:
@@ -42,10 +47,59 @@ def test_a_procedure_takes_options_of_its_own() -> None:
     assert service.session.options.msg_timeout is None
 
 
-@pytest.mark.parametrize("make", [almanet.new_session, almanet.new_service])
-def test_an_unknown_option_is_named(make: Any) -> None:
-    with pytest.raises(TypeError, match=r"unknown connection option 'msg_timout'; the options are: .*msg_timeout"):
+@pytest.mark.parametrize("make", [almanet.new_session, almanet.new_service, almanet.Session, almanet.Service])
+def test_a_misspelt_keyword_is_named_by_the_function_called(make: Any) -> None:
+    """Not ``Session.__init__()`` for ``new_service``: each takes its keywords itself."""
+    called = make.__name__ if inspect.isfunction(make) else f"{make.__name__}.__init__"
+    with pytest.raises(TypeError, match=rf"^{re.escape(called)}\(\) got an unexpected keyword argument 'msg_timout'"):
         make("127.0.0.1:4150", msg_timout=5)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'prefx'"):
+        make("127.0.0.1:4150", prefx="net.example")
+
+
+def test_consume_and_procedure_name_the_options_there_are() -> None:
+    """They take ``**options``: the TypeError lists them."""
+    listed = r"unknown connection option 'msg_timout'; the options are: client_id, .*msg_timeout, .*max_body_size$"
+    with pytest.raises(TypeError, match=listed):
+        almanet.new_session("127.0.0.1:4150").consume("topic", "channel", msg_timout=5)
+    service = almanet.new_service("127.0.0.1:4150", prefix="options")
+    with pytest.raises(TypeError, match=listed):
+
+        @service.procedure(msg_timout=5)
+        async def slow(payload: Any, **kwargs: Any) -> None:
+            pass
+
+
+def test_the_session_options_are_the_connection_options_and_the_timeout() -> None:
+    """One list of keywords (``SessionOptions``, checked by mypy --strict through ``Unpack``) for all four."""
+    hints = typing.get_type_hints(SessionOptions)
+    field_hints = typing.get_type_hints(ConnectionOptions)
+    assert hints.pop("timeout") is float
+    assert hints.keys() == field_hints.keys()
+    for name, hint in hints.items():
+        buffer = name in ("output_buffer_size", "output_buffer_timeout")  # None: almanet's choice
+        assert hint == (field_hints[name] | None if buffer else field_hints[name]), name
+
+
+@pytest.mark.parametrize("make", [almanet.new_session, almanet.new_service, almanet.Session, almanet.Service])
+def test_each_takes_the_session_options(make: Any) -> None:
+    (options,) = [p for p in inspect.signature(make).parameters.values() if p.kind is p.VAR_KEYWORD]
+    assert options.annotation == "Unpack[SessionOptions]"
+
+
+def test_the_output_buffer_left_to_almanet() -> None:
+    """None: calls unbuffered, consume buffered; given to the session, it holds for both."""
+    left = almanet.new_session("127.0.0.1:4150")
+    assert (left.options.output_buffer_size, left.options.output_buffer_timeout) == (-1, None)
+    options = left.consume("topic", "channel")._consumer.options
+    assert (options.output_buffer_size, options.output_buffer_timeout) == (0, 0.025)
+    sized = almanet.new_session("127.0.0.1:4150", output_buffer_size=4096)
+    options = sized.consume("topic", "channel")._consumer.options
+    assert (sized.options.output_buffer_size, options.output_buffer_size, options.output_buffer_timeout) == (
+        4096,
+        4096,
+        0.025,
+    )
 
 
 def test_a_bad_option_value_is_refused() -> None:

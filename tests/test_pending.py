@@ -1,9 +1,16 @@
 """The pending-call table. Both twins."""
 
 import gc
+import itertools
 import math
+import os
 import random
+import struct
+import subprocess
+import sys
+import threading
 import weakref
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, get_args, get_origin
 
@@ -37,23 +44,190 @@ def table_of(pending: ModuleType, *deadlines: float) -> tuple[Any, list[Waiter],
     return table, waiters, call_ids
 
 
+@pytest.fixture
+def script_ids(pending: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """``script_ids(a, b, ...)``: the ids drawn next are a, b, ... (then random ones).
+
+    The next draw from ``os.urandom`` starts with them; the ids drawn and not
+    issued are dropped before and after, so no other test gets them.
+    """
+
+    def script(*call_ids: int) -> None:
+        real_urandom = os.urandom
+
+        def urandom(size: int) -> bytes:
+            monkeypatch.setattr(os, "urandom", real_urandom)
+            scripted = struct.pack(f"={len(call_ids)}Q", *call_ids)
+            return scripted + real_urandom(size - len(scripted))
+
+        monkeypatch.setattr(os, "urandom", urandom)
+        pending._forget_random_ids()
+
+    yield script
+    pending._forget_random_ids()
+
+
 # --- ids, get, pop ------------------------------------------------------------
 
 
-def test_call_ids_count_from_one_per_table(pending: ModuleType) -> None:
-    _, _, call_ids = table_of(pending, 5.0, 1.0, 3.0)
-    assert call_ids == [1, 2, 3]
-    assert all(type(call_id) is int for call_id in call_ids)
-    assert pending.PendingCalls().add(Waiter(), 1.0) == 1
+def test_call_ids_are_random_uint64s(pending: ModuleType) -> None:
+    _, _, call_ids = table_of(pending, *[1.0] * 1000)
+    assert all(type(call_id) is int and 0 < call_id < 2**64 for call_id in call_ids)
+    assert len(set(call_ids)) == 1000
+    # Not a counter, nor anything near one: ids below 2**32 are 1 in 2**32.
+    assert sum(call_id < 2**32 for call_id in call_ids) == 0
+    assert not any(abs(b - a) < 2**32 for a, b in itertools.pairwise(call_ids))
+    # Each table draws from the same stream: a new table does not start over.
+    assert pending.PendingCalls().add(Waiter(), 1.0) not in call_ids
 
 
-def test_call_ids_are_never_reused(pending: ModuleType) -> None:
+def test_100000_calls_get_100000_ids(pending: ModuleType) -> None:
     table = pending.PendingCalls()
-    first = table.add(Waiter(), 1.0)
-    table.pop(first)
-    second = table.add(Waiter(), 1.0)
-    table.expire(2.0)
-    assert (first, second, table.add(Waiter(), 1.0)) == (1, 2, 3)
+    waiter = Waiter()
+    call_ids = {table.add(waiter, 1.0) for _ in range(100_000)}
+    assert len(call_ids) == len(table) == 100_000
+
+
+def test_call_ids_look_uniform(pending: ModuleType) -> None:
+    """Each of the 64 bits is set in about half of the ids (10,000 ids: 5,000 +- 6 standard deviations of 50)."""
+    table = pending.PendingCalls()
+    call_ids = [table.add(Waiter(), 1.0) for _ in range(10_000)]
+    for bit in range(64):
+        assert 4_700 <= sum(call_id >> bit & 1 for call_id in call_ids) <= 5_300, bit
+    # The high bit as well as any: ids fill the whole of uint64.
+    assert 4_700 <= sum(call_id >= 2**63 for call_id in call_ids) <= 5_300
+
+
+def test_ids_never_issued_are_absent(pending: ModuleType) -> None:
+    table, waiters, call_ids = table_of(pending, *[1.0] * 100)
+    rng = random.Random(13)
+    never_issued = [rng.getrandbits(64) for _ in range(10_000)]
+    never_issued += [call_id + 1 for call_id in call_ids] + [call_id ^ 1 for call_id in call_ids]
+    never_issued += [1, 2, 3, 2**63]
+    for call_id in set(never_issued) - set(call_ids):
+        assert table.get(call_id) is None
+        assert table.pop(call_id) is None
+        assert call_id not in table
+    assert len(table) == 100
+    assert all(table.get(call_id) is waiter for call_id, waiter in zip(call_ids, waiters, strict=True))
+
+
+def test_ids_are_drawn_from_the_os_in_bulk(pending: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    draws: list[int] = []
+    real_urandom = os.urandom
+
+    def urandom(size: int) -> bytes:
+        draws.append(size)
+        return real_urandom(size)
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    pending._forget_random_ids()
+    table = pending.PendingCalls()
+    for _ in range(1024):
+        table.add(Waiter(), 1.0)
+    assert draws == [4096, 4096]
+    table.add(Waiter(), 1.0)
+    assert draws == [4096, 4096, 4096]
+    pending._forget_random_ids()
+
+
+def test_zero_and_ids_in_use_are_drawn_again(pending: ModuleType, script_ids: Callable[..., None]) -> None:
+    a, b = 2**64 - 1, 5
+    script_ids(0, a, a, 0, a, b)
+    table = pending.PendingCalls()
+    first, second = Waiter(), Waiter()
+    assert table.add(first, 1.0) == a
+    assert table.add(second, 1.0) == b
+    assert table.get(a) is first and table.get(b) is second and len(table) == 2
+    assert 0 not in table
+
+
+def test_a_gone_calls_id_drawn_again_is_a_new_call(pending: ModuleType, script_ids: Callable[..., None]) -> None:
+    """The record of a popped call's deadline outlives it: it must not be taken for a new call with the same id.
+
+    The compiled twin issues the id again at once (records carry the order of
+    their call); the pure one only once the record is gone (ids stay taken
+    until then). Either is unique among the calls in the table.
+    """
+    a = 2**63 + 7
+    table = pending.PendingCalls()
+    table.add(Waiter("kept"), 10.0)
+    script_ids(a, a)
+    first, second = Waiter("first"), Waiter("second")
+    assert table.add(first, 1.0) == a
+    assert table.pop(a) is first
+    call_id = table.add(second, 5.0)
+    assert (call_id == a) is pending.__name__.endswith("_c")
+    assert table.expire(1.0) == []
+    assert table.next_deadline() == 5.0
+    assert table.get(call_id) is second
+    assert table.expire(5.0) == [second]
+    assert table.get(call_id) is None and len(table) == 1
+
+
+def test_equal_deadlines_expire_in_call_order_whatever_the_ids(
+    pending: ModuleType, script_ids: Callable[..., None]
+) -> None:
+    script_ids(5, 4, 3, 2**64 - 1, 1)
+    table, waiters, call_ids = table_of(pending, 1.0, 1.0, 1.0, 1.0, 1.0)
+    assert call_ids == [5, 4, 3, 2**64 - 1, 1]
+    assert table.expire(1.0) == waiters
+
+
+def test_threads_drawing_at_once_never_share_an_id(pending: ModuleType) -> None:
+    """Tables in several threads draw from one buffer, refilled while other threads run (os.urandom lets them)."""
+    results: list[list[int]] = []
+
+    def issue() -> None:
+        table = pending.PendingCalls()
+        waiter = Waiter()
+        results.append([table.add(waiter, 1.0) for _ in range(20_000)])
+
+    threads = [threading.Thread(target=issue) for _ in range(4)]
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert len(results) == 4
+    assert len({call_id for ids in results for call_id in ids}) == 80_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_issues_other_ids_than_its_parent(pending: ModuleType) -> None:
+    """The child inherits the ids its parent drew and has not issued yet: it must not issue them too."""
+    program = f"""
+import os, struct, sys
+from almanet._speedups.pending_{pending.__name__.rsplit("_", 1)[1]} import PendingCalls
+
+table = PendingCalls()
+table.add(object(), 1.0)  # the buffer holds the ids drawn and not issued
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    ids = [table.add(object(), 1.0) for _ in range(1000)]
+    os.write(write, struct.pack("=1000Q", *ids))
+    os._exit(0)
+os.close(write)
+parent = [table.add(object(), 1.0) for _ in range(1000)]
+data = b""
+while len(data) < 8000:
+    chunk = os.read(read, 8000 - len(data))
+    if not chunk:
+        break
+    data += chunk
+_, status = os.waitpid(pid, 0)
+child = struct.unpack("=1000Q", data)
+assert status == 0, status
+print(len(set(parent)), len(set(child)), len(set(parent) & set(child)))
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1000", "1000", "0"]
 
 
 def test_get_returns_the_waiter_and_keeps_it(pending: ModuleType) -> None:
@@ -76,7 +250,7 @@ def test_pop_removes_and_returns_the_waiter(pending: ModuleType) -> None:
 
 def test_unknown_ids_are_absent(pending: ModuleType) -> None:
     table, _, _ = table_of(pending, 1.0)
-    for call_id in (0, 2, -1, 2**63, 2**64 - 1, 2**64, 2**64 + 1, -(2**64), 10**30):
+    for call_id in (0, 2, -1, 2**63, 2**64 - 1, 2**64, 2**64 + 1, -(2**64), 10**30):  # none issued (but by 1 in 2**64)
         assert table.get(call_id) is None
         assert table.pop(call_id) is None
         assert call_id not in table
@@ -101,7 +275,7 @@ def test_the_same_waiter_twice_is_two_calls(pending: ModuleType) -> None:
     assert table.get(second) is waiter and len(table) == 1
 
 
-def test_int_subclasses_are_looked_up_by_value(pending: ModuleType) -> None:
+def test_int_subclasses_are_looked_up_by_value(pending: ModuleType, script_ids: Callable[..., None]) -> None:
     class OddInt(int):
         def __hash__(self) -> int:
             raise AssertionError("the table hashed a call id")
@@ -112,6 +286,7 @@ def test_int_subclasses_are_looked_up_by_value(pending: ModuleType) -> None:
         def __index__(self) -> int:
             raise AssertionError("the table converted a call id by __index__")
 
+    script_ids(1, 2)
     table, waiters, _ = table_of(pending, 1.0, 2.0)
     assert table.get(True) is waiters[0]
     assert OddInt(2) in table
@@ -274,8 +449,11 @@ def test_random_churn_finds_every_call(pending: ModuleType, in_flight: int) -> N
     table = pending.PendingCalls()
     names = {table.add(Waiter(i), 1.0): i for i in range(in_flight)}
     live = list(names)
+    issued = list(names)
     for i in range(in_flight, in_flight + 20_000):
         call_id = table.add(Waiter(i), 1.0)
+        assert call_id not in names
+        issued.append(call_id)
         names[call_id] = i
         live.append(call_id)
         k = rng.randrange(len(live))
@@ -285,7 +463,7 @@ def test_random_churn_finds_every_call(pending: ModuleType, in_flight: int) -> N
         assert table.get(gone) is None
     assert len(table) == len(names) == in_flight
     assert all(table.get(call_id).name == i for call_id, i in names.items())
-    assert sum(call_id in table for call_id in range(1, in_flight + 20_001)) == in_flight
+    assert sum(call_id in table for call_id in issued) == in_flight
 
 
 def test_deadline_order_survives_pops_in_random_order(pending: ModuleType) -> None:
@@ -294,17 +472,19 @@ def test_deadline_order_survives_pops_in_random_order(pending: ModuleType) -> No
     table = pending.PendingCalls()
     deadlines: dict[int, float] = {}
     waiters: dict[int, Waiter] = {}
-    for _ in range(2_000):
+    order: dict[int, int] = {}
+    for i in range(2_000):
         deadline = rng.choice([1.0, 2.0, 3.0, rng.uniform(0.0, 100.0)])
         waiter = Waiter()
         call_id = table.add(waiter, deadline)
         deadlines[call_id] = deadline
         waiters[call_id] = waiter
+        order[call_id] = i
     for step, call_id in enumerate(rng.sample(sorted(waiters), 1_800)):
         assert table.pop(call_id) is waiters.pop(call_id)
         if step % 50 == 0:
             assert table.next_deadline() == min(deadlines[live] for live in waiters)
-    due = sorted(waiters, key=lambda call_id: (deadlines[call_id], call_id))
+    due = sorted(waiters, key=lambda call_id: (deadlines[call_id], order[call_id]))
     assert table.expire(100.0) == [waiters[call_id] for call_id in due]
 
 
@@ -327,7 +507,7 @@ def test_a_large_table_finds_every_call(pending: ModuleType) -> None:
 
 
 def test_bad_arguments(pending: ModuleType) -> None:
-    table, waiters, _ = table_of(pending, 1.0)
+    table, waiters, call_ids = table_of(pending, 1.0)
     with pytest.raises(TypeError):
         table.add(None, 1.0)
     with pytest.raises(ValueError):
@@ -350,7 +530,8 @@ def test_bad_arguments(pending: ModuleType) -> None:
     with pytest.raises(TypeError):
         pending.PendingCalls(1)
     # nothing changed
-    assert len(table) == 1 and table.get(1) is waiters[0] and table.add(Waiter(), 2.0) == 2
+    assert len(table) == 1 and table.get(call_ids[0]) is waiters[0]
+    assert table.next_deadline() == 1.0 and table._bookkeeping_size == 1
 
 
 # --- reentrancy --------------------------------------------------------------

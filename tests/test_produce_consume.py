@@ -63,7 +63,7 @@ async def test_a_raw_body_goes_as_it_is_and_is_read_from_body(session: almanet.S
         message = await asyncio.wait_for(anext(messages), TIMEOUT)
         bodies.append(message.body)
         if message.body == b"\x00raw":
-            with pytest.raises(almanet.UnreadableBody, match="Read its .body"):
+            with pytest.raises(almanet.UnreadableBody, match=r"Read its \.body"):
                 message.payload  # noqa: B018
         message.commit()
     await stop()

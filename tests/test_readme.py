@@ -73,6 +73,12 @@ SEED_README = Path(__file__).resolve().parent / "seed-README.md"
 SHARED_SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "almanet-README.md"
 
 
+def test_the_testing_example_is_the_test_file_the_suite_runs() -> None:
+    """README's Testing example, word for word, is tests/test_user_testing.py (run with the rest)."""
+    (block,) = python_blocks("## Testing")
+    assert block == (Path(__file__).resolve().parent / "test_user_testing.py").read_text()
+
+
 def test_the_seed_readme_is_the_one_in_shared() -> None:
     """tests/seed-README.md is a copy of the README almanet grew from (in ../shared/seed where it is laid)."""
     if not SHARED_SEED_README.exists():

@@ -241,9 +241,7 @@ async def test_many_calls_nobody_serves_share_one_discovery_query(
     assert await topic_stats(almanet_broker.http_address, f"{prefix}.nobody") is None
 
 
-async def test_a_call_shorter_than_the_discovery_wait_times_out_as_asked(
-    session: almanet.Session, prefix: str
-) -> None:
+async def test_a_call_shorter_than_the_discovery_wait_times_out_as_asked(session: almanet.Session, prefix: str) -> None:
     started = time.monotonic()
     with pytest.raises(almanet.CallTimeout, match="no reply") as raised:
         await session.call(f"{prefix}.nobody", "hello?", timeout=0.2)
@@ -271,6 +269,25 @@ async def test_a_stopped_service_is_found_gone_once_its_uri_is_no_longer_known_s
     with pytest.raises(almanet.NoResponders):
         await session.call(f"{prefix}.greeting", "Aidar")
     assert time.monotonic() - started < 1
+
+
+async def test_a_slow_procedure_times_out_and_its_late_reply_is_dropped(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="almanet")
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure
+    async def slow(payload: float, **kwargs: Any) -> float:
+        await asyncio.sleep(payload)
+        return payload
+
+    async with service:
+        with pytest.raises(TimeoutError):
+            await session.call(slow, 0.3, timeout=0.1)
+        assert (await session.call(slow, 0.0, timeout=5)).payload == 0.0
+        await eventually(lambda: "which is over" in caplog.text)  # the late reply came, found no call
+        assert len(session._pending) == 0
 
 
 async def never_answering_service(address: str, prefix: str) -> almanet.Service:

@@ -37,6 +37,8 @@ from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, u
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
+from types import GenericAlias
+
 from almanet._speedups.envelope_py import (
     ENVELOPE_VERSION,
     EnvelopeError,
@@ -120,6 +122,7 @@ cdef class Reply:
     cdef readonly object payload
 
     __match_args__ = ("call_id", "ok", "payload")
+    __class_getitem__ = classmethod(GenericAlias)  # Reply[T] in annotations, as the pure twin's Generic
 
     def __init__(self, call_id, ok, payload):
         self.call_id = call_id

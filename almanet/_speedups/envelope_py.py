@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any
+from types import GenericAlias
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgpack
 
@@ -86,13 +87,24 @@ class Invocation:
     payload: Any
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True, slots=True)
-class Reply:
-    """The outcome of a call: its result (``ok``) or ``[name, args, payload]`` of its error."""
+class Reply(Generic[T]):
+    """The outcome of a call: its result (``ok``) or ``[name, args, payload]`` of its error.
+
+    ``Reply[T]`` in annotations: a reply whose payload is a ``T``.
+    """
 
     call_id: int
     ok: bool
-    payload: Any
+    payload: T
+
+    if not TYPE_CHECKING:
+        # Reply[T] is a types.GenericAlias, as the compiled twin's: typing's alias would set
+        # __orig_class__ on the instances it makes, which a frozen slots dataclass refuses.
+        __class_getitem__ = classmethod(GenericAlias)
 
 
 # --- encoding ----------------------------------------------------------------
@@ -183,7 +195,7 @@ def encode_reply(call_id: int, ok: bool, payload: Any) -> bytes:
 # --- decoding ----------------------------------------------------------------
 
 
-def decode(body: bytes | bytearray | memoryview) -> Invocation | Reply:
+def decode(body: bytes | bytearray | memoryview) -> Invocation | Reply[Any]:
     """The invocation or reply in ``body``; EnvelopeError if it is not a valid envelope."""
     fields = _read_fields(body)
     if fields[1] == _INVOCATION:

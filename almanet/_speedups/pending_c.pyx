@@ -1,16 +1,23 @@
 # cython: language_level=3
 """The table of calls awaiting replies, compiled (twin of ``pending_py.py``, which documents the API).
 
+Call ids are random: they come from ``os.urandom``, 512 at a time (4 KiB),
+copied into a C buffer that every table of the process draws from; a forked
+child drops what it inherited of the buffer (``os.register_at_fork``), so that
+it never issues its parent's ids. Reading the buffer is bounds-checked.
+
 Call ids are found in an open-addressing hash table (linear probing,
 Fibonacci hashing, load at most 1/2, backward-shift deletion so there are no
-tombstones). Its slots are a C array of call ids (0 marks an empty slot: call
-ids start at 1) and, at the same positions, a Python list of waiters (None in
-an empty slot): the list keeps the waiters visible to the garbage collector,
-which must see them to collect a cycle through a waiter and its session.
-Deadlines are a C binary heap of (deadline, call id) records with lazy
-deletion, as in the pure twin: a popped call leaves its record behind until it
-reaches the top or the records of gone calls outnumber the calls; telling a
-gone call's record from a live one is a lookup in the C table.
+tombstones). Its slots are a C array of (call id, order) (call id 0 marks an
+empty slot: 0 is never issued; the order is the call's place in the order of
+``add``) and, at the same positions, a Python list of waiters (None in an empty
+slot): the list keeps the waiters visible to the garbage collector, which must
+see them to collect a cycle through a waiter and its session. Deadlines are a
+C binary heap of (deadline, order, call id) records with lazy deletion, as in
+the pure twin: a popped call leaves its record behind until it reaches the top
+or the records of gone calls outnumber the calls; a record is a live call's if
+the C table has its call id with its order (a call that got the id of a gone
+call by chance has another order).
 
 Reentrancy: the table never drops the last reference to a waiter while it is
 changing itself: ``pop`` and ``expire`` hand their references to the caller,
@@ -25,7 +32,9 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.math cimport isnan
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
 
+import os
 from types import GenericAlias
 
 from almanet._speedups.pending_py import __all__  # the same API, by construction
@@ -36,8 +45,14 @@ cdef extern from "Python.h":
     unsigned long long long_as_uint64 "PyLong_AsUnsignedLongLong" (object)
 
 
+cdef struct Slot:
+    uint64_t call_id  # 0: an empty slot
+    uint64_t order
+
+
 cdef struct DeadlineRecord:
     double deadline
+    uint64_t order  # ties between equal deadlines go to the call added first
     uint64_t call_id
 
 
@@ -46,13 +61,49 @@ cdef enum:
     # or two in flight does not allocate on every call.
     MIN_SLOTS = 16
     MIN_RECORDS = 16
+    IDS_PER_DRAW = 512  # call ids drawn from the OS at a time
 
 
-cdef uint64_t FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads consecutive ids
+# Random ids are uniform already, so the home slot could be their top bits;
+# the multiplication (a bijection) costs next to nothing and keeps the table
+# sound whatever the ids.
+cdef uint64_t FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio
 
 
 cdef inline bint earlier(const DeadlineRecord* a, const DeadlineRecord* b) noexcept nogil:
-    return a.deadline < b.deadline or (a.deadline == b.deadline and a.call_id < b.call_id)
+    return a.deadline < b.deadline or (a.deadline == b.deadline and a.order < b.order)
+
+
+# --- random call ids ----------------------------------------------------------
+
+# The ids drawn and not issued yet are random_ids[random_ids_used:], shared by
+# the tables of the process. Not thread-safe by itself: the GIL is held from
+# the check of random_ids_used to its increment.
+cdef uint64_t random_ids[IDS_PER_DRAW]
+cdef size_t random_ids_used = IDS_PER_DRAW  # all used: the first add draws
+
+
+cdef int draw_random_ids() except -1:
+    """Fill the buffer from the OS's CSPRNG."""
+    global random_ids_used
+    # os.urandom lets other threads run; they may draw too, which is no harm.
+    cdef bytes drawn = os.urandom(sizeof(random_ids))
+    if len(drawn) != sizeof(random_ids):  # never, unless os.urandom is replaced
+        raise RuntimeError("os.urandom returned the wrong number of bytes")
+    memcpy(random_ids, <const char*>drawn, sizeof(random_ids))
+    random_ids_used = 0
+    return 0
+
+
+def _forget_random_ids():
+    """Drop the ids drawn and not issued (in a forked child: its parent issues them)."""
+    global random_ids_used
+    memset(random_ids, 0, sizeof(random_ids))
+    random_ids_used = IDS_PER_DRAW
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_random_ids)
 
 
 cdef uint64_t as_call_id(call_id) except? 0:
@@ -72,7 +123,7 @@ cdef uint64_t as_call_id(call_id) except? 0:
 # the collector breaks a cycle through the table at the list or the waiters.
 @cython.no_gc_clear
 cdef class PendingCalls:
-    cdef uint64_t* _ids  # hash slots: a call id, or 0
+    cdef Slot* _slots  # hash slots: a call id (0: none) and its order
     cdef list _waiters  # hash slots: the waiter of the call at the same position, or None
     cdef Py_ssize_t _slot_count  # a power of two
     cdef int _hash_shift  # 64 - log2(_slot_count)
@@ -80,7 +131,7 @@ cdef class PendingCalls:
     cdef DeadlineRecord* _records  # a binary min-heap of _size records
     cdef Py_ssize_t _size
     cdef Py_ssize_t _capacity
-    cdef uint64_t _last_id
+    cdef uint64_t _added  # calls added: the order of the last one (at a billion a second, 584 years)
 
     # Generic, as mypy is told: ``PendingCalls[Future[Any]]()`` is a table (the argument is not checked).
     __class_getitem__ = classmethod(GenericAlias)
@@ -96,7 +147,7 @@ cdef class PendingCalls:
         pass  # refuses arguments, as the pure twin does: ``__cinit__`` alone would ignore them
 
     def __dealloc__(self):
-        free(self._ids)
+        free(self._slots)
         free(self._records)
 
     def add(self, waiter, double deadline):
@@ -104,18 +155,36 @@ cdef class PendingCalls:
             raise ValueError("a deadline cannot be NaN")
         if waiter is None:
             raise TypeError("a waiter cannot be None")
-        if 2 * (self._count + 1) > self._slot_count:
-            self._rehash(2 * self._slot_count)
+        global random_ids_used
+        cdef uint64_t call_id
+        cdef Py_ssize_t slot
+        # Each step that runs Python code starts the checks over: a rehash
+        # may collect garbage (finalizers may add and pop), a draw lets other
+        # threads run. From the last check to the end, none runs.
+        while True:
+            if 2 * (self._count + 1) > self._slot_count:
+                self._rehash(2 * self._slot_count)
+                continue
+            if random_ids_used >= IDS_PER_DRAW:
+                draw_random_ids()
+                continue
+            call_id = random_ids[random_ids_used]
+            random_ids_used += 1
+            if call_id == 0:  # 1 in 2**64: draw again
+                continue
+            slot = self._probe(call_id)
+            if self._slots[slot].call_id == 0:  # else (1 in 2**64 per call) it is taken: draw again
+                break
         if self._size == self._capacity:
             self._grow_records()
-        call_id = PyLong_FromUnsignedLongLong(self._last_id + 1)
-        self._last_id += 1
-        cdef Py_ssize_t slot = self._empty_slot(self._last_id)
+        result = PyLong_FromUnsignedLongLong(call_id)
+        self._added += 1
         self._waiters[slot] = waiter
-        self._ids[slot] = self._last_id
+        self._slots[slot].call_id = call_id
+        self._slots[slot].order = self._added
         self._count += 1
-        self._push(deadline, self._last_id)
-        return call_id
+        self._push(deadline, self._added, call_id)
+        return result
 
     def get(self, call_id):
         cdef Py_ssize_t slot = self._find(as_call_id(call_id))
@@ -136,7 +205,7 @@ cdef class PendingCalls:
         cdef list expired = []
         cdef Py_ssize_t slot
         while self._size and self._records[0].deadline <= now:
-            slot = self._find(self._records[0].call_id)
+            slot = self._find_record(&self._records[0])
             self._pop_top()
             if slot >= 0:
                 expired.append(self._remove(slot))
@@ -147,7 +216,7 @@ cdef class PendingCalls:
         return expired
 
     def next_deadline(self):
-        while self._size and self._find(self._records[0].call_id) < 0:
+        while self._size and self._find_record(&self._records[0]) < 0:
             self._pop_top()
         return self._records[0].deadline if self._size else None
 
@@ -166,21 +235,34 @@ cdef class PendingCalls:
     cdef inline Py_ssize_t _home(self, uint64_t call_id) noexcept:
         return <Py_ssize_t>((call_id * FIBONACCI) >> self._hash_shift)
 
+    cdef Py_ssize_t _probe(self, uint64_t call_id) noexcept:
+        """The slot of ``call_id`` (not 0) if it is in the table, else the empty slot where it would go."""
+        cdef Py_ssize_t slot = self._home(call_id)
+        cdef uint64_t found
+        while True:
+            found = self._slots[slot].call_id
+            if found == call_id or found == 0:
+                return slot
+            slot = (slot + 1) & (self._slot_count - 1)
+
     cdef Py_ssize_t _find(self, uint64_t call_id) noexcept:
         """The slot of ``call_id``, or -1."""
         if call_id == 0:  # marks empty slots, and stands for ints that are no call id
             return -1
-        cdef Py_ssize_t slot = self._home(call_id)
-        while self._ids[slot] != call_id:
-            if self._ids[slot] == 0:
-                return -1
-            slot = (slot + 1) & (self._slot_count - 1)
+        cdef Py_ssize_t slot = self._probe(call_id)
+        return slot if self._slots[slot].call_id else -1
+
+    cdef Py_ssize_t _find_record(self, const DeadlineRecord* record) noexcept:
+        """The slot of the call ``record`` is for, or -1 if that call is gone."""
+        cdef Py_ssize_t slot = self._find(record.call_id)
+        if slot >= 0 and self._slots[slot].order != record.order:
+            return -1  # a later call that got the same id
         return slot
 
     cdef Py_ssize_t _empty_slot(self, uint64_t call_id) noexcept:
         """Where ``call_id``, not in the table, goes (there is an empty slot: the load is at most 1/2)."""
         cdef Py_ssize_t slot = self._home(call_id)
-        while self._ids[slot]:
+        while self._slots[slot].call_id:
             slot = (slot + 1) & (self._slot_count - 1)
         return slot
 
@@ -195,30 +277,31 @@ cdef class PendingCalls:
         # back into it unless that would put them before their home slot.
         while True:
             next_slot = (next_slot + 1) & mask
-            if self._ids[next_slot] == 0:
+            if self._slots[next_slot].call_id == 0:
                 break
-            home = self._home(self._ids[next_slot])
+            home = self._home(self._slots[next_slot].call_id)
             if ((next_slot - home) & mask) >= ((next_slot - hole) & mask):
-                self._ids[hole] = self._ids[next_slot]
+                self._slots[hole] = self._slots[next_slot]
                 self._waiters[hole] = self._waiters[next_slot]
                 hole = next_slot
-        self._ids[hole] = 0
+        self._slots[hole].call_id = 0
+        self._slots[hole].order = 0
         self._waiters[hole] = None
         self._count -= 1
         return waiter
 
     cdef int _rehash(self, Py_ssize_t slot_count) except -1:
         """Move the calls to a new table of ``slot_count`` slots (a power of two)."""
-        if slot_count > PY_SSIZE_T_MAX // <Py_ssize_t>sizeof(uint64_t):
+        if slot_count > PY_SSIZE_T_MAX // <Py_ssize_t>sizeof(Slot):
             raise MemoryError("too many pending calls")
         cdef list waiters = [None] * slot_count
-        cdef uint64_t* ids = <uint64_t*>calloc(slot_count, sizeof(uint64_t))
-        if ids is NULL:
+        cdef Slot* slots = <Slot*>calloc(slot_count, sizeof(Slot))
+        if slots is NULL:
             raise MemoryError()
-        cdef uint64_t* old_ids = self._ids
+        cdef Slot* old_slots = self._slots
         cdef list old_waiters = self._waiters
         cdef Py_ssize_t old_slot_count = self._slot_count
-        self._ids = ids
+        self._slots = slots
         self._waiters = waiters
         self._slot_count = slot_count
         self._hash_shift = 64
@@ -227,11 +310,11 @@ cdef class PendingCalls:
             self._hash_shift -= 1
         cdef Py_ssize_t old_slot, slot
         for old_slot in range(old_slot_count):
-            if old_ids[old_slot]:
-                slot = self._empty_slot(old_ids[old_slot])
-                ids[slot] = old_ids[old_slot]
+            if old_slots[old_slot].call_id:
+                slot = self._empty_slot(old_slots[old_slot].call_id)
+                slots[slot] = old_slots[old_slot]
                 waiters[slot] = old_waiters[old_slot]
-        free(old_ids)
+        free(old_slots)
         return 0
 
     # --- the deadline heap --------------------------------------------------
@@ -257,10 +340,11 @@ cdef class PendingCalls:
             self._records = records
             self._capacity = capacity
 
-    cdef void _push(self, double deadline, uint64_t call_id) noexcept:
+    cdef void _push(self, double deadline, uint64_t order, uint64_t call_id) noexcept:
         # The caller made room for one more record.
         cdef DeadlineRecord record
         record.deadline = deadline
+        record.order = order
         record.call_id = call_id
         cdef Py_ssize_t i = self._size
         cdef Py_ssize_t parent
@@ -300,7 +384,7 @@ cdef class PendingCalls:
         cdef Py_ssize_t kept = 0
         cdef Py_ssize_t i
         for i in range(self._size):
-            if self._find(self._records[i].call_id) >= 0:
+            if self._find_record(&self._records[i]) >= 0:
                 self._records[kept] = self._records[i]
                 kept += 1
         self._size = kept

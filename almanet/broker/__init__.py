@@ -2,15 +2,17 @@
 
 Its modules follow nsqd's files, lowest first:
 
+- ``tls``: nsqd's TLS settings, and how /stats names what a client negotiated.
 - ``options``: nsqd's settings.
+- ``auth``: asking the auth server of ``--auth-http-address``, and what its answer allows.
 - ``output``: when what is sent to a client goes out (nsqd's output buffering).
 - ``topics``: topics, and channels with their queued, deferred and in-flight
   messages (``topic.go``, ``channel.go``).
 - ``queuescan``: when timed-out and deferred messages come back (``queueScanLoop``).
-- ``client``: one client connection's transport, deadlines and IDENTIFY's
-  settings (``client_v2.go``).
-- ``protocol``: the TCP protocol V2's command handlers and message pump
-  (``protocol_v2.go``).
+- ``client``: one client connection's transport, deadlines, IDENTIFY's
+  settings and the TLS, snappy and deflate upgrades (``client_v2.go``).
+- ``protocol``: the TCP protocol V2's command handlers and message pump, the
+  TLS policy and AUTH (``protocol_v2.go``).
 - ``stats``: the ``/stats`` report (``stats.go``).
 - ``httpserver``: an HTTP/1.1 server that behaves as Go's net/http.
 - ``http``: nsqd's HTTP API routes, and nsqlookupd's ``/lookup`` (``http.go``).

@@ -4,25 +4,33 @@ nsqd's ``client_v2.go``: what is sent reaches the client when nsqd's output
 buffering would let it (see ``output``); heartbeats, the read deadline (two
 heartbeat intervals without a command) and the write deadline (a heartbeat
 interval without the client reading) close it as nsqd would; IDENTIFY's
-settings are checked and kept here. The commands it sends are handled by
-``protocol.ProtocolV2``, which is this class with nsqd's protocol V2.
+settings are checked and kept here, and the connection upgraded to TLS and
+to snappy or deflate compression as IDENTIFY negotiated (nsqd's
+``UpgradeTLS``, ``UpgradeSnappy``, ``UpgradeDeflate``). The commands it sends
+are handled by ``protocol.ProtocolV2``, which is this class with nsqd's
+protocol V2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from almanet._speedups.frames import encode_error, encode_response
 from almanet.broker.options import BrokerOptions
 from almanet.broker.output import ClientOutput
+from almanet.broker.tls import Negotiated
 from almanet.wire.errors import CommandError
 from almanet.wire.protocol import HEARTBEAT
 
 if TYPE_CHECKING:
+    from almanet.broker.auth import AuthState
     from almanet.broker.topics import Channel
+    from almanet.wire.compression import DeflateStream, SnappyStream
 
 logger = logging.getLogger("almanet.broker")
 
@@ -35,6 +43,8 @@ STATE_CLOSING = 4
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
 # nsqd's default output buffer size (its defaultBufferSize).
 DEFAULT_OUTPUT_BUFFER_SIZE = 16 * 1024
+# How long nsqd gives a client's TLS handshake.
+TLS_HANDSHAKE_TIMEOUT = 5.0
 
 _HEARTBEAT_FRAME = encode_response(HEARTBEAT)
 
@@ -55,6 +65,9 @@ class Client(asyncio.Protocol):
         self.ready_count = 0
         self.in_flight_count = 0  # messages sent and not yet FINed, REQed or timed out
         self.writing_paused = False  # the client does not read what we send
+        self.lost = False  # connection_lost came
+        # Reading waits for something a command started (a TLS handshake, the auth server).
+        self.reading_held = False
         # Negotiated with IDENTIFY; seconds as floats.
         self.client_id = ""
         self.hostname = ""
@@ -62,7 +75,14 @@ class Client(asyncio.Protocol):
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self.msg_timeout = options.msg_timeout
         self.sample_rate = 0
+        # Upgrades IDENTIFY negotiated, and AUTH's answer.
+        self.tls: Negotiated | None = None
+        self.snappy = False
+        self.deflate = False
+        self._decompress: Callable[[bytes], bytes] | None = None  # every read goes through it once compressed
+        self.auth_state: AuthState | None = None
         # For /stats.
+        self.remote_ip = ""
         self.remote_address = ""
         self.connect_ts = int(time.time())
         self.message_count = 0
@@ -82,6 +102,7 @@ class Client(asyncio.Protocol):
         self._output.attach(self._transport)
         peer = transport.get_extra_info("peername")
         if peer:
+            self.remote_ip = peer[0]
             self.remote_address = f"{peer[0]}:{peer[1]}"
         self._clients.add(self)
 
@@ -106,11 +127,13 @@ class Client(asyncio.Protocol):
         self._last_read = self._loop.time()
         if self._transport is not None and not self.closed:
             self._cancel_write_deadline()
-            self._transport.resume_reading()
+            if not self.reading_held:
+                self._transport.resume_reading()
             if self.channel is not None:
                 self.channel.dispatch()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.closed = True
         self._output.discard()
         self._clients.discard(self)
@@ -194,6 +217,33 @@ class Client(asyncio.Protocol):
     def output_buffer_size(self) -> int:
         return self._output.size
 
+    # --- upgrades ---------------------------------------------------------
+
+    async def upgrade_tls(self, context: ssl.SSLContext, cipher_numbers: dict[str, int]) -> None:
+        """nsqd's UpgradeTLS: what was sent goes out in plaintext, then the handshake (5 s at most).
+
+        Raises what the handshake raised (the connection is closed then).
+        """
+        transport = self._transport
+        assert transport is not None
+        self._output.write_now()  # IDENTIFY's answer, in plaintext
+        self._output.detach()  # a heartbeat due during the handshake waits for it
+        secure = await self._loop.start_tls(
+            transport, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+        )
+        if secure is None:
+            raise ConnectionResetError("the connection closed during the TLS handshake")
+        self._transport = secure
+        self.tls = Negotiated(secure.get_extra_info("ssl_object"), cipher_numbers)
+        self._output.attach(self._transport)
+
+    def upgrade_compression(self, stream: SnappyStream | DeflateStream) -> None:
+        """nsqd's UpgradeSnappy and UpgradeDeflate: what was sent goes out as it was, the rest through ``stream``."""
+        assert self._transport is not None
+        self._output.write_now()
+        self._decompress = stream.decompress
+        self._output.attach(self._transport, stream.compress)
+
     @property
     def output_buffer_timeout(self) -> float:
         return self._output.flush_interval
@@ -222,7 +272,7 @@ class Client(asyncio.Protocol):
     def _check_read_deadline(self) -> None:
         # nsqd closes a connection that sends nothing for two heartbeat
         # intervals. Commands only note their time; the timer catches up here.
-        if self.writing_paused:
+        if self.writing_paused or self.reading_held:
             self._last_read = self._loop.time()
         deadline = self._last_read + 2 * self.heartbeat_interval
         if self._loop.time() < deadline:

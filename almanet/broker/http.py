@@ -32,6 +32,8 @@ logger = logging.getLogger("almanet.broker")
 
 _INT32 = struct.Struct(">i")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+# nsqd's answer, as its http.go writes it.
+_TLS_REQUIRED = b'{"message": "TLS_REQUIRED", "https_port": 0}'
 
 
 class Nsqd(StatsSource, Protocol):
@@ -79,6 +81,11 @@ class API:
         return options.max_msg_size if path == "/pub" else options.max_body_size
 
     def handle(self, request: Request) -> Response:
+        if self._broker.options.tls_required_mode is True and request.path != "/lookup":
+            # nsqd's plain HTTP server refuses everything when TLS is required of all
+            # (--tls-required=tcp-https exempts HTTP); there is no HTTPS listener here.
+            # /lookup is nsqlookupd's, which nsqd's setting does not reach.
+            return Response(403, _TLS_REQUIRED, JSON)
         route = self._routes.get(request.path)
         if route is None:
             return _error_response(HTTPError(404, "NOT_FOUND"))

@@ -34,11 +34,13 @@ def find_nsqd() -> str | None:
 def nsqd_process(executable: str, *flags: str) -> Iterator[tuple[str, str]]:
     """nsqd on free loopback ports with a temporary data path, and ``flags`` (which override those); stopped on exit.
 
-    Yields its TCP and HTTP addresses.
+    Yields its TCP and HTTP addresses. Its HTTPS listener, which it opens when
+    given a TLS certificate (on 0.0.0.0:4152 by default), takes a free port too.
     """
     with tempfile.TemporaryDirectory(prefix="almanet-nsqd-") as data_path:
         command = [executable, "-tcp-address=127.0.0.1:0", "-http-address=127.0.0.1:0",
-                   "-broadcast-address=127.0.0.1", f"-data-path={data_path}", *flags]  # fmt: skip
+                   "-https-address=127.0.0.1:0", "-broadcast-address=127.0.0.1", f"-data-path={data_path}",
+                   *flags]  # fmt: skip
         with broker_process(command) as addresses:
             yield addresses
 

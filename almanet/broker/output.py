@@ -17,12 +17,15 @@ flushed, so the first message after a quiet spell goes out at once, on the
 tick that came meanwhile, and the next ones wait for the following tick.
 
 Bytes nsqd would have written out reach the transport in one write at the
-end of the event-loop iteration.
+end of the event-loop iteration; on a compressed connection (snappy, deflate)
+through the compressor, which flushes what it is given, as nsqd flushes its
+compressing writer with its buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 # Bytes nsqd writes for a frame before its data, as a write of their own: size and type.
 _FRAME_HEADER_SIZE = 8
@@ -41,6 +44,7 @@ class ClientOutput:
         "_ticks_seen",
         "_transport",
         "_unwritten",
+        "_write_out",
         "_write_scheduled",
         "flush_interval",
         "size",
@@ -49,6 +53,7 @@ class ClientOutput:
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int, flush_interval: float) -> None:
         self._loop = loop
         self._transport: asyncio.WriteTransport | None = None
+        self._write_out: Callable[[bytes], None] = _nowhere  # the transport's write, through the compressor if any
         self._unwritten: list[bytes] = []  # frames not handed to the transport yet, in order
         self._buffered = 0  # the trailing bytes of those still in nsqd's buffer: the client cannot have them yet
         self._write_scheduled = False
@@ -63,8 +68,28 @@ class ClientOutput:
         self._stale_tick = False  # a tick left in a ticker IDENTIFY stopped
         self._tick_handle: asyncio.TimerHandle | None = None
 
-    def attach(self, transport: asyncio.WriteTransport) -> None:
+    def attach(self, transport: asyncio.WriteTransport, compress: Callable[[bytes], bytes] | None = None) -> None:
+        """Write to ``transport`` from now on, through ``compress`` if given (chosen once: no test per write)."""
         self._transport = transport
+        if compress is None:
+            self._write_out = transport.write
+        else:
+
+            def write_compressed(data: bytes) -> None:
+                transport.write(compress(data))
+
+            self._write_out = write_compressed
+        if self._unwritten:
+            self._schedule_write()
+
+    def detach(self) -> None:
+        """Write nothing until ``attach`` (a TLS handshake is under way): what is sent meanwhile waits."""
+        self._transport = None
+        self._write_out = _nowhere
+
+    def write_now(self) -> None:
+        """Write out at once what the client may have (before its connection is upgraded)."""
+        self._write()
 
     def restart_ticker(self, flush_interval: float) -> None:
         """IDENTIFY's new ticker; without one, Go keeps a tick the old one left unread."""
@@ -110,7 +135,7 @@ class ClientOutput:
         visible = len(data) - self._buffered
         transport = self._transport
         if visible and transport is not None and not transport.is_closing():
-            transport.write(data[:visible])
+            self._write_out(data[:visible])
         self.discard()
 
     def discard(self) -> None:
@@ -191,8 +216,12 @@ class ClientOutput:
         buffered = self._buffered
         if not buffered:
             if data:
-                transport.write(data)
+                self._write_out(data)
             chunks.clear()
         elif len(data) > buffered:
-            transport.write(data[:-buffered])
+            self._write_out(data[:-buffered])
             self._unwritten = [data[-buffered:]]
+
+
+def _nowhere(data: bytes) -> None:
+    raise AssertionError("no transport to write to")

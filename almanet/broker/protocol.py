@@ -6,16 +6,26 @@ error frame is followed by closing it. The messages a client is sent are in
 flight in their channel (see ``topics.Channel``) until it FINs or REQs them
 or their msg_timeout passes; the connection itself, its deadlines and what
 IDENTIFY negotiated are ``client.Client``'s.
+
+IDENTIFY negotiates TLS, snappy and deflate and upgrades the connection;
+with ``--tls-required`` every command but IDENTIFY is refused before TLS;
+with ``--auth-http-address`` AUTH asks the auth server (see ``auth``) and
+PUB, MPUB, DPUB and SUB are checked against its answer. A command that waits
+for something (a TLS handshake, the auth server) holds the commands sent
+after it, as nsqd's blocking handling of a connection does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import random
 import re
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from almanet._speedups.frames import (
@@ -28,9 +38,11 @@ from almanet._speedups.frames import (
     parse_base10,
     split_mpub,
 )
+from almanet.broker import auth
 from almanet.broker.client import STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED, Client
 from almanet.broker.options import BrokerOptions
 from almanet.broker.topics import Channel, Message, NotInFlight, QueueFull, Topic
+from almanet.wire.compression import DeflateStream, SnappyStream, snappy_available
 from almanet.wire.errors import CommandError, ProtocolError, go_quote, wire_text
 from almanet.wire.protocol import CLOSE_WAIT, MAGIC_V2, MESSAGE_ID_SIZE, OK
 
@@ -76,9 +88,23 @@ class Nsqd(Protocol):
     def max_req_timeout_ms(self) -> int: ...
     @property
     def clients(self) -> set[Client]: ...
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def tls_cipher_numbers(self) -> dict[str, int]: ...
+    @property
+    def auth_tls_context(self) -> ssl.SSLContext | None: ...
 
     def new_client_id(self) -> int: ...
     def get_topic(self, name: str) -> Topic: ...
+
+
+class _Hold(Exception):
+    """A command waits for ``work`` (a TLS handshake, the auth server); the commands after it wait too."""
+
+    def __init__(self, work: Coroutine[Any, Any, None]) -> None:
+        super().__init__()
+        self.work = work
 
 
 class ProtocolV2(Client):
@@ -90,11 +116,18 @@ class ProtocolV2(Client):
         self._version = nsqd.version
         self._max_req_timeout_ms = nsqd.max_req_timeout_ms
         self._get_topic = nsqd.get_topic
+        self._tls_context = nsqd.tls_context
+        self._tls_cipher_numbers = nsqd.tls_cipher_numbers
+        self._auth_tls_context = nsqd.auth_tls_context
+        self._auth_addresses = options.auth_http_addresses
+        self._snappy = options.snappy and snappy_available()
         self._parser = CommandParser(options.max_msg_size, options.max_body_size, nsqd.max_req_timeout_ms)
         # nsqd makes a client of a connection, with its message pump, heartbeats
         # and read deadline, once the protocol magic has come.
         self._magic_bytes_due = len(MAGIC_V2)
-        self._handlers: dict[bytes, Callable[[Command], None]] = {
+        self._held: asyncio.Task[None] | None = None  # what the held commands wait for
+        self._handlers: dict[bytes, Callable[[Command], None]]
+        self._command_handlers: dict[bytes, Callable[[Command], None]] = {
             b"IDENTIFY": self._identify,
             b"AUTH": self._auth,
             b"SUB": self._sub,
@@ -108,6 +141,16 @@ class ProtocolV2(Client):
             b"MPUB": self._mpub,
             b"DPUB": self._dpub,
         }
+        if self._auth_addresses:
+            # Publishing is checked against the auth server's answer once the parser checked the command.
+            for name, handler in ((b"PUB", self._pub), (b"MPUB", self._mpub), (b"DPUB", self._dpub)):
+                self._command_handlers[name] = functools.partial(self._authorized_publish, name.decode(), handler)
+        self._handlers = self._command_handlers
+        if options.tls_required_mode:
+            # Until TLS: IDENTIFY only (nsqd's enforceTLSPolicy).
+            self._handlers = dict.fromkeys(self._command_handlers, self._refuse_before_tls)
+            self._handlers[b"IDENTIFY"] = self._identify
+        self._auth_secret = b""
         self._published_topics: dict[bytes, Topic] = {}  # by wire name: no decode and lookup per PUB
         self._unparsed: list[bytes] = []  # the reads holding what the parser has not made a command of yet
         self._finished = False  # FINs of this read freed RDY slots
@@ -115,12 +158,26 @@ class ProtocolV2(Client):
     # --- reading commands -------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._decompress is not None:
+            try:
+                data = self._decompress(data)
+            except ProtocolError as error:  # a corrupt stream
+                logger.debug("closing %s: %s", self.remote_address, error)
+                self.close()
+                return
         if self._magic_bytes_due:
             self._magic_bytes_due = max(0, self._magic_bytes_due - len(data))
             if not self._magic_bytes_due:
                 self.start()
+        self._parser.feed(data)
+        if self.reading_held:
+            self._note_unparsed(data)  # read before reading paused: run once the hold ends
+            return
+        self._run_commands(data)
+
+    def _run_commands(self, data: bytes) -> None:
+        """Run the commands the parser holds; ``data`` is the latest read."""
         parser = self._parser
-        parser.feed(data)
         handlers = self._handlers
         command = None
         try:
@@ -128,7 +185,15 @@ class ProtocolV2(Client):
                 handlers[command.name](command)
                 if self.closed:
                     return
+        except _Hold as hold:
+            self._last_read = self._loop.time()
+            self._note_unparsed(data)
+            self._hold(hold.work)
+            return
         except CommandError as error:
+            if handlers is not self._command_handlers and error.code != "E_BAD_PROTOCOL":
+                # Before TLS nsqd refuses any command but IDENTIFY before reading further.
+                error = self._refusal_before_tls(data) or error
             self._send(encode_error(error.data))
             self.close()
             return
@@ -140,23 +205,175 @@ class ProtocolV2(Client):
             # nsqd's read deadline runs from one whole command to the next:
             # a command trickling in byte by byte does not put it off.
             self._last_read = self._loop.time()
-        unparsed = parser.buffered
-        if unparsed > len(data):
-            self._unparsed.append(data)
-        elif unparsed:
-            self._unparsed = [data]
-        elif self._unparsed:
-            self._unparsed = []
+        self._note_unparsed(data)
+        if handlers is not self._command_handlers and parser.buffered:
+            refusal = self._refusal_before_tls(data)
+            if refusal is not None:  # its line came, its body need not
+                self._send(encode_error(refusal.data))
+                self.close()
+                return
         if self._finished:
             # The channel refills the RDY slots FINs freed once per read, not once per FIN.
             self._finished = False
             assert self.channel is not None
             self.channel.dispatch()
 
+    def _note_unparsed(self, data: bytes) -> None:
+        """Keep the reads that hold what the parser has not made a command of yet."""
+        unparsed = self._parser.buffered
+        if unparsed > len(data):
+            self._unparsed.append(data)
+        elif unparsed:
+            self._unparsed = [data]
+        elif self._unparsed:
+            self._unparsed = []
+
+    def _pending_bytes(self, data: bytes) -> bytes:
+        """What the parser holds, ``data`` (the latest read, not noted yet) included."""
+        unparsed = self._parser.buffered
+        if not unparsed:
+            return b""
+        reads = self._unparsed if self._unparsed and self._unparsed[-1] is data else [*self._unparsed, data]
+        return b"".join(reads)[-unparsed:]
+
+    # --- holding commands -------------------------------------------------
+
+    def _hold(self, work: Coroutine[Any, Any, None]) -> None:
+        """Read and run no more commands until ``work`` is done."""
+        self.reading_held = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self._held = self._loop.create_task(self._run_held(work))
+
+    async def _run_held(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except CommandError as error:
+            if not self.closed:
+                self._send(encode_error(error.data))
+                self.close()
+            return
+        except Exception:
+            logger.exception("closing %s: a command failed", self.remote_address)
+            self.abort()
+            return
+        finally:
+            self._held = None
+        if self.closed:
+            return
+        self.reading_held = False
+        self._last_read = self._loop.time()
+        self._run_commands(b"")
+        if not self.closed and not self.reading_held and not self.writing_paused and self._transport is not None:
+            self._transport.resume_reading()
+
+    # --- TLS --------------------------------------------------------------
+
+    def _refuse_before_tls(self, command: Command) -> None:
+        raise CommandError("E_INVALID", f"cannot {wire_text(command.name)} in current state (TLS required)")
+
+    def _refusal_before_tls(self, data: bytes) -> CommandError | None:
+        """nsqd's refusal of the command whose line the parser holds (None for IDENTIFY, or before its line ends)."""
+        pending = self._pending_bytes(data)
+        line_end = pending.find(b"\n")
+        if line_end < 0:
+            return None
+        name = pending[:line_end].removesuffix(b"\r").split(b" ", 1)[0]
+        if name == b"IDENTIFY":
+            return None
+        return CommandError("E_INVALID", f"cannot {wire_text(name)} in current state (TLS required)")
+
+    async def _upgrade(self, tls: bool, snappy: bool, deflate_level: int) -> None:
+        """IDENTIFY's upgrades in nsqd's order, each answered OK through what it set up."""
+        # Bytes that came after IDENTIFY were sent before the client could know of
+        # the upgrade: nsqd's new readers drop them, and so does a new parser.
+        options = self.options
+        self._parser = CommandParser(options.max_msg_size, options.max_body_size, self._max_req_timeout_ms)
+        self._parser.feed(MAGIC_V2)
+        self._unparsed = []
+        if tls:
+            assert self._tls_context is not None
+            try:
+                await self.upgrade_tls(self._tls_context, self._tls_cipher_numbers)
+            except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
+                logger.info("closing %s: TLS handshake failed: %s", self.remote_address, error)
+                self.abort()
+                if not self.lost:
+                    self.connection_lost(error)
+                return
+            self._handlers = self._command_handlers
+            self._send(_OK_FRAME)
+        if snappy:
+            self.upgrade_compression(SnappyStream())
+            self.snappy = True
+            self._send(_OK_FRAME)
+        elif deflate_level:
+            self.upgrade_compression(DeflateStream(deflate_level))
+            self.deflate = True
+            self._send(_OK_FRAME)
+
+    # --- auth -------------------------------------------------------------
+
+    async def _query_auth(self) -> auth.AuthState:
+        """The auth server's answer for this client's secret (nsqd's QueryAuthd), asked in a thread."""
+        options = self.options
+        tls = self.tls
+        query = functools.partial(
+            auth.query_any,
+            self._auth_addresses,
+            self.remote_ip,
+            tls is not None,
+            tls.common_name if tls is not None else "",
+            self._auth_secret,
+            self._auth_tls_context,
+            options.http_client_connect_timeout,
+            options.http_client_request_timeout,
+        )
+        try:
+            return await self._loop.run_in_executor(None, query)
+        except auth.AuthError as error:
+            # nsqd does not tell untrusted clients why.
+            logger.warning("%s: AUTH failed %s", self.remote_address, error)
+            raise CommandError("E_AUTH_FAILED", "AUTH failed") from None
+
+    async def _authenticate(self) -> None:
+        state = self.auth_state = await self._query_auth()
+        if not state.authorizations:
+            raise CommandError("E_UNAUTHORIZED", "AUTH no authorizations found")
+        logger.info("%s: AUTH as %r", self.remote_address, state.identity)
+        answer = {
+            "identity": state.identity,
+            "identity_url": state.identity_url,
+            "permission_count": len(state.authorizations),
+        }
+        self._send(encode_response(_go_json(answer)))
+
+    def _authorize(
+        self, command: Command, label: str, topic: bytes, channel: bytes, then: Callable[[Command], None]
+    ) -> None:
+        """nsqd's CheckAuth, then ``then(command)``: the answer is asked again once its ttl has passed."""
+        state = self.auth_state
+        if state is None or not state.authorizations:
+            raise CommandError("E_AUTH_FIRST", f"AUTH required before {label}")
+        if state.expired():
+            raise _Hold(self._reauthorize(command, label, topic, channel, then))
+        _check_permission(state, label, topic, channel)
+        then(command)
+
+    async def _reauthorize(
+        self, command: Command, label: str, topic: bytes, channel: bytes, then: Callable[[Command], None]
+    ) -> None:
+        state = self.auth_state = await self._query_auth()
+        _check_permission(state, label, topic, channel)
+        then(command)
+
+    def _authorized_publish(self, label: str, handler: Callable[[Command], None], command: Command) -> None:
+        self._authorize(command, label, command.params[0], b"", handler)
+
     def eof_received(self) -> bool:
         self._refuse_cut_short_command()
         self.close()
-        return True
+        return self.tls is None  # keep writing what is pending; TLS has no half-closed connection
 
     def _read_timed_out(self) -> None:
         self._refuse_cut_short_command()
@@ -172,7 +389,12 @@ class ProtocolV2(Client):
                 self._send(encode_error(error.data))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
         super().connection_lost(exc)
+        held = self._held
+        if held is not None and held is not asyncio.current_task():
+            held.cancel()  # a thread asking the auth server finishes on its own
         channel = self.channel
         if channel is not None and not channel.deleted:
             channel.remove_client(self)
@@ -207,28 +429,45 @@ class ProtocolV2(Client):
             self._send(_OK_FRAME)
             return
         options = self.options
-        # Go's encoding/json field order; TLS and compression are not offered.
+        tls = self._tls_context is not None and data.get("tls_v1", False)
+        deflate = options.deflate and data.get("deflate", False)
+        deflate_level = 6
+        if deflate and data.get("deflate_level", 0) > 0:
+            deflate_level = data["deflate_level"]
+        deflate_level = min(deflate_level, options.max_deflate_level)
+        snappy = self._snappy and data.get("snappy", False)
+        if deflate and snappy:
+            raise CommandError("E_IDENTIFY_FAILED", "cannot enable both deflate and snappy compression")
+        # Go's encoding/json field order.
         response = {
             "max_rdy_count": options.max_rdy_count,
             "version": self._version,
             "max_msg_timeout": int(options.max_msg_timeout * 1000),
             "msg_timeout": int(self.msg_timeout * 1000),
-            "tls_v1": False,
-            "deflate": False,
-            "deflate_level": min(6, options.max_deflate_level),
+            "tls_v1": tls,
+            "deflate": deflate,
+            "deflate_level": deflate_level,
             "max_deflate_level": options.max_deflate_level,
-            "snappy": False,
+            "snappy": snappy,
             "sample_rate": self.sample_rate,
-            "auth_required": False,
+            "auth_required": bool(self._auth_addresses),
             "output_buffer_size": self.output_buffer_size,
             "output_buffer_timeout": round(self.output_buffer_timeout * 1000),
         }
         self._send(encode_response(json.dumps(response, separators=(",", ":")).encode()))
+        if tls or snappy or deflate:
+            raise _Hold(self._upgrade(tls, snappy, deflate_level if deflate else 0))
 
     def _auth(self, command: Command) -> None:
         if self.state != STATE_INIT:
             raise CommandError("E_INVALID", "cannot AUTH in current state")
-        raise CommandError("E_AUTH_DISABLED", "AUTH disabled")
+        if self.auth_state is not None and self.auth_state.authorizations:
+            raise CommandError("E_INVALID", "AUTH already set")
+        if not self._auth_addresses:
+            raise CommandError("E_AUTH_DISABLED", "AUTH disabled")
+        assert command.body is not None
+        self._auth_secret = command.body
+        raise _Hold(self._authenticate())
 
     def _sub(self, command: Command) -> None:
         if self.state != STATE_INIT:
@@ -242,6 +481,13 @@ class ProtocolV2(Client):
             raise CommandError("E_BAD_TOPIC", f"SUB topic name {go_quote(params[0])} is not valid")
         if not is_valid_name(params[1]):
             raise CommandError("E_BAD_CHANNEL", f"SUB channel name {go_quote(params[1])} is not valid")
+        if self._auth_addresses:
+            self._authorize(command, "SUB", params[0], params[1], self._subscribe)
+        else:
+            self._subscribe(command)
+
+    def _subscribe(self, command: Command) -> None:
+        params = command.params
         channel = self._get_topic(params[0].decode()).get_channel(params[1].decode())
         channel.add_client(self)
         self.channel = channel
@@ -414,6 +660,22 @@ def _cut_short_error(pending: bytes, max_msg_size: int, max_body_size: int) -> C
     except CommandError as error:
         return error
     return None
+
+
+def _check_permission(state: auth.AuthState, label: str, topic: bytes, channel: bytes) -> None:
+    if not state.allows(topic.decode(), channel.decode()):
+        raise CommandError("E_UNAUTHORIZED", f"AUTH failed for {label} on {go_quote(topic)} {go_quote(channel)}")
+
+
+def _go_json(data: dict[str, Any]) -> bytes:
+    """JSON as Go's encoding/json writes it: UTF-8, with <, >, &, U+2028 and U+2029 escaped."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    for char, escape in _GO_JSON_ESCAPES:
+        text = text.replace(char, escape)
+    return _LONE_SURROGATE.sub("\ufffd", text).encode()
+
+
+_GO_JSON_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def _reject_constant(name: str) -> None:

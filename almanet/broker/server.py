@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -17,10 +19,22 @@ from almanet.broker.httpserver import HTTPConnection
 from almanet.broker.options import BrokerOptions
 from almanet.broker.protocol import ProtocolV2
 from almanet.broker.queuescan import QueueScan
+from almanet.broker.tls import cipher_numbers, client_context, server_context
 from almanet.broker.topics import Channel, Topic
 from almanet.wire.addresses import split_address
+from almanet.wire.compression import snappy_available
 
 logger = logging.getLogger("almanet.broker")
+
+
+def _default_broadcast_address(tcp_address: str) -> str:
+    """The host clients reach the broker at: its TCP host when that is loopback (the default), else the hostname."""
+    host = split_address(tcp_address)[0]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        loopback = False
+    return host if loopback else socket.gethostname()
 
 
 class Broker:
@@ -36,7 +50,20 @@ class Broker:
         self.options = BrokerOptions(**settings)
         self.version = __version__
         self.max_req_timeout_ms = round(self.options.max_req_timeout * 1000)
-        self.broadcast_address = self.options.broadcast_address or socket.gethostname()
+        self.broadcast_address = self.options.broadcast_address or _default_broadcast_address(self.options.tcp_address)
+        options = self.options
+        # TLS as nsqd builds it at start: ValueError when the files do not load.
+        self.tls_context: ssl.SSLContext | None = server_context(
+            options.tls_cert,
+            options.tls_key,
+            options.tls_client_auth_policy,
+            options.tls_root_ca_file,
+            options.tls_min_version,
+        )
+        self.tls_cipher_numbers = cipher_numbers(self.tls_context) if self.tls_context is not None else {}
+        self.auth_tls_context: ssl.SSLContext | None = (
+            client_context(options.tls_root_ca_file, options.tls_min_version) if options.auth_http_addresses else None
+        )
         self.start_time = 0
         self.topics: dict[str, Topic] = {}
         self.clients: set[Client] = set()
@@ -83,6 +110,8 @@ class Broker:
         self.tcp_address = _bound_address(tcp)
         self.http_address = _bound_address(http)
         self._queue_scan.start()
+        if self.options.snappy and not snappy_available():
+            logger.warning("snappy is not offered to clients: it needs cramjam (pip install 'almanet[snappy]')")
         logger.info("TCP: listening on %s", self.tcp_address)
         logger.info("HTTP: listening on %s", self.http_address)
 

@@ -119,21 +119,32 @@ def _client(client: Client, topic_filter: str | None) -> dict[str, Any]:
         "requeue_count": client.requeue_count,
         "connect_ts": client.connect_ts,
         "sample_rate": client.sample_rate,
-        "deflate": False,
-        "snappy": False,
+        "deflate": client.deflate,
+        "snappy": client.snappy,
         "user_agent": client.user_agent,
     }
+    # Left out when false or empty (omitempty), as nsqd leaves them out.
+    auth_state = client.auth_state
+    if auth_state is not None:
+        if auth_state.authorizations:
+            fields["authed"] = True
+        if auth_state.identity:
+            fields["auth_identity"] = auth_state.identity
+        if auth_state.identity_url:
+            fields["auth_identity_url"] = auth_state.identity_url
     # nsqd reports a single topic's count (ClientV2.Stats breaks out of its loop), the filtered topic's if any.
     for topic, count in client.pub_counts.items():
         if topic_filter in (None, topic):
             fields["pub_counts"] = [{"topic": topic, "count": count}]
             break
+    tls = client.tls
     fields.update(
-        tls=False,
-        tls_cipher_suite="",
-        tls_version="",
+        tls=tls is not None,
+        tls_cipher_suite=tls.cipher_suite if tls is not None else "",
+        tls_version=tls.version if tls is not None else "",
+        # nsqd offers no ALPN protocols; Go's deprecated NegotiatedProtocolIsMutual is always true.
         tls_negotiated_protocol="",
-        tls_negotiated_protocol_is_mutual=False,
+        tls_negotiated_protocol_is_mutual=tls is not None,
     )
     return fields
 

@@ -8,10 +8,11 @@ two roles, ``lookupd`` nsqlookupd's ``/lookup``, ``output`` write coalescing.
 from almanet.nsq.connection import Connection, ConnectionOptions, Message
 from almanet.nsq.consumer import Consumer
 from almanet.nsq.producer import Producer
-from almanet.wire.errors import CommandError, FrameError, MessageTooBig, ProtocolError
+from almanet.wire.errors import CommandError, CompressionError, FrameError, MessageTooBig, ProtocolError
 
 __all__ = [
     "CommandError",
+    "CompressionError",
     "Connection",
     "ConnectionOptions",
     "Consumer",

@@ -17,10 +17,12 @@ message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,14 +44,18 @@ from almanet._speedups.frames import (
 )
 from almanet._version import __version__
 from almanet.wire.addresses import split_address
+from almanet.wire.compression import SNAPPY_MISSING, DeflateStream, SnappyStream, snappy_available
 from almanet.wire.errors import CommandError, ConnectionFailed, MessageTooBig, ProtocolError
 from almanet.wire.protocol import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_MSG_SIZE,
+    FRAME_TYPE_ERROR,
+    FRAME_TYPE_RESPONSE,
     HEARTBEAT,
     MAGIC_V2,
     NOP,
+    OK,
 )
 
 logger = logging.getLogger("almanet.nsq")
@@ -60,11 +66,34 @@ NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
 # nsqd's E_BAD_MESSAGE for a PUB, MPUB or DPUB message over its --max-msg-size.
 _TOO_BIG = re.compile(r"message too big (\d+) > (\d+)")
 
+
+def _answered_http(address: str) -> ConnectionFailed:
+    return ConnectionFailed(
+        f"{address} answered with HTTP: that is nsqd's HTTP port (4151 by default); give its TCP port (4150 by default)"
+    )
+
+
+# nsqd's answer to any command but IDENTIFY from a client without TLS when it runs with --tls-required.
+_TLS_REQUIRED = "(TLS required)"
+
+
+def _tls_required(address: str) -> ConnectionFailed:
+    return ConnectionFailed(
+        f"nsqd at {address} requires TLS (its --tls-required): pass tls_ca_file (or tls=True, tls_context) "
+        "to new_session or new_service, or --tls-ca-file to almanet call and serve"
+    )
+
+
 # Messages bigger than this are published as a PUB of their own, never joined
 # into an MPUB: should nsqd refuse one as too big, no other message goes with it.
 # Sessions and services publish them apart from calls and replies (see
 # ``Session.publish_apart``), as nsqd also closes the connection that sent it.
 SEPARATE_PUBLISH_SIZE = 16 * 1024
+
+
+# With deflate and output_buffer_size -1: the output buffer timeout asked for instead, nsqd's
+# --min-output-buffer-timeout by default (see ConnectionOptions.identify_body).
+DEFLATE_OUTPUT_BUFFER_TIMEOUT = 0.025
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,25 @@ class ConnectionOptions:
     ``max_msg_size`` and ``max_body_size`` are nsqd's limits (its flags of
     those names): publishes beyond them are refused before they are sent.
     ``max_reconnect_interval`` caps the backoff between reconnection attempts.
+
+    TLS (nsqd's ``--tls-cert`` and ``--tls-key``) is used when ``tls`` is
+    true or any of ``tls_context``, ``tls_ca_file``, ``tls_cert_file`` is
+    given: the connection is upgraded after IDENTIFY, and refused if nsqd
+    does not offer TLS. ``tls_ca_file`` (PEM) holds the CAs that nsqd's
+    certificate must be signed by (default: the system's);
+    ``tls_cert_file`` and ``tls_key_file`` (PEM; the key may be in the
+    certificate's file) are the client certificate, for nsqd's
+    ``--tls-client-auth-policy``. nsqd's certificate must name the host it
+    is connected to, or ``tls_server_hostname``. ``tls_context``: an
+    ``ssl.SSLContext`` of the caller's instead of those three. ``snappy``
+    or ``deflate`` (at ``deflate_level``, 1 to 9, capped by nsqd's
+    ``--max-deflate-level``) compress the connection both ways when nsqd
+    agrees (its ``--snappy`` and ``--deflate``, on by default); snappy needs
+    ``pip install 'almanet[snappy]'``. nsqd flushes its deflate stream with
+    its output buffer only: with deflate, ``output_buffer_size`` -1 asks for
+    nsqd's default buffer flushed every ``output_buffer_timeout`` (None:
+    ``DEFLATE_OUTPUT_BUFFER_TIMEOUT``, 25 ms) instead, that long a wait for
+    a message when traffic is light. ``auth_secret`` is sent after them.
     """
 
     client_id: str = socket.gethostname().split(".")[0]
@@ -96,6 +144,15 @@ class ConnectionOptions:
     output_buffer_timeout: float | None = None
     sample_rate: int = 0
     auth_secret: str | bytes | None = None
+    tls: bool = False
+    tls_context: ssl.SSLContext | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_server_hostname: str | None = None
+    snappy: bool = False
+    deflate: bool = False
+    deflate_level: int = 6
     connect_timeout: float = 5.0
     max_reconnect_interval: float = 1.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
@@ -111,21 +168,65 @@ class ConnectionOptions:
         for name in ("max_frame_size", "max_msg_size", "max_body_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.snappy and self.deflate:
+            raise ValueError("nsqd compresses a connection one way: snappy or deflate, not both")
+        if not 1 <= self.deflate_level <= 9:
+            raise ValueError(f"deflate_level must be 1 to 9, not {self.deflate_level}")
+        if self.snappy and not snappy_available():
+            raise ImportError(SNAPPY_MISSING)
+        if self.tls_context is not None and (self.tls_ca_file or self.tls_cert_file or self.tls_key_file):
+            raise ValueError("give tls_context, or tls_ca_file, tls_cert_file and tls_key_file: not both")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("tls_key_file is the key of tls_cert_file: give the certificate too")
+        self.ssl_context  # noqa: B018 - the files are loaded now: a wrong one is an error here, not at connect time
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether connections ask nsqd for TLS (and refuse to go on without it)."""
+        return self.tls or self.tls_context is not None or bool(self.tls_ca_file or self.tls_cert_file)
+
+    @functools.cached_property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context connections upgrade with: ``tls_context``, or one made of the files; None without TLS."""
+        if self.tls_context is not None or not self.uses_tls:
+            return self.tls_context
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file)
+            if self.tls_cert_file:
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except OSError as error:  # ssl.SSLError too
+            files = {"tls_ca_file": self.tls_ca_file, "tls_cert_file": self.tls_cert_file}
+            files["tls_key_file"] = self.tls_key_file
+            named = ", ".join(f"{name}={path!r}" for name, path in files.items() if path)
+            raise ValueError(f"cannot load the TLS files ({named}): {error}") from error
+        return context
 
     def identify_body(self) -> dict[str, Any]:
+        buffer_size, buffer_timeout = self.output_buffer_size, self.output_buffer_timeout
+        if self.deflate and buffer_size == -1:
+            # nsqd flushes its deflate stream when it flushes its output buffer: without one, a
+            # message would wait for the next heartbeat. So a buffer flushed as often as nsqd allows.
+            buffer_size, buffer_timeout = 0, buffer_timeout or DEFLATE_OUTPUT_BUFFER_TIMEOUT
         body: dict[str, Any] = {
             "client_id": self.client_id,
             "hostname": self.hostname,
             "user_agent": self.user_agent,
             "feature_negotiation": True,
             "heartbeat_interval": round(self.heartbeat_interval * 1000),
-            "output_buffer_size": self.output_buffer_size,
+            "output_buffer_size": buffer_size,
             "sample_rate": self.sample_rate,
         }
-        if self.output_buffer_timeout is not None:
-            body["output_buffer_timeout"] = round(self.output_buffer_timeout * 1000)
+        if buffer_timeout is not None:
+            body["output_buffer_timeout"] = round(buffer_timeout * 1000)
         if self.msg_timeout is not None:
             body["msg_timeout"] = round(self.msg_timeout * 1000)
+        if self.uses_tls:
+            body["tls_v1"] = True
+        if self.snappy:
+            body["snappy"] = True
+        if self.deflate:
+            body["deflate"] = True
+            body["deflate_level"] = self.deflate_level
         return body
 
 
@@ -164,6 +265,11 @@ class Message:
         What a handler publishes in answer to it (a reply) leaves in one write with its FIN.
         """
         self._connection.publish(topic, body, answer)
+
+    @property
+    def connection(self) -> Connection:
+        """The connection it came by."""
+        return self._connection
 
     @property
     def connection_open(self) -> bool:
@@ -298,6 +404,14 @@ class Connection(asyncio.Protocol):
         self._last_read = self._loop.time()
         self._liveness_timer: asyncio.TimerHandle | None = None
         self._reading_later = False
+        self.answered_http = False  # the peer is an HTTP server (nsqd's HTTP port?)
+        # snappy or deflate, once negotiated: what every read and the write of each loop iteration go through.
+        self._compress: Callable[[bytes], bytes] | None = None
+        self._decompress: Callable[[bytes], bytes] | None = None
+        # While the handshake may switch the stream after an answer (TLS, compression): what
+        # was read, unframed, and what waits for more of it (see _handshake_answer).
+        self._handshake_buffer: bytearray | None = None
+        self._handshake_waiter: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(
@@ -324,22 +438,189 @@ class Connection(asyncio.Protocol):
             await _within(connection._handshake(), options.connect_timeout)
         except BaseException as error:
             connection.abort()
+            if connection.answered_http:
+                raise _answered_http(address) from None
             if isinstance(error, asyncio.TimeoutError):
                 raise ConnectionFailed(f"nsqd at {address} did not answer IDENTIFY in time") from error
             raise
         return connection
 
     async def _handshake(self) -> None:
+        """IDENTIFY; the upgrades nsqd agreed to (TLS, then snappy or deflate); AUTH if nsqd requires it."""
+        options = self.options
+        upgrading = options.uses_tls or options.snappy or options.deflate
+        # Answers are read unframed until IDENTIFY and the upgrades are over: after its answer
+        # to IDENTIFY nsqd may switch the stream, so nothing may follow IDENTIFY until then.
+        self._handshake_buffer = bytearray()
         self.send(MAGIC_V2)
-        answer = await self.request(encode_identify(self.options.identify_body()))
-        self.negotiated = self._json_answer("IDENTIFY", answer) if answer != b"OK" else {}
+        self.send(encode_identify(options.identify_body()))
+        probing = not upgrading
+        if probing:
+            self._probe_tls_required()  # in the same write as IDENTIFY: no round trip of its own
+        answer = await self._handshake_answer("IDENTIFY")
+        self.negotiated = self._json_answer("IDENTIFY", answer) if answer != OK else {}
+        if upgrading:
+            await self._upgrade()
+            probing = not self.negotiated.get("tls_v1")
+            if probing:
+                self._probe_tls_required()
+        if probing:
+            try:
+                answer = await self._handshake_answer("IDENTIFY")
+            except CommandError as error:
+                if error.code == "E_INVALID" and error.description.endswith(_TLS_REQUIRED):
+                    raise _tls_required(self.address) from error
+                raise
+            if answer != OK:
+                raise self._protocol_broken("IDENTIFY", answer)
+        # From now on frames go through the frame reader.
+        rest, self._handshake_buffer = self._handshake_buffer, None
+        if rest:
+            self._frames.feed(rest)
+            self._read_frames(_FRAMES_PER_ITERATION)
         if self.negotiated.get("auth_required"):
-            if self.options.auth_secret is None:
+            if options.auth_secret is None:
                 raise ConnectionFailed(f"nsqd at {self.address} requires AUTH and no auth_secret is configured")
-            secret = self.options.auth_secret
+            secret = options.auth_secret
             answer = await self.request(encode_auth(secret.encode() if isinstance(secret, str) else secret))
-            self.negotiated["auth"] = self._json_answer("AUTH", answer)
+            auth = self.negotiated["auth"] = self._json_answer("AUTH", answer)
+            logger.info(
+                "authenticated to nsqd at %s as %r (%s permissions%s)",
+                self.address,
+                auth.get("identity", ""),
+                auth.get("permission_count", "?"),
+                f"; {auth['identity_url']}" if auth.get("identity_url") else "",
+            )
         self._arm_liveness()
+
+    def _probe_tls_required(self) -> None:
+        """Ask, without TLS, whether nsqd requires it (``--tls-required``); ``_handshake`` reads the answer.
+
+        NOP, which such an nsqd refuses, closing the connection; then IDENTIFY
+        without feature negotiation, which nsqd answers OK otherwise. Before
+        SUB or PUB nsqd answers nothing else that has no side effect, and its
+        answer to IDENTIFY does not tell: so a session without TLS fails at
+        join, not at its first publish.
+        """
+        # Without heartbeat, output buffer and msg timeout: nsqd keeps its settings, and its writer
+        # (a new output buffer would write past TLS and compression, to the socket).
+        options = self.options
+        body = {"client_id": options.client_id, "hostname": options.hostname, "user_agent": options.user_agent}
+        self.send(NOP)
+        self.send(encode_identify({**body, "sample_rate": options.sample_rate}))
+
+    async def _upgrade(self) -> None:
+        """TLS, then snappy or deflate, as nsqd agreed in its answer to IDENTIFY; each confirmed by an OK through it."""
+        negotiated = self.negotiated
+        options = self.options
+        if negotiated.get("tls_v1") and options.uses_tls:
+            await self._start_tls()
+        elif options.uses_tls:
+            raise ConnectionFailed(
+                f"nsqd at {self.address} does not offer TLS (it runs without --tls-cert and --tls-key), "
+                "and TLS is configured: not connecting in plaintext"
+            )
+        elif negotiated.get("tls_v1"):
+            raise self._protocol_broken("IDENTIFY", b"tls_v1 true, which was not asked for")
+        stream: SnappyStream | DeflateStream | None = None
+        if negotiated.get("snappy") and options.snappy:
+            stream = SnappyStream()
+        elif negotiated.get("deflate") and options.deflate:
+            stream = DeflateStream(int(negotiated.get("deflate_level") or options.deflate_level))
+        elif options.snappy or options.deflate:
+            wanted = "snappy" if options.snappy else "deflate"
+            logger.info("nsqd at %s does not offer %s (its --%s=false): uncompressed", self.address, wanted, wanted)
+        if stream is not None:
+            await self._start_compression(stream)
+
+    async def _start_tls(self) -> None:
+        context = self.options.ssl_context
+        assert context is not None and self._transport is not None
+        host = self.options.tls_server_hostname or split_address(self.address)[0]
+        try:
+            transport = await self._loop.start_tls(
+                self._transport,
+                self,
+                context,
+                server_hostname=host,
+                ssl_handshake_timeout=self.options.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError and its certificate errors too
+            hint = (
+                f"is nsqd's certificate signed by a CA of tls_ca_file, and issued to {host!r} (tls_server_hostname)?"
+                if isinstance(error, ssl.SSLCertVerificationError)
+                else "does nsqd require a client certificate (tls_cert_file, tls_key_file)?"
+            )
+            raise ConnectionFailed(f"TLS handshake with nsqd at {self.address} failed: {error}; {hint}") from error
+        if transport is None:
+            raise ConnectionFailed(f"connection to nsqd at {self.address} lost during the TLS handshake")
+        self._transport = transport
+        try:
+            answer = await self._handshake_answer("TLS")
+        except ConnectionFailed as error:
+            # With TLS 1.3, nsqd refuses a client certificate after the client's side of the handshake is done.
+            reason = error.__cause__ or error
+            raise ConnectionFailed(
+                f"nsqd at {self.address} closed the connection after the TLS handshake: {reason}; does it require "
+                "a client certificate it trusts (tls_cert_file, tls_key_file)?"
+            ) from error
+        if answer != OK:
+            raise self._protocol_broken("TLS", answer)
+
+    async def _start_compression(self, stream: SnappyStream | DeflateStream) -> None:
+        """Read and write through ``stream`` from here on (what was read after the last answer is compressed)."""
+        buffer = self._handshake_buffer
+        assert buffer is not None and self._transport is not None
+        name = "snappy" if isinstance(stream, SnappyStream) else "deflate"
+        self._decompress = stream.decompress
+        self._compress = stream.compress
+        compressed = bytes(buffer)
+        buffer.clear()
+        try:
+            buffer += stream.decompress(compressed)
+        except ProtocolError as error:
+            raise ConnectionFailed(f"nsqd at {self.address}: {error}") from error
+        answer = await self._handshake_answer(name)
+        if answer != OK:
+            raise self._protocol_broken(name, answer)
+
+    async def _handshake_answer(self, command: str) -> bytes:
+        """The next answer, read unframed: after it the stream may switch (see _handshake).
+
+        An error frame raises ``CommandError``; heartbeats are skipped.
+        """
+        buffer = self._handshake_buffer
+        assert buffer is not None
+        while True:
+            if len(buffer) >= 4:
+                if buffer[:4] == b"HTTP":
+                    self.answered_http = True
+                    raise _answered_http(self.address)
+                size = int.from_bytes(buffer[:4], "big")
+                if not 4 <= size <= self.options.max_frame_size:
+                    raise self._protocol_broken(command, bytes(buffer[:80]))
+                if len(buffer) >= 4 + size:
+                    frame_type = int.from_bytes(buffer[4:8], "big")
+                    data = bytes(buffer[8 : 4 + size])
+                    del buffer[: 4 + size]
+                    if frame_type == FRAME_TYPE_RESPONSE and data != HEARTBEAT:
+                        return data
+                    if frame_type == FRAME_TYPE_ERROR:
+                        code, _, description = data.decode("utf-8", "replace").partition(" ")
+                        raise CommandError(code, description)
+                    if frame_type != FRAME_TYPE_RESPONSE:
+                        raise self._protocol_broken(command, data[:80])
+                    continue
+            if not self.is_open:
+                raise ConnectionFailed(f"connection to nsqd at {self.address} closed before it answered {command}")
+            self._handshake_waiter = self._loop.create_future()
+            await self._handshake_waiter  # woken by data_received, failed by connection_lost
+
+    def _protocol_broken(self, command: str, answer: bytes) -> ConnectionFailed:
+        error = ProtocolError(f"nsqd at {self.address} answered {command} with {answer[:80]!r}")
+        failed = ConnectionFailed(str(error))
+        failed.__cause__ = error
+        return failed
 
     def _json_answer(self, command: str, answer: bytes) -> dict[str, Any]:
         """nsqd's answer to ``command``, a JSON object: anything else breaks the protocol."""
@@ -361,6 +642,18 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
+        if self._decompress is not None:
+            try:
+                data = self._decompress(data)
+            except ProtocolError as error:
+                logger.error("closing the connection to %s: %s", self.address, error)
+                self.abort(error)
+                return
+        if self._handshake_buffer is not None:
+            self._handshake_buffer += data
+            if self._handshake_waiter is not None and not self._handshake_waiter.done():
+                self._handshake_waiter.set_result(None)
+            return
         self._frames.feed(data)
         if not self._reading_later:
             self._read_frames(_FRAMES_PER_ITERATION)
@@ -411,6 +704,8 @@ class Connection(asyncio.Protocol):
         error = self._error or exc
         lost = ConnectionFailed(f"connection to nsqd at {self.address} lost" + (f": {error}" if error else ""))
         lost.__cause__ = error
+        if self._handshake_waiter is not None and not self._handshake_waiter.done():
+            self._handshake_waiter.set_exception(lost)
         publishes, self._publishes = self._publishes, []
         self._open_publishes.clear()
         answers, self._answers = self._answers, deque()
@@ -447,7 +742,10 @@ class Connection(asyncio.Protocol):
             logger.warning("nsqd at %s: %s", self.address, error)
             return
         too_big = _TOO_BIG.search(description) if code == "E_BAD_MESSAGE" else None
-        if too_big is not None:
+        if code == "E_INVALID" and description.endswith(_TLS_REQUIRED):
+            error = _tls_required(self.address)
+            error.__cause__ = CommandError(code, description)
+        elif too_big is not None:
             size, limit = int(too_big.group(1)), int(too_big.group(2))
             self.max_msg_size = min(self.max_msg_size, limit)
             error = MessageTooBig(size, limit, refused_by=self.address)
@@ -550,7 +848,8 @@ class Connection(asyncio.Protocol):
         output = self._output
         transport = self._transport
         if output and transport is not None and not transport.is_closing():
-            transport.write(output[0] if len(output) == 1 else b"".join(output))
+            data = output[0] if len(output) == 1 else b"".join(output)
+            transport.write(data if self._compress is None else self._compress(data))
         output.clear()
         self._flush_scheduled = False
 

@@ -20,6 +20,7 @@ from typing import Any
 from almanet._speedups.frames import check_name, encode_sub
 from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, Message, OnMessage
 from almanet.nsq.lookupd import http_host_port, lookup
+from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 from almanet.wire.protocol import CLS
 
@@ -68,6 +69,8 @@ class Consumer:
             raise ValueError("a consumer needs nsqd_tcp_addresses or lookupd_http_addresses")
         if max_in_flight < 0:
             raise ValueError("max_in_flight must not be negative")
+        for address in nsqd_tcp_addresses:
+            split_address(address)  # ValueError now, not at the first connection
         for address in lookupd_http_addresses:
             http_host_port(address)
         self.topic = topic

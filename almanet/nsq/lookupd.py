@@ -11,13 +11,14 @@ from almanet.wire.errors import ConnectionFailed
 
 
 def http_host_port(address: str) -> tuple[str, int]:
-    """``host:port`` or ``http://host:port`` → (host, port)."""
-    if address.startswith("http://"):
-        address = address[len("http://") :]
+    """``host:port`` or ``http://host:port`` → (host, port); ``ValueError`` saying how to write it."""
+    host_port = address[len("http://") :] if address.startswith("http://") else address
     try:
-        return split_address(address.rstrip("/"))
+        return split_address(host_port.rstrip("/"))
     except ValueError:
-        raise ValueError(f"nsqlookupd address {address!r} is not host:port or http://host:port") from None
+        raise ValueError(
+            f"nsqlookupd address {address!r} is not http://host:port (with a port): write e.g. http://127.0.0.1:4161"
+        ) from None
 
 
 async def lookup(address: str, topic: str, timeout: float = 5.0) -> list[str]:

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, check_message, encode_batch
+from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 
 logger = logging.getLogger("almanet.nsq")
@@ -29,6 +30,8 @@ class Producer:
     def __init__(self, *nsqd_tcp_addresses: str, options: ConnectionOptions | None = None) -> None:
         if not nsqd_tcp_addresses:
             raise ValueError("a producer needs at least one nsqd address")
+        for address in nsqd_tcp_addresses:
+            split_address(address)  # ValueError now, not at the first publish
         self.addresses = list(nsqd_tcp_addresses)
         self.options = options or ConnectionOptions()
         self.max_msg_size = self.options.max_msg_size  # lowered to what nsqd says when it refuses a message

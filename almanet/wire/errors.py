@@ -18,6 +18,10 @@
         above the limit, an unknown frame type, a message frame shorter than its
         26-byte header, or a connection closed in the middle of a frame.
 
+    ``CompressionError``
+        A snappy or deflate stream negotiated with IDENTIFY is corrupt (either
+        direction).
+
     ``CommandError``
         A client's command is refused (server direction). ``code`` and
         ``description`` are the ones nsqd uses; ``data`` is the payload of the
@@ -47,6 +51,10 @@ class ProtocolError(AlmanetError):
 
 class FrameError(ProtocolError):
     """A frame received from nsqd is malformed."""
+
+
+class CompressionError(ProtocolError):
+    """A compressed stream (snappy or deflate) received on a connection is corrupt."""
 
 
 class CommandError(ProtocolError):

@@ -1,0 +1,241 @@
+"""The ``almanet`` command: addresses, what ``call`` prints, help, version, refused flags.
+
+``serve`` and ``call`` run as processes of their own against the shared
+broker; what only parses arguments runs ``main`` here.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import almanet
+from almanet.broker import BrokerOptions
+from almanet.cli import main
+from almanet.pytest_plugin import BrokerAddresses
+
+TIMEOUT = 30.0
+NOWHERE = "127.0.0.1:1"  # nothing listens there: the addresses the command line gives must win
+
+APP = """\
+import almanet
+
+service = almanet.new_service({address!r}, prefix={prefix!r})
+
+
+class OutOfStock(almanet.rpc_error):
+    name = "shop.OutOfStock"
+
+
+@service.procedure
+async def buy(payload: dict) -> int:
+    if payload["item"] == "tea":
+        raise OutOfStock("tea", payload={{"restock": "monday"}})
+    return payload["count"] * 3
+
+
+if __name__ == "__main__":
+    service.serve()
+"""
+
+
+def write_app(directory: Path, address: str = NOWHERE) -> str:
+    """An application module ``app`` in ``directory``, whose service has a prefix of its own; the prefix."""
+    prefix = f"test.{uuid.uuid4().hex[:12]}"
+    (directory / "app.py").write_text(APP.format(address=address, prefix=prefix))
+    return prefix
+
+
+def environment(**variables: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name != "ALMANET_ADDRESSES"}
+    return {**env, "PYTHONUNBUFFERED": "1", **variables}
+
+
+class Running:
+    """A process whose stderr is read line by line as it comes."""
+
+    def __init__(self, command: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, text: str) -> str:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} in {TIMEOUT} s: {''.join(self.seen)}") from None
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def stop(self) -> str:
+        """SIGTERM; everything it wrote to stderr."""
+        self.process.terminate()
+        assert self.process.wait(TIMEOUT) == 0, "".join(self.seen)
+        time.sleep(0.1)  # the reader thread takes the last lines
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+
+def serve(directory: Path, *flags: str, env: dict[str, str]) -> Running:
+    return Running([sys.executable, "-m", "almanet", "serve", "app:service", *flags], directory, env)
+
+
+def call(uri: str, payload: str, *flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "almanet", "call", uri, payload, *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+# --- serve and call on the addresses the command line gives ----------------------------------
+
+
+def test_serve_and_call_take_address_flags_and_print_errors_once(
+    almanet_broker: BrokerAddresses, tmp_path: Path
+) -> None:
+    address = almanet_broker.tcp_address
+    prefix = write_app(tmp_path)
+    service = serve(tmp_path, "--address", address, "--log-level", "debug", env=environment())
+    try:
+        service.wait_for(f"serving {prefix}.buy (channel rpc) on {address}")
+        bought = call(f"{prefix}.buy", '{"item": "milk", "count": 2}', "--address", address, env=environment())
+        assert (bought.returncode, bought.stdout, bought.stderr) == (0, "6\n", "")
+
+        refused = call(f"{prefix}.buy", '{"item": "tea", "count": 1}', "--address", address, env=environment())
+        assert refused.returncode == 1
+        assert refused.stderr == 'shop.OutOfStock: tea\npayload: {"restock": "monday"}\n'
+
+        failed = call(f"{prefix}.buy", '{"item": "milk"}', "--address", address, env=environment())
+        assert (failed.returncode, failed.stderr) == (1, "InternalError: KeyError: 'count'\n")
+    finally:
+        logged = service.stop()
+    # At DEBUG, each call: its URI, its time and its outcome.
+    for outcome in ("ok", "shop.OutOfStock", "InternalError"):
+        assert f"{prefix}.buy: {outcome} in " in logged, logged
+    assert f"{prefix}.buy raised" in logged  # the error log names the procedure
+
+
+def test_serve_and_call_take_almanet_addresses_from_the_environment(
+    almanet_broker: BrokerAddresses, tmp_path: Path
+) -> None:
+    address = almanet_broker.tcp_address
+    prefix = write_app(tmp_path)
+    env = environment(ALMANET_ADDRESSES=f" {address} , ")
+    service = serve(tmp_path, env=env)
+    try:
+        service.wait_for(f"serving {prefix}.buy (channel rpc) on {address}")
+        bought = call(f"{prefix}.buy", '{"item": "milk", "count": 1}', env=env)
+        assert (bought.returncode, bought.stdout) == (0, "3\n"), bought.stderr
+        # --address wins over the environment.
+        elsewhere = call(f"{prefix}.buy", '{"item": "milk", "count": 1}', "--address", NOWHERE, env=env)
+        assert elsewhere.returncode == 1
+        assert f"ConnectionFailed: no nsqd reachable: cannot connect to nsqd at {NOWHERE}" in elsewhere.stderr
+    finally:
+        logged = service.stop()
+    assert ": ok in " not in logged  # calls are logged at DEBUG only
+
+
+def test_python_app_py_logs_what_it_serves(almanet_broker: BrokerAddresses, tmp_path: Path) -> None:
+    """``service.serve()`` in an application that set up no logging: to stderr, at INFO."""
+    address = almanet_broker.tcp_address
+    prefix = write_app(tmp_path, address)
+    service = Running([sys.executable, "app.py"], tmp_path, environment())
+    try:
+        line = service.wait_for(f"serving {prefix}.buy (channel rpc) on {address}")
+        assert "INFO" in line
+    finally:
+        service.stop()
+
+
+def test_serve_refuses_an_address_without_a_port(tmp_path: Path) -> None:
+    write_app(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "almanet", "serve", "app:service", "--address", "localhost"],
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 2
+    assert "address 'localhost' has no port: write host:port, e.g. 127.0.0.1:4150" in done.stderr
+
+
+# --- what only parses arguments -------------------------------------------------------------
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``almanet ARGV`` here: its exit code, stdout and stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    code = exited.value.code
+    captured = capsys.readouterr()
+    return (code if isinstance(code, int) else 1), captured.out, captured.err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(capsys, "--version") == (0, f"almanet {almanet.__version__}\n", "")
+
+
+@pytest.mark.parametrize("command", [[], ["broker"], ["serve"], ["call"], ["describe"], ["bench"]])
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """No reST double backticks (``name``) in what --help prints."""
+    code, output, _ = run_main(capsys, *command, "--help")
+    assert code == 0
+    assert "usage: almanet" in output
+    assert "``" not in output
+
+
+def test_serve_and_call_help_name_the_environment_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("serve", "call"):
+        _, output, _ = run_main(capsys, command, "--help")
+        assert "--address" in output and "ALMANET_ADDRESSES" in output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--scale", "0"], "argument --scale: must be a number above 0, not 0"),
+        (["--scale", "-1"], "argument --scale: must be a number above 0, not -1"),
+        (["--scale", "nan"], "argument --scale: must be a number above 0, not nan"),
+        (["--scale", "big"], "argument --scale: must be a number above 0, not big"),
+        (["--rounds", "0"], "argument --rounds: must be a whole number of at least 1, not 0"),
+        (["--rounds", "1.5"], "argument --rounds: must be a whole number of at least 1, not 1.5"),
+    ],
+)
+def test_bench_refuses_what_would_measure_nothing(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    code, _, errors = run_main(capsys, "bench", *flags)
+    assert code == 2
+    assert f"almanet bench: error: {message}" in errors
+
+
+def test_the_broker_listens_on_loopback_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    defaults = BrokerOptions()
+    assert (defaults.tcp_address, defaults.http_address) == ("127.0.0.1:4150", "127.0.0.1:4151")
+    _, output, _ = run_main(capsys, "broker", "--help")
+    flattened = " ".join(output.split())
+    assert "(0.0.0.0:4150: on every interface) (default: '127.0.0.1:4150')" in flattened
+    assert "(0.0.0.0:4151: on every interface) (default: '127.0.0.1:4151')" in flattened
