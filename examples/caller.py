@@ -21,8 +21,8 @@ async def main() -> None:
             print("during call net.example.greeting('guest'):", e)
 
         try:
-            await session.call("net.example.missing", "anyone", timeout=0.5)
-        except TimeoutError as e:
+            await session.call("net.example.missing", "anyone")
+        except almanet.NoResponders as e:  # within 0.75 s: nothing serves it
             print("net.example.missing:", e)
 
 

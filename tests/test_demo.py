@@ -14,7 +14,7 @@ def test_the_demo_runs_every_example() -> None:
     for line in (
         "[caller] net.example.greeting('Aidar'): Hello, Aidar!",
         "[caller] during call net.example.greeting('guest'): denied",
-        "[caller] net.example.missing: no reply from net.example.missing within 0.5 s",
+        "[caller] net.example.missing: nothing serves net.example.missing: no service answered within 0.75 s",
         '[almanet call] "Hello, Demo!"',
         "[producer] producer: 3 orders produced to net.example.orders",
         "[consumer] consumer: order 0 rolled back (attempt 1)",
