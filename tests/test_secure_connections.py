@@ -496,3 +496,15 @@ def test_deflate_refuses_data_after_its_end() -> None:
         DeflateStream().decompress(ended + b"more")
     with pytest.raises(CompressionError, match="corrupt deflate"):
         DeflateStream().decompress(b"\xff\xff\xff\xff")
+
+
+def test_deflate_refuses_a_read_that_inflates_past_its_limit() -> None:
+    """Deflate expands up to ~1000-fold: a peer must not make one read weigh more than the limit."""
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = compressor.compress(b"\0" * (2 << 20)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 4096
+    assert len(DeflateStream(max_inflated=4 << 20).decompress(bomb)) == 2 << 20
+    with pytest.raises(CompressionError, match="inflates to more than 1048576 bytes"):
+        DeflateStream(max_inflated=1 << 20).decompress(bomb)

@@ -42,7 +42,7 @@ from almanet.broker import auth
 from almanet.broker.client import STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED, Client
 from almanet.broker.options import BrokerOptions
 from almanet.broker.topics import Channel, Message, NotInFlight, QueueFull, Topic
-from almanet.wire.compression import DeflateStream, SnappyStream, snappy_available
+from almanet.wire.compression import MAX_INFLATED_READ, DeflateStream, SnappyStream, snappy_available
 from almanet.wire.errors import CommandError, ProtocolError, go_quote, wire_text
 from almanet.wire.protocol import CLOSE_WAIT, MAGIC_V2, MESSAGE_ID_SIZE, OK
 
@@ -308,7 +308,8 @@ class ProtocolV2(Client):
             self.snappy = True
             self._send(_OK_FRAME)
         elif deflate_level:
-            self.upgrade_compression(DeflateStream(deflate_level))
+            limit = max(MAX_INFLATED_READ, 2 * self.options.max_body_size)
+            self.upgrade_compression(DeflateStream(deflate_level, limit))
             self.deflate = True
             self._send(_OK_FRAME)
 

@@ -44,7 +44,7 @@ from almanet._speedups.frames import (
 )
 from almanet._version import __version__
 from almanet.wire.addresses import split_address
-from almanet.wire.compression import SNAPPY_MISSING, DeflateStream, SnappyStream, snappy_available
+from almanet.wire.compression import MAX_INFLATED_READ, SNAPPY_MISSING, DeflateStream, SnappyStream, snappy_available
 from almanet.wire.errors import CommandError, ConnectionFailed, MessageTooBig, ProtocolError
 from almanet.wire.protocol import (
     DEFAULT_MAX_BODY_SIZE,
@@ -526,7 +526,8 @@ class Connection(asyncio.Protocol):
         if negotiated.get("snappy") and options.snappy:
             stream = SnappyStream()
         elif negotiated.get("deflate") and options.deflate:
-            stream = DeflateStream(int(negotiated.get("deflate_level") or options.deflate_level))
+            level = int(negotiated.get("deflate_level") or options.deflate_level)
+            stream = DeflateStream(level, max(MAX_INFLATED_READ, 2 * options.max_frame_size))
         elif options.snappy or options.deflate:
             wanted = "snappy" if options.snappy else "deflate"
             logger.info("nsqd at %s does not offer %s (its --%s=false): uncompressed", self.address, wanted, wanted)

@@ -102,15 +102,26 @@ class SnappyStream:
         return bytes(decoded)
 
 
+# What one read may inflate to unless told more: deflate expands up to about
+# 1000-fold, and a peer could make a few reads weigh gigabytes.
+MAX_INFLATED_READ: Final = 16 * 1024 * 1024
+
+
 class DeflateStream:
-    """One connection's raw deflate at ``level`` (1 to 9), both ways (see the module docstring)."""
+    """One connection's raw deflate at ``level`` (1 to 9), both ways (see the module docstring).
 
-    __slots__ = ("_compressor", "_decompressor", "level")
+    ``max_inflated``: what one read may decode to, at most; more is a
+    ``CompressionError`` (give at least the biggest frame or command the
+    connection takes, twice over).
+    """
 
-    def __init__(self, level: int = 6) -> None:
+    __slots__ = ("_compressor", "_decompressor", "level", "max_inflated")
+
+    def __init__(self, level: int = 6, max_inflated: int = MAX_INFLATED_READ) -> None:
         if not 1 <= level <= 9:
             raise ValueError(f"deflate level must be 1 to 9, not {level}")
         self.level = level
+        self.max_inflated = max_inflated
         self._compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
         self._decompressor = zlib.decompressobj(-15)
 
@@ -125,9 +136,11 @@ class DeflateStream:
         if decompressor.eof:
             raise CompressionError("deflate data after the end of the stream")
         try:
-            decoded = decompressor.decompress(data)
+            decoded = decompressor.decompress(data, self.max_inflated)
         except zlib.error as error:
             raise CompressionError(f"corrupt deflate stream: {error}") from None
+        if decompressor.unconsumed_tail:
+            raise CompressionError(f"one read inflates to more than {self.max_inflated} bytes")
         if decompressor.eof and decompressor.unused_data:
             raise CompressionError("deflate data after the end of the stream")
         return decoded
