@@ -101,6 +101,7 @@ DISCOVERY_WAIT = 0.75
 # came from it: within it, calls publish at once. A service that died is
 # found out by the first call after that, or the first call that times out.
 SERVED_FOR = 5.0
+_SERVED_KEPT = 4096  # URIs known served, past which those no longer known are forgotten
 # Replies are FINed as they arrive: the RDY only needs to keep the pipe full.
 _REPLIES_IN_FLIGHT = 2500
 
@@ -629,7 +630,11 @@ class Session:
     def _discovered(self, uri: str, query: asyncio.Future[None]) -> None:
         del self._discovering[uri]
         if not query.cancelled() and query.exception() is None:
-            self._served_until[uri] = self._running_loop().time() + SERVED_FOR
+            served_until, now = self._served_until, self._running_loop().time()
+            if len(served_until) >= _SERVED_KEPT:  # URIs called once (orders.<id>.get) are not kept forever
+                for known in [known for known, until in served_until.items() if until < now]:
+                    del served_until[known]
+            served_until[uri] = now + SERVED_FOR
 
     def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""

@@ -526,3 +526,13 @@ async def test_without_a_reachable_nsqd_joining_and_calling_fail_at_once() -> No
     await session.leave()
     with pytest.raises(ConnectionError, match="left"):
         await session.call("nowhere.procedure", None)
+
+
+async def test_uris_no_longer_known_served_are_forgotten_past_a_bound(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(almanet.session, "_SERVED_KEPT", 10)
+    session._served_until.update({f"{prefix}.gone{number}": 0.0 for number in range(10)})
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        await session.call(f"{prefix}.greeting", "Aidar")
+    assert set(session._served_until) <= {f"{prefix}.greeting", almanet.session.DISCOVERY_TOPIC}
