@@ -6,10 +6,12 @@ the embedded broker, and nsqd where there is one.
 """
 
 import uuid
+from collections.abc import AsyncIterator
 from types import ModuleType
 
 import pytest
 
+import almanet
 from almanet.pytest_plugin import BrokerAddresses
 from helpers import load_twin
 
@@ -37,6 +39,19 @@ def pending(request: pytest.FixtureRequest) -> ModuleType:
 def topic() -> str:
     """A topic name no other test uses, so tests can share one broker."""
     return f"test.{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A URI prefix no other test uses, so tests can share one broker."""
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def session(almanet_broker: BrokerAddresses) -> AsyncIterator[almanet.Session]:
+    """A session joined to the shared broker."""
+    async with almanet.new_session(almanet_broker.tcp_address) as session:
+        yield session
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import ansq
 import msgpack
@@ -16,12 +15,6 @@ from almanet.pytest_plugin import BrokerAddresses
 pytestmark = pytest.mark.asyncio
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture
-async def session(almanet_broker: BrokerAddresses) -> AsyncIterator[almanet.Session]:
-    async with almanet.new_session(almanet_broker.tcp_address) as session:
-        yield session
 
 
 async def test_produced_payloads_are_consumed_and_committed(session: almanet.Session, topic: str) -> None:

@@ -17,8 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +41,6 @@ class denied(almanet.rpc_error):
 
 class OutOfStock(almanet.rpc_error):
     name = "tests.shop.OutOfStock"  # a stable name, independent of the class's
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test.{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def session(almanet_broker: BrokerAddresses) -> AsyncIterator[almanet.Session]:
-    async with almanet.new_session(almanet_broker.tcp_address) as session:
-        yield session
 
 
 def greeting_service(address: str, prefix: str, **options: Any) -> almanet.Service:

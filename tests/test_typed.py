@@ -14,7 +14,6 @@ import enum
 import io
 import re
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, Literal, NamedTuple, Optional, TypedDict
@@ -434,17 +433,6 @@ def test_pydantic_models_are_validated_by_pydantic() -> None:
 
 
 # --- end to end --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test.{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def session(almanet_broker: BrokerAddresses) -> AsyncIterator[almanet.Session]:
-    async with almanet.new_session(almanet_broker.tcp_address) as session:
-        yield session
 
 
 def shop(address: str, prefix: str) -> tuple[almanet.Service, Any, Any]:
