@@ -357,6 +357,7 @@ class Service:
             if (
                 isinstance(query, Invocation)
                 and query.reply_to is not None
+                and is_reply_topic(query.reply_to)
                 and isinstance(query.payload, str)
                 and query.payload in self._served
                 and (not query.deadline or query.deadline > time.time() * 1000)
@@ -369,7 +370,7 @@ class Service:
             invocation = decode(message.body)
         except EnvelopeError as error:
             logger.warning("%s: not an invocation: %s", procedure.uri, error)
-            if error.reply_to is not None and error.call_id is not None:
+            if error.reply_to is not None and error.call_id is not None and is_reply_topic(error.reply_to):
                 invalid = InvalidEnvelope(str(error)).to_reply_payload()
                 self._reply(message, procedure.uri, error.reply_to, error.call_id, False, invalid)
             message.fin()
@@ -466,9 +467,7 @@ class Service:
             logger.debug("%s: %s in %.3f ms", uri, outcome, milliseconds)
 
     def _reply(self, message: Message, uri: str, reply_to: str, call_id: int, ok: bool, payload: Any) -> None:
-        if not is_reply_topic(reply_to):  # what else could be published to is not this service's to say
-            logger.warning("%s: no reply to %r, which is not a session's reply topic", uri, reply_to)
-            return
+        """Publish a reply to ``reply_to``, which the caller checked is a session's reply topic (``is_reply_topic``)."""
         try:
             body = _encode_reply(call_id, ok, payload)
         except TypeError as error:
