@@ -57,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="an nsqd TCP address host:port, or nsqlookupd's http://host:port (repeatable; default: "
         f"{ADDRESSES_VARIABLE}, comma-separated, else the addresses the code gives)",
     )
+    serve.add_argument(
+        "--lookupd-poll-interval",
+        type=_above_zero,
+        metavar="SECONDS",
+        help="how often to ask nsqlookupd for the nsqd of the cluster (default: the code's, else 5)",
+    )
     call = commands.add_parser(
         "call",
         help="call a procedure and print its result as JSON",
@@ -87,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Runs every workload with its service and client in processes of their own, on the embedded "
         "broker and on nsqd (ALMANET_NSQD or nsqd on PATH, started on free ports; or the running one --nsqd "
         "names), beside NATS request/reply and JetStream on a nats-server it starts when installed, and NSQ's Go "
-        "bench_writer and bench_reader when found (ALMANET_NSQ_BENCH, beside nsqd or on PATH); prints one table.",
+        "bench_writer and bench_reader when found (ALMANET_NSQ_BENCH, beside nsqd or on PATH); prints a table, then "
+        "one of RPC on a 3-nsqd cluster beside one nsqd when nsqd and nsqlookupd are found.",
     )
     bench.add_argument("--nsqd", metavar="HOST:PORT", help="a running nsqd to measure instead of starting one")
     bench.add_argument("--nsqd-http", metavar="HOST:PORT", help="that nsqd's HTTP address (default: its TCP port + 1)")
@@ -103,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=_at_least_one,
         default=5,
         help="times each workload is measured; the table gives the median (default: 5)",
+    )
+    bench.add_argument(
+        "--only",
+        choices=["cluster"],
+        help="measure one section only: cluster, RPC on a 3-nsqd cluster beside one nsqd (it needs nsqd and "
+        "nsqlookupd: ALMANET_NSQLOOKUPD, beside nsqd or on PATH)",
     )
     for command in (serve, call):
         _add_connection_flags(command)
@@ -127,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from almanet.bench.runner import Settings, run
         except ImportError:  # the harness is not in the wheel: it runs from a source checkout
             parser.error("almanet bench runs from almanet's source checkout (make bench): it is not in the wheel")
-        print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds)))
+        print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds, args.only)))
     elif args.command == "serve":
         service = _load_service(parser, args.service)
         if addresses:  # instead of the code's
@@ -138,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         connection = _connection_options(parser, args)
         if connection:  # instead of the code's
             service.use_options(**connection)
+        if args.lookupd_poll_interval is not None:
+            service.session.lookupd_poll_interval = args.lookupd_poll_interval
         service.serve(args.loop)
     elif args.command == "describe":
         document = describe_service(_load_service(parser, args.service), title=args.title, version=args.api_version)

@@ -13,6 +13,12 @@ takes it runs on each (its id ends in ``[embedded]`` or ``[nsqd]``):
   the run's header says so once and the tests run on the embedded broker.
 
 Tests sharing a broker should use topic names of their own.
+
+The fixture ``almanet_cluster`` yields a ``Cluster`` of its own for each
+test: 3 nsqd registering with 2 nsqlookupd, on free loopback ports, from
+the nsqd found as above and the nsqlookupd beside it (``ALMANET_NSQLOOKUPD``,
+else beside nsqd, else on ``PATH``). Where either is missing, the test is
+skipped, saying so.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import pytest
 
 from almanet.broker import Broker
-from almanet.broker.nsqd import find_nsqd, nsqd_process
+from almanet.broker.nsqd import Cluster, find_nsqd, find_nsqlookupd, nsqd_process
 
 NSQD_NOT_FOUND = (
     "nsqd not found (ALMANET_NSQD, ALMANET_TEST_NSQD or PATH): broker tests run on the embedded broker only"
@@ -99,6 +105,16 @@ def almanet_broker(request: pytest.FixtureRequest) -> Iterator[BrokerAddresses]:
     """Addresses of a running broker: the embedded one, then nsqd when found (see the module docstring)."""
     with running_broker(request.param) as addresses:
         yield addresses
+
+
+@pytest.fixture
+def almanet_cluster() -> Iterator[Cluster]:
+    """A cluster of 3 nsqd and 2 nsqlookupd for this test, stopped after it (see the module docstring)."""
+    nsqd, nsqlookupd = find_nsqd(), find_nsqlookupd()
+    if nsqd is None or nsqlookupd is None:
+        pytest.skip("no NSQ cluster: nsqd or nsqlookupd not found (ALMANET_NSQD, ALMANET_NSQLOOKUPD or PATH)")
+    with Cluster(nsqd, nsqlookupd) as cluster:
+        yield cluster
 
 
 def pytest_report_header(config: pytest.Config) -> str:

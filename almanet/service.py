@@ -29,8 +29,9 @@ from almanet import conversion, loops
 from almanet._speedups.envelope import EnvelopeError, Invocation, decode, encode_reply
 from almanet._speedups.frames import check_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
-from almanet.nsq import ConnectionOptions, Consumer, Message
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE
+from almanet.nsq import ConnectionOptions, Consumer, Message, Producer
+from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter
+from almanet.nsq.lookupd import NsqdWatch
 from almanet.session import (
     DISCOVERY_TOPIC,
     Session,
@@ -171,7 +172,12 @@ class Procedure(Generic[P, R]):
 class Service:
     """Procedures under ``prefix``, served on the nsqd (and nsqlookupd) ``addresses``.
 
-    ``timeout`` and the connection options are its session's (see ``Session``).
+    Given nsqlookupd addresses, it serves on every nsqd of the cluster: each
+    procedure (and the discovery topic) is read from every nsqd nsqlookupd
+    lists, its topic created there, whether or not a caller published to it
+    yet; an nsqd that joins is read from at the next poll
+    (``lookupd_poll_interval``). ``timeout`` and the connection options are
+    its session's (see ``Session``).
     """
 
     def __init__(self, *addresses: str, prefix: str = "", **options: Unpack[SessionOptions]) -> None:
@@ -183,6 +189,8 @@ class Service:
         self.procedures: list[Procedure[..., Any]] = []
         self._consumers: list[Consumer] = []
         self._discovery: Consumer | None = None
+        self._nsqd_watch: NsqdWatch | None = None  # every nsqd of the cluster, given nsqlookupd
+        self._big_reply_producers: dict[str, Producer] = {}  # by the address of the nsqd they publish to
         self._served: frozenset[str] = frozenset()
         self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
@@ -273,6 +281,9 @@ class Service:
         self._stopped = False
         try:
             await self.session.join()
+            self._nsqd_watch = self.session.watch_nsqd()
+            if self._nsqd_watch is not None:
+                await self._nsqd_watch.start()
             for registered in self.procedures:
                 consumer = self.session.consumer(
                     registered.uri,
@@ -280,6 +291,7 @@ class Service:
                     functools.partial(self._receive_invocation, registered),
                     registered.max_concurrency,
                     registered.options,
+                    self._nsqd_watch,
                 )
                 self._consumers.append(consumer)  # before it starts: stop() meanwhile stops it too
                 await consumer.start()
@@ -288,12 +300,19 @@ class Service:
             # Last: a session told that a URI is served finds its procedure subscribed.
             self._served = frozenset(registered.uri for registered in self.procedures)
             self._discovery = self.session.consumer(
-                DISCOVERY_TOPIC, f"service.{self.session.id}#ephemeral", self._answer_discovery, _DISCOVERY_IN_FLIGHT
+                DISCOVERY_TOPIC,
+                f"service.{self.session.id}#ephemeral",
+                self._answer_discovery,
+                _DISCOVERY_IN_FLIGHT,
+                nsqd_watch=self._nsqd_watch,
             )
             await self._discovery.start()
             if self._stopped:
                 raise ConnectionFailed("the service was stopped while it started")
             addresses = ", ".join([*self.session.nsqd_addresses, *self.session.lookupd_addresses])
+            if self._nsqd_watch is not None:
+                listed = self._nsqd_watch.known.union(self.session.nsqd_addresses)
+                addresses += f" (reading from {len(listed)} nsqd: {', '.join(sorted(listed))})"
             for registered in self.procedures:
                 logger.info("serving %s (channel %s) on %s", registered.uri, registered.channel, addresses)
             if not self.procedures:
@@ -310,8 +329,13 @@ class Service:
             await discovery.stop(timeout)
         consumers, self._consumers = self._consumers, []
         await asyncio.gather(*(consumer.stop(timeout) for consumer in consumers))
+        if self._nsqd_watch is not None:
+            self._nsqd_watch.stop()
+            self._nsqd_watch = None
         for task in list(self._running):  # past the timeout: nsqd redelivers their invocations
             task.cancel()
+        producers, self._big_reply_producers = self._big_reply_producers, {}
+        await asyncio.gather(*(producer.close(timeout) for producer in producers.values()))
         await self.session.leave(timeout)
 
     async def __aenter__(self) -> Service:
@@ -476,7 +500,7 @@ class Service:
             body = encode_reply(call_id, False, unencodable.to_reply_payload())
         try:
             if len(body) > SEPARATE_PUBLISH_SIZE:
-                self.session.publish_apart(reply_to, body, _BigReplyPublished(self, uri, message, reply_to, call_id))
+                self._publish_apart(message, reply_to, body, _BigReplyPublished(self, uri, message, reply_to, call_id))
             else:
                 message.publish(reply_to, body, self._reply_published.get(uri) or _ReplyPublished(uri))
         except MessageTooBig as error:
@@ -492,7 +516,16 @@ class Service:
         if invocation.connection_open:
             invocation.publish(reply_to, reply, published)
         else:
-            self.session.publish_apart(reply_to, reply, published)
+            self._publish_apart(invocation, reply_to, reply, published)
+
+    def _publish_apart(self, invocation: Message, reply_to: str, body: bytes, answer: AnswerWaiter) -> None:
+        """Publish a reply apart from the replies in flight (see ``Session.publish_apart``), to the nsqd
+        ``invocation`` came from: on a cluster, the caller reads its replies there only."""
+        address = invocation.connection.address
+        producer = self._big_reply_producers.get(address)
+        if producer is None:
+            producer = self._big_reply_producers[address] = Producer(address, options=self.session.options)
+        producer.publish_with(answer, reply_to, body)
 
 
 def _describe(error: BaseException) -> str:

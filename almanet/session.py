@@ -41,7 +41,7 @@ from almanet._speedups.pending import PendingCalls
 from almanet.errors import CallTimeout, InvalidReply, NoResponders, UnreadableBody, rpc_error
 from almanet.nsq import Consumer, Message, Producer
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
-from almanet.nsq.lookupd import http_host_port
+from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch, http_host_port, lookup
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed
 from almanet.wire.protocol import EPHEMERAL_SUFFIX
@@ -334,12 +334,13 @@ class Subscription:
 class SessionOptions(TypedDict, total=False):
     """The keywords of ``new_session``, ``Session`` (and ``new_service``, ``Service``).
 
-    ``timeout``, then ``ConnectionOptions``'s fields, for every connection of the
-    session; ``output_buffer_size`` and ``output_buffer_timeout`` None (the
+    ``timeout`` and ``lookupd_poll_interval``, then ``ConnectionOptions``'s
+    fields, for every connection of the session; ``output_buffer_size`` and ``output_buffer_timeout`` None (the
     default): calls unbuffered, ``consume`` with ``CONSUME_OUTPUT_BUFFER``.
     """
 
     timeout: float
+    lookupd_poll_interval: float
     auth_secret: str | bytes | None
     tls: bool
     tls_context: ssl.SSLContext | None
@@ -378,8 +379,11 @@ class Session:
 
     ``addresses``: nsqd TCP addresses (``host:port``), at least one; publishes
     go to the first that answers. Addresses written ``http://host:port`` are
-    nsqlookupd's: consumers (replies, ``consume``, a service's procedures)
-    also subscribe on every nsqd that nsqlookupd lists for their topic.
+    nsqlookupd's: ``consume`` also reads from every nsqd that nsqlookupd lists
+    for its topic, a service's procedures from every nsqd it lists at all,
+    asked every ``lookupd_poll_interval`` seconds (5 by default); a call no
+    service answers asks them whether its services are yet to come to this
+    session's nsqd (docs/CLUSTER.md).
     ``timeout``: seconds a call waits for its reply by default. The other
     keywords are the fields of ``almanet.nsq.ConnectionOptions``, for every
     connection of the session (``auth_secret``, ``heartbeat_interval``,
@@ -398,6 +402,11 @@ class Session:
         self.reply_topic = f"{REPLY_TOPIC_PREFIX}{self.id}#ephemeral"
         connection: dict[str, Any] = dict(options)
         self.timeout: float = connection.pop("timeout", DEFAULT_TIMEOUT)
+        self.lookupd_poll_interval: float = connection.pop("lookupd_poll_interval", POLL_INTERVAL)
+        if not self.lookupd_poll_interval > 0:
+            raise ValueError(
+                f"lookupd_poll_interval must be a positive number of seconds, not {self.lookupd_poll_interval!r}"
+            )
         output_buffer_size = connection.pop("output_buffer_size", None)
         output_buffer_timeout = connection.pop("output_buffer_timeout", None)
         self.options = dataclasses.replace(
@@ -416,7 +425,8 @@ class Session:
         self._discovering: dict[str, asyncio.Future[None]] = {}  # URI -> its discovery query, shared
         self._replies: Consumer | None = None
         self._replies_subscribed: asyncio.Future[None] | None = None
-        self._call_connection: Connection | None = None
+        self._call_connection: Connection | None = None  # the connection calls go by now
+        self._call_connections: set[Connection] = set()  # those calls went by, watched for their loss
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()  # to stop on leave
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._expiry_at = 0.0
@@ -476,6 +486,7 @@ class Session:
             call.set_exception(ConnectionFailed("the session left before the reply came"))
         self._served_until.clear()  # the services may be gone when it joins again
         self._replies = self._replies_subscribed = self._call_connection = None
+        self._call_connections.clear()
         producer, self._producer = self._producer, Producer(*self.nsqd_addresses, options=self.options)
         await producer.close(timeout)
 
@@ -486,8 +497,9 @@ class Session:
         on_message: Callable[[Message], None],
         max_in_flight: int,
         options: ConnectionOptions | None = None,
+        nsqd_watch: NsqdWatch | None = None,
     ) -> Consumer:
-        """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd and nsqlookupd.
+        """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd (and those ``nsqd_watch`` lists).
 
         ``options``: the session's unless given (see ``connection_options``).
         """
@@ -496,10 +508,16 @@ class Session:
             channel,
             on_message,
             nsqd_tcp_addresses=self.nsqd_addresses,
-            lookupd_http_addresses=self.lookupd_addresses,
+            nsqd_watch=nsqd_watch,
             max_in_flight=max_in_flight,
             options=options or self.options,
         )
+
+    def watch_nsqd(self) -> NsqdWatch | None:
+        """A watch of every nsqd this session's nsqlookupd list (None without nsqlookupd), not started."""
+        if not self.lookupd_addresses:
+            return None
+        return NsqdWatch(self.lookupd_addresses, self.lookupd_poll_interval)
 
     # --- RPC ------------------------------------------------------------------------
 
@@ -618,14 +636,46 @@ class Session:
         query.result()
 
     async def _ask_who_serves(self, uri: str) -> None:
-        query = _Call(self._running_loop().create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
-        call_id = self._invoke(query, DISCOVERY_TOPIC, uri, DISCOVERY_WAIT)
-        try:
-            await query.future
-        except CallTimeout:
-            raise NoResponders(f"nothing serves {uri}: no service answered within {DISCOVERY_WAIT:g} s") from None
-        finally:
-            self._pending.pop(call_id)
+        """Ask until a service answers; ``NoResponders`` once none did and none is on its way (see below)."""
+        loop = self._running_loop()
+        learning_until = None
+        while True:
+            query = _Call(loop.create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
+            call_id = self._invoke(query, DISCOVERY_TOPIC, uri, DISCOVERY_WAIT)
+            try:
+                await query.future
+                return
+            except CallTimeout:
+                pass
+            finally:
+                self._pending.pop(call_id)
+            asked = query.origin.address if query.origin is not None else self.nsqd_addresses[0]
+            elsewhere = await self._listed_elsewhere(uri, asked)
+            if learning_until is None:
+                learning_until = loop.time() + 2 * self.lookupd_poll_interval
+            if not elsewhere:
+                raise NoResponders(f"nothing serves {uri}: no service answered within {DISCOVERY_WAIT:g} s")
+            if loop.time() >= learning_until:
+                raise NoResponders(
+                    f"nothing serves {uri} on nsqd at {asked}: nsqlookupd lists its topic on {', '.join(elsewhere)}, "
+                    f"but no service there came to this nsqd within {2 * self.lookupd_poll_interval:g} s"
+                )
+
+    async def _listed_elsewhere(self, uri: str, asked: str) -> list[str]:
+        """The nsqd that nsqlookupd lists with ``uri``'s topic when the nsqd ``asked`` is not one of them.
+
+        A service creates its procedures' topics on every nsqd of the
+        cluster: a topic on others and not on ``asked`` means an nsqd that
+        joined, which its services reach within their nsqlookupd poll, so
+        the query is asked again meanwhile. Without nsqlookupd: none.
+        """
+        if not self.lookupd_addresses:
+            return []
+        answers = await asyncio.gather(
+            *(lookup(address, uri) for address in self.lookupd_addresses), return_exceptions=True
+        )
+        listed = {nsqd for answer in answers if not isinstance(answer, BaseException) for nsqd in answer}
+        return [] if asked in listed else sorted(listed)
 
     def _discovered(self, uri: str, query: asyncio.Future[None]) -> None:
         del self._discovering[uri]
@@ -670,7 +720,9 @@ class Session:
         connection = call.origin = self._replies.publish(topic, body, call)
         if connection is not self._call_connection:
             self._call_connection = connection
-            connection.when_closed(self._call_connection_lost)
+            if connection not in self._call_connections:
+                self._call_connections.add(connection)
+                connection.when_closed(self._call_connection_lost)
 
     def publish_apart(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
         """Publish ``body`` through the session's producer, apart from the connections of calls and replies.
@@ -683,13 +735,16 @@ class Session:
         self._producer.publish_with(answer, topic, body)
 
     def _call_connection_lost(self, connection: Connection) -> None:
-        """The calls waiting were all published through ``connection``: their replies would come by it, and cannot."""
-        if connection is not self._call_connection:
-            return  # handled when the session moved on to another connection
-        self._call_connection = None
+        """The calls published through ``connection`` fail: their replies would come by it, and cannot."""
+        self._call_connections.discard(connection)
+        if connection is self._call_connection:
+            self._call_connection = None
         lost = ConnectionFailed(f"the connection to nsqd at {connection.address} was lost before the reply came")
-        for call in self._pending.expire(float("inf")):
-            call.set_exception(lost)
+        pending = self._pending
+        for call_id, call in pending.items():
+            if call.origin is connection:
+                pending.pop(call_id)
+                call.set_exception(lost)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -773,21 +828,36 @@ class Session:
         """Publish several payloads in one MPUB: all of them or none (``raw`` as for ``produce``)."""
         return self._producer.publish_batch(topic, [encode_payload(payload, raw) for payload in payloads])
 
-    def consume(self, topic: str, channel: str, *, max_in_flight: int = 100, **options: Any) -> Subscription:
+    def consume(
+        self,
+        topic: str,
+        channel: str,
+        *,
+        max_in_flight: int = 100,
+        lookupd_poll_interval: float | None = None,
+        **options: Any,
+    ) -> Subscription:
         """``topic``'s messages through ``channel`` (see ``Subscription``); at most ``max_in_flight`` uncommitted.
 
-        ``options`` override the session's connection options for this
-        subscription (``msg_timeout=300`` for slow work, for instance).
-        Unless given, here or to the session, nsqd buffers what it sends:
-        ``CONSUME_OUTPUT_BUFFER``, throughput before latency (a message may
-        wait up to 25 ms when traffic is light); ``output_buffer_size=-1``
-        for each message at once.
+        From the session's nsqd, and from every nsqd that its nsqlookupd list
+        for ``topic``, asked every ``lookupd_poll_interval`` seconds (the
+        session's unless given). ``options`` override the session's
+        connection options for this subscription (``msg_timeout=300`` for
+        slow work, for instance). Unless given, here or to the session, nsqd
+        buffers what it sends: ``CONSUME_OUTPUT_BUFFER``, throughput before
+        latency (a message may wait up to 25 ms when traffic is light);
+        ``output_buffer_size=-1`` for each message at once.
         """
         subscription = Subscription(
             functools.partial(
-                self.consumer,
+                Consumer,
                 topic,
                 channel,
+                nsqd_tcp_addresses=self.nsqd_addresses,
+                lookupd_http_addresses=self.lookupd_addresses,
+                lookupd_poll_interval=self.lookupd_poll_interval
+                if lookupd_poll_interval is None
+                else lookupd_poll_interval,
                 max_in_flight=max_in_flight,
                 options=connection_options(self.options, {**self._consume_buffer, **options}),
             )

@@ -816,6 +816,19 @@ def test_lookup_is_get_only(embedded: BrokerAddresses) -> None:
     assert_error(post(embedded.http_address, "/lookup?topic=x"), 405, "METHOD_NOT_ALLOWED")
 
 
+def test_nodes_lists_the_broker_with_its_topics_as_nsqlookupd_does(embedded: BrokerAddresses, topic: str) -> None:
+    address = embedded.http_address
+    assert_empty(post(address, f"/topic/create?topic={topic}"))
+    reply = get(address, "/nodes")
+    assert (reply.status, reply.headers["Content-Type"]) == (200, JSON)
+    (node,) = reply.json()["producers"]
+    lookup = get(address, f"/lookup?topic={topic}").json()["producers"][0]
+    assert {name: node[name] for name in lookup} == lookup
+    assert topic in node["topics"] and node["topics"] == sorted(node["topics"])
+    assert node["tombstones"] == [False] * len(node["topics"])
+    assert_error(post(address, "/nodes"), 405, "METHOD_NOT_ALLOWED")
+
+
 # --- HTTP/1.1 ---------------------------------------------------------------------
 
 

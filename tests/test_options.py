@@ -70,11 +70,12 @@ def test_consume_and_procedure_name_the_options_there_are() -> None:
             pass
 
 
-def test_the_session_options_are_the_connection_options_and_the_timeout() -> None:
+def test_the_session_options_are_the_connection_options_the_timeout_and_the_poll_interval() -> None:
     """One list of keywords (``SessionOptions``, checked by mypy --strict through ``Unpack``) for all four."""
     hints = typing.get_type_hints(SessionOptions)
     field_hints = typing.get_type_hints(ConnectionOptions)
     assert hints.pop("timeout") is float
+    assert hints.pop("lookupd_poll_interval") is float
     assert hints.keys() == field_hints.keys()
     for name, hint in hints.items():
         buffer = name in ("output_buffer_size", "output_buffer_timeout")  # None: almanet's choice

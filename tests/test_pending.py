@@ -332,6 +332,17 @@ def test_expire_skips_popped_calls(pending: ModuleType) -> None:
     assert len(table) == 0
 
 
+def test_items_are_the_calls_in_the_table(pending: ModuleType) -> None:
+    table, waiters, call_ids = table_of(pending, *[float(deadline) for deadline in range(100)])
+    for call_id in call_ids[::3]:
+        table.pop(call_id)
+    table.expire(49.0)
+    expected = [(call_ids[index], waiters[index]) for index in range(50, 100) if index % 3]
+    assert sorted(table.items(), key=lambda item: item[0]) == sorted(expected, key=lambda item: item[0])
+    assert all(type(call_id) is int for call_id, _ in table.items())
+    assert pending.PendingCalls().items() == []
+
+
 def test_next_deadline(pending: ModuleType) -> None:
     table = pending.PendingCalls()
     assert table.next_deadline() is None

@@ -215,6 +215,14 @@ cdef class PendingCalls:
             self._release_spare_records()
         return expired
 
+    def items(self):
+        cdef list items = []
+        cdef Py_ssize_t slot
+        for slot in range(self._slot_count):
+            if self._slots[slot].call_id:
+                items.append((self._slots[slot].call_id, self._waiters[slot]))
+        return items
+
     def next_deadline(self):
         while self._size and self._find_record(&self._records[0]) < 0:
             self._pop_top()

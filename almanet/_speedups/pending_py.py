@@ -145,6 +145,10 @@ class PendingCalls(Generic[Waiter]):
             self._drop_gone_records()
         return expired
 
+    def items(self) -> list[tuple[int, Waiter]]:
+        """(call id, waiter) of every call in the table, in no particular order; O(n), for rare sweeps."""
+        return [(call_id, waiter) for call_id, waiter in self._waiters.items() if waiter is not None]
+
     def next_deadline(self) -> float | None:
         """The earliest deadline of the calls in the table, or ``None`` if it is empty."""
         deadlines = self._deadlines

@@ -1,8 +1,9 @@
-"""The bench's child processes: free loopback ports, waiting for a process to start, stopping it."""
+"""The bench's child processes: free loopback ports, waiting for a process to start, its CPU time, stopping it."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import socket
 import subprocess
 from collections.abc import Callable
@@ -34,6 +35,14 @@ def wait_for_line(process: subprocess.Popen[str], stream: IO[str], predicate: Ca
     if line is None:
         raise RuntimeError(f"{process.args!r} ended before it started")
     return line
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process ``pid`` has used so far, user and system, from /proc/<pid>/stat (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # After the command's name, in parentheses (which it may contain): utime and stime are fields 14 and 15.
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop(process: subprocess.Popen[Any]) -> None:

@@ -9,6 +9,12 @@ turns within a round, so that a machine whose speed drifts shifts them all
 alike; the table gives the median round (latency percentiles: of all rounds'
 calls). NSQ's Go clients (``go_clients``) measure what each broker gives a
 client that costs next to nothing. Every figure is measured in this run.
+
+Where nsqd and nsqlookupd are both found, a second table (the cluster
+section, alone with ``only``) gives RPC from 3 callers at once on one nsqd
+and on a cluster of 3 nsqd and 2 nsqlookupd, taking turns within a round:
+throughput, p50 latency, and the CPU time per call of the callers, the
+service and nsqd, read from /proc over the calls only.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from typing import Any
 
 from almanet.bench import brokers
 from almanet.bench.go_clients import GoClients, find_go_clients
-from almanet.bench.workers import measure, service_process
+from almanet.bench.workers import measure, rpc_under_load, service_process
 from almanet.bench.workloads import STRESS_CALLS
-from almanet.broker.nsqd import find_nsqd
+from almanet.broker.nsqd import Cluster, find_nsqd, find_nsqlookupd
 
 # The table's columns of figures: almanet on each broker, then the NATS peers.
 EMBEDDED, NSQD, NATS, JETSTREAM = "embedded", "nsqd", "NATS", "JetStream"
@@ -46,6 +52,7 @@ CONSUME_WINDOW = 2500  # most messages in flight to a consumer: bench_reader's R
 COUNTS = {
     "rpc sequential": 2_000,
     "rpc in flight": 40_000,
+    "rpc under load": 40_000,  # each caller's, in the cluster section
     "produce": 200_000,
     "produce_batch": 400_000,
     "consume": 400_000,
@@ -55,6 +62,22 @@ COUNTS = {
 GO_WRITER_SECONDS = 2.0
 GO_READER_SECONDS = 1.5  # shorter than the writer's run, so that the reader does not run out of messages
 WITHIN = 1.5  # the embedded broker's figures should be within this factor of nsqd's
+# The cluster section (--only cluster): CALLERS callers at once on one nsqd, then on a cluster of CLUSTER_NODES.
+CLUSTER_SECTION = "cluster"
+CLUSTER_NODES, CLUSTER_LOOKUPDS = 3, 2
+CALLERS = 3  # one on each nsqd of the cluster
+CALL_SIZE = 7  # bytes of each call's payload
+ONE_NSQD, CLUSTER = "1 nsqd", f"{CLUSTER_NODES}-nsqd cluster"  # its rows
+CLUSTER_TITLE = f"RPC on a {CLUSTER_NODES}-nsqd cluster beside one nsqd"
+# Its figures, by the key _rpc_under_load gives each.
+CLUSTER_FIGURES = {
+    "per_second": "cluster calls/s",
+    "p50_us": "cluster p50",
+    "callers_cpu_us": "cluster callers CPU",
+    "service_cpu_us": "cluster service CPU",
+    "nsqd_cpu_us": "cluster nsqd CPU",
+}
+NSQD_CPU_BY_NODE = "cluster nsqd CPU by node"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +88,7 @@ class Settings:
     pure: bool  # ALMANET_NO_EXTENSIONS for every almanet process
     scale: float  # multiplies every message count and the Go clients' run time
     rounds: int  # each workload is measured this many times
+    only: str | None  # CLUSTER_SECTION: that section alone; None: every workload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,53 +143,60 @@ def rows(pure: bool) -> list[Row]:
 
 
 def run(settings: Settings) -> str:
-    """Measure every workload; the table as text."""
+    """Measure every workload (``only``: those of one section); the tables as text."""
     load_before = os.getloadavg()[0]  # other work on the machine moves the figures
     compiled_env = dict(os.environ, ALMANET_BENCH_LOOP=settings.loop)
     compiled_env.pop("ALMANET_NO_EXTENSIONS", None)
     pure_env = dict(compiled_env, ALMANET_NO_EXTENSIONS="1")
     nsqd_executable = None if settings.nsqd else find_nsqd()
-    with contextlib.ExitStack() as stack:
-        # The brokers are not what --pure measures: the embedded one stays compiled.
-        running = [stack.enter_context(brokers.embedded_broker(compiled_env))]
-        if settings.nsqd:
-            running.append(brokers.running_nsqd(settings.nsqd, settings.nsqd_http))
-        elif nsqd_executable:
-            running.append(stack.enter_context(brokers.nsqd(nsqd_executable)))
-        nats = stack.enter_context(brokers.nats_server()) if brokers.nats_available() else None
-        go_clients = find_go_clients(nsqd_executable)
-        bench = _Bench(settings, running, nats, go_clients, pure_env if settings.pure else compiled_env, pure_env)
-        bench.rpc()
-        bench.publish_and_consume()
-        for broker in running:
-            broker.delete_topics(brokers.name_prefix())  # on an nsqd that runs on, none of the bench's is left
-    notes = bench.notes
-    if not settings.nsqd and not nsqd_executable:
-        notes.append("nsqd: not found (set ALMANET_NSQD, put nsqd on PATH or give --nsqd host:port).")
-    if not nats:
-        notes.append("NATS: not measured (it needs nats-server on PATH, Debian package nats-server, and nats-py).")
-    if not go_clients:
-        notes.append("NSQ Go clients: not found (ALMANET_NSQ_BENCH, beside nsqd or on PATH).")
-    machine = _machine(settings, running, nats is not None, nsqd_executable, go_clients, load_before)
-    return _table(rows(settings.pure), bench.samples, notes, machine)
+    nsqlookupd_executable = find_nsqlookupd() if nsqd_executable else None
+    bench = _Bench(settings, pure_env if settings.pure else compiled_env, pure_env)
+    tables = []
+    running: list[brokers.Broker] = []
+    nats, go_clients = None, None
+    if settings.only != CLUSTER_SECTION:
+        with contextlib.ExitStack() as stack:
+            # The brokers are not what --pure measures: the embedded one stays compiled.
+            running.append(stack.enter_context(brokers.embedded_broker(compiled_env)))
+            if settings.nsqd:
+                running.append(brokers.running_nsqd(settings.nsqd, settings.nsqd_http))
+            elif nsqd_executable:
+                running.append(stack.enter_context(brokers.nsqd(nsqd_executable)))
+            nats = stack.enter_context(brokers.nats_server()) if brokers.nats_available() else None
+            go_clients = find_go_clients(nsqd_executable)
+            bench.rpc(running, nats)
+            bench.publish_and_consume(running, nats, go_clients)
+            for broker in running:
+                broker.delete_topics(brokers.name_prefix())  # on an nsqd that runs on, none of the bench's is left
+        tables.append(_table(rows(settings.pure), bench.samples))
+        if not settings.nsqd and not nsqd_executable:
+            bench.notes.append("nsqd: not found (set ALMANET_NSQD, put nsqd on PATH or give --nsqd host:port).")
+        if not nats:
+            bench.notes.append(
+                "NATS: not measured (it needs nats-server on PATH, Debian package nats-server, and nats-py)."
+            )
+        if not go_clients:
+            bench.notes.append("NSQ Go clients: not found (ALMANET_NSQ_BENCH, beside nsqd or on PATH).")
+    if nsqd_executable and nsqlookupd_executable:
+        bench.cluster(nsqd_executable, nsqlookupd_executable)
+        tables.append(_cluster_table(bench.samples))
+    elif settings.nsqd:
+        bench.notes.append(f"{CLUSTER_TITLE}: not measured (it starts nsqd of its own, not --nsqd's).")
+    else:
+        bench.notes.append(
+            f"{CLUSTER_TITLE}: not measured (it needs nsqd and nsqlookupd: ALMANET_NSQD and ALMANET_NSQLOOKUPD, "
+            "or on PATH; nsqlookupd also beside nsqd)."
+        )
+    machine = _machine(settings, running, nats is not None, nsqd_executable, nsqlookupd_executable, go_clients,
+                       load_before)  # fmt: skip
+    return "\n\n".join([*tables, *(["\n".join(bench.notes)] if bench.notes else []), machine])
 
 
 class _Bench:
     """The workloads of one run, with progress on stderr; ``samples`` collects the figures of every round."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        running: list[brokers.Broker],
-        nats: str | None,
-        go_clients: GoClients | None,
-        env: dict[str, str],
-        pure_env: dict[str, str],
-    ) -> None:
+    def __init__(self, settings: Settings, env: dict[str, str], pure_env: dict[str, str]) -> None:
         self.settings = settings
-        self.brokers = running
-        self.nats = nats
-        self.go_clients = go_clients
         self.env = env
         self.pure_env = pure_env
         self.samples: dict[tuple[str, str], list[Any]] = {}  # (figure, column): one entry per round
@@ -203,18 +234,18 @@ class _Bench:
         line = f"{label}: {shown} ({time.monotonic() - started:.1f} s)"
         sys.stderr.write(("\r" + line + " " * 10 + "\n") if self._live else line + "\n")
 
-    def rpc(self) -> None:
+    def rpc(self, running: list[brokers.Broker], nats: str | None) -> None:
         """RPC on every broker and on NATS: one service each (and one without extensions), serving every round."""
         # (column, system, address, service name)
         servers: list[tuple[str, str, str, str]] = []
         pure_servers: list[tuple[str, str, str, str]] = []
         with contextlib.ExitStack() as services:
-            for broker in self.brokers:
+            for broker in running:
                 servers.append((broker.name, "almanet", broker.tcp_address, self._name("rpc")))
                 if not self.settings.pure:
                     pure_servers.append((broker.name, "almanet", broker.tcp_address, self._name("rpc")))
-            if self.nats:
-                servers.append((NATS, "nats", self.nats, self._name("rpc")))
+            if nats:
+                servers.append((NATS, "nats", nats, self._name("rpc")))
             for env, started in ((self.env, servers), (self.pure_env, pure_servers)):
                 for _, system, address, name in started:
                     services.enter_context(service_process(system, address, name, env))
@@ -249,50 +280,97 @@ class _Bench:
                         sequential_s="stress sequential", concurrent_s="stress concurrent",
                     )  # fmt: skip
 
-    def publish_and_consume(self) -> None:
+    def publish_and_consume(
+        self, running: list[brokers.Broker], nats: str | None, go_clients: GoClients | None
+    ) -> None:
         """Publishing and consuming on every broker (almanet, then NSQ's Go clients) and on JetStream."""
         for _ in self._rounds():
-            for broker in self.brokers:
+            for broker in running:
                 self._record(
                     broker.name, f"produce() {PUBLISH_WINDOW} in flight",
                     partial(self._almanet, broker, "publish", self._count("produce"), PUBLISH_WINDOW),
                     per_second="produce",
                 )  # fmt: skip
-            if self.nats:
+            if nats:
                 self._record(
                     JETSTREAM, f"acked publish {PUBLISH_WINDOW} in flight",
-                    partial(self._jetstream, "publish", self._count("jetstream publish"), PUBLISH_WINDOW),
+                    partial(self._jetstream, nats, "publish", self._count("jetstream publish"), PUBLISH_WINDOW),
                     per_second="produce",
                 )  # fmt: skip
-            for broker in self.brokers:
+            for broker in running:
                 self._record(
                     broker.name, f"produce_batch() x{GO_BATCH}",
                     partial(self._almanet, broker, "publish_batches", self._count("produce_batch"), 0),
                     per_second="produce_batch",
                 )  # fmt: skip
-            for broker in self.brokers:
+            for broker in running:
                 self._record(
                     broker.name, "consume, commit each",
                     partial(self._almanet, broker, "consume", self._count("consume"), CONSUME_WINDOW),
                     per_second="consume",
                 )  # fmt: skip
-            if self.nats:
+            if nats:
                 self._record(
                     JETSTREAM, "pull consumer, ack each",
-                    partial(self._jetstream, "consume", self._count("jetstream consume"), CONSUME_WINDOW),
+                    partial(self._jetstream, nats, "consume", self._count("jetstream consume"), CONSUME_WINDOW),
                     per_second="consume",
                 )  # fmt: skip
-            if self.go_clients:
-                for broker in self.brokers:
-                    self._go_clients(self.go_clients, broker)
+            if go_clients:
+                for broker in running:
+                    self._go_clients(go_clients, broker)
+
+    def cluster(self, nsqd: str, nsqlookupd: str) -> None:
+        """RPC from CALLERS callers at once on one nsqd, then on a cluster, every round.
+
+        Each setup has nsqd of its own (with the same flags) and a service,
+        started once: one nsqd is a ``Cluster`` of one node, without
+        nsqlookupd. On the cluster, the service is given node 0 and every
+        nsqlookupd, and caller ``i`` node ``i`` only.
+        """
+        # (column, the callers' addresses, service name, pids of the service and of every nsqd by name)
+        setups: list[tuple[str, list[str], str, dict[str, int]]] = []
+        with contextlib.ExitStack() as stack:
+            for column, nodes, lookupds in ((ONE_NSQD, 1, 0), (CLUSTER, CLUSTER_NODES, CLUSTER_LOOKUPDS)):
+                daemons = stack.enter_context(
+                    Cluster(nsqd, nsqlookupd, nodes=nodes, lookupds=lookupds, nsqd_flags=brokers.NSQD_FLAGS)
+                )
+                name = self._name("rpc")
+                addresses = ",".join([daemons.tcp(0), *daemons.lookupd_http])
+                watched = {"service": stack.enter_context(service_process("almanet", addresses, name, self.env)).pid}
+                for index, node in enumerate(daemons.nodes):
+                    assert node is not None
+                    watched[f"nsqd {index}"] = node.process.pid
+                setups.append((column, [daemons.tcp(index % nodes) for index in range(CALLERS)], name, watched))
+            for _ in self._rounds():
+                for column, callers, name, watched in setups:
+                    self._record(
+                        column, f"RPC, {CALLERS} callers x {RPC_WINDOW} in flight, {PAYLOADS[CALL_SIZE]}",
+                        partial(self._rpc_under_load, callers, name, watched),
+                        **CLUSTER_FIGURES, nsqd_cpu_us_by_node=NSQD_CPU_BY_NODE,
+                    )  # fmt: skip
+
+    def _rpc_under_load(self, callers: list[str], name: str, watched: dict[str, int]) -> dict[str, Any]:
+        """The figures of ``workers.rpc_under_load``, CPU times in microseconds per call."""
+        measured = rpc_under_load(callers, name, self._count("rpc under load"), RPC_WINDOW, CALL_SIZE, watched,
+                                  self.env)  # fmt: skip
+        calls = measured["calls"]
+        per_call = {process: seconds * 1e6 / calls for process, seconds in measured["cpu_s"].items()}
+        by_node = [per_call[process] for process in watched if process.startswith("nsqd")]
+        return {
+            "per_second": calls / measured["seconds"],
+            "p50_us": _percentile(measured["latencies_us"], 0.5),
+            "callers_cpu_us": per_call["callers"],
+            "service_cpu_us": per_call["service"],
+            "nsqd_cpu_us": sum(by_node),
+            "nsqd_cpu_us_by_node": by_node,
+        }
 
     def _almanet(self, broker: brokers.Broker, workload: str, count: int, window: int) -> dict[str, Any]:
         return measure("almanet", broker.tcp_address, broker.fresh_topic(), workload, count, window, MESSAGE_SIZE,
                        self.env)  # fmt: skip
 
-    def _jetstream(self, workload: str, count: int, window: int) -> dict[str, Any]:
-        assert self.nats is not None
-        return measure("jetstream", self.nats, self._name("js"), workload, count, window, MESSAGE_SIZE, self.env)
+    def _jetstream(self, nats: str, workload: str, count: int, window: int) -> dict[str, Any]:
+        return measure("jetstream", nats, self._name("js"), workload, count, window, MESSAGE_SIZE, self.env)
 
     def _go_clients(self, go_clients: GoClients, broker: brokers.Broker) -> None:
         """bench_writer fills a topic of its own, then bench_reader reads from it."""
@@ -356,7 +434,7 @@ def _result(row: Row, figures: dict[str, float | None], checked: str, samples: d
     return f"{ratio:.2f}x " + ("met" if met else "MISSED")
 
 
-def _table(table_rows: list[Row], samples: dict[tuple[str, str], list[Any]], notes: list[str], machine: str) -> str:
+def _table(table_rows: list[Row], samples: dict[tuple[str, str], list[Any]]) -> str:
     checked = NSQD if any(column == NSQD for _, column in samples) else EMBEDDED
     header = ["workload", "unit", EMBEDDED, NSQD, "embedded/nsqd", NATS, JETSTREAM, "target", f"result on {checked}"]
     cells = [header]
@@ -374,20 +452,52 @@ def _table(table_rows: list[Row], samples: dict[tuple[str, str], list[Any]], not
              *(_format(figures[column]) for column in (NATS, JETSTREAM)), str(row.target or ""),
              _result(row, figures, checked, samples)]
         )  # fmt: skip
-    widths = [max(len(line[column]) for line in cells) for column in range(len(header))]
-    text = [
-        "  ".join(cell.ljust(width) if column in (0, 1, 7, 8) else cell.rjust(width) for column, (cell, width) in
-                  enumerate(zip(line, widths, strict=True))).rstrip()
-        for line in cells
-    ]  # fmt: skip
-    text.insert(1, "  ".join("-" * width for width in widths))
+    text = _aligned(cells, left=(0, 1, 7, 8))
     text.append("")
     text.append(f"Targets are checked on {checked}'s column: its figure over the reference's, from the same run.")
     if apart:
         text.append(f"* the embedded broker and nsqd are more than {WITHIN:g}x apart on this workload.")
-    text += notes
-    text.append("\n" + machine)
     return "\n".join(text)
+
+
+def _cluster_table(samples: dict[tuple[str, str], list[Any]]) -> str:
+    header = ["setup", "calls/s", "p50 µs", "callers CPU µs/call", "service CPU µs/call", "nsqd CPU µs/call"]
+    cells = [header] + [
+        [column, *(_format(_median(samples, figure, column)) for figure in CLUSTER_FIGURES.values())]
+        for column in (ONE_NSQD, CLUSTER)
+    ]
+    by_node = samples.get((NSQD_CPU_BY_NODE, CLUSTER))
+    title = f"{CLUSTER_TITLE} ({CALLERS} callers x {RPC_WINDOW} in flight, {PAYLOADS[CALL_SIZE]}, medians of rounds)"
+    text = [title, "", *_aligned(cells, left=(0,)), ""]
+    text.append(
+        f"CPU µs/call: each process's user+system time while the {CALLERS} callers make their calls (after their "
+        "warm-ups), over all their calls."
+    )
+    if by_node:
+        shown = ", ".join(_format(statistics.median(node)) for node in zip(*by_node, strict=True))
+        text.append(f"nsqd CPU µs/call on the cluster, node by node: {shown}.")
+    text.append(
+        "Each caller is given one nsqd only, on the cluster its own node; the service there is given node 0 and "
+        "every nsqlookupd, and reads from every node."
+    )
+    text.append(
+        f"The machine has {os.cpu_count()} cores for the {CLUSTER_NODES + 1 + CALLERS} busy processes of the "
+        f"cluster ({CLUSTER_NODES} nsqd, the service, {CALLERS} callers; {1 + 1 + CALLERS} on one nsqd): "
+        "with fewer cores than processes, no scale-up is expected."
+    )
+    return "\n".join(text)
+
+
+def _aligned(cells: list[list[str]], left: tuple[int, ...]) -> list[str]:
+    """``cells`` as lines of columns, a rule under the header; the ``left`` columns left-aligned, others right."""
+    widths = [max(len(line[column]) for line in cells) for column in range(len(cells[0]))]
+    text = [
+        "  ".join(cell.ljust(width) if column in left else cell.rjust(width) for column, (cell, width) in
+                  enumerate(zip(line, widths, strict=True))).rstrip()
+        for line in cells
+    ]  # fmt: skip
+    text.insert(1, "  ".join("-" * width for width in widths))
+    return text
 
 
 def _machine(
@@ -395,6 +505,7 @@ def _machine(
     running: list[brokers.Broker],
     nats: bool,
     nsqd_executable: str | None,
+    nsqlookupd_executable: str | None,
     go_clients: GoClients | None,
     load_before: float,
 ) -> str:
@@ -407,11 +518,13 @@ def _machine(
     for package in ("nats-py", "msgpack", "uvloop"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions.append(f"{package} {importlib.metadata.version(package)}")
-    servers = []
+    servers = [", ".join(broker.name for broker in running)] if running else []
     if nsqd_executable:
         servers.append(_version_line([nsqd_executable, "--version"]) + f" ({nsqd_executable})")
     elif settings.nsqd:
         servers.append(f"nsqd at {settings.nsqd}")
+    if nsqlookupd_executable:
+        servers.append(_version_line([nsqlookupd_executable, "--version"]) + f" ({nsqlookupd_executable})")
     if nats:
         servers.append(_version_line(["nats-server", "--version"]))
     if go_clients:
@@ -423,7 +536,7 @@ def _machine(
             f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
             f"load average {load_before:.2f} before the run",
             f"python: {platform.python_implementation()} {platform.python_version()}, loop {settings.loop}",
-            f"brokers: {', '.join(broker.name for broker in running)}; " + "; ".join(servers),
+            "brokers: " + "; ".join(servers),
             f"almanet: {speedups}; --scale {settings.scale:g}, {settings.rounds} rounds",
             "versions: " + ", ".join(versions),
         ]

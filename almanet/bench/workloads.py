@@ -7,7 +7,8 @@ and returns its figures as JSON: ``latencies_us`` (sequential RPC),
 Every one takes ``(address, name, count, window, size)``: ``name`` is the
 topic, subject or service prefix of its own, ``window`` how many calls or
 publishes are in flight (the most messages in flight for consumers), ``size``
-the payload's bytes.
+the payload's bytes. ``almanet_rpc_under_load`` is RPC in one of several
+callers measured together (``workers.rpc_under_load``).
 """
 
 from __future__ import annotations
@@ -47,11 +48,39 @@ async def windowed(call: Callable[[], Awaitable[Any]], count: int, window: int) 
     return time.perf_counter() - started
 
 
+def timed(call: Callable[[], Awaitable[Any]], latencies: list[float]) -> Callable[[], Awaitable[None]]:
+    """``call``, adding the latency of each call to ``latencies``, in microseconds."""
+    clock = time.perf_counter
+
+    async def timed_call() -> None:
+        started = clock()
+        await call()
+        latencies.append((clock() - started) * 1e6)
+
+    return timed_call
+
+
 async def rpc(call: Callable[[], Awaitable[Any]], count: int, window: int) -> dict[str, Any]:
     await windowed(call, min(count, 1000), window)  # warm-up: connections, reply subscriptions, caches
     if window == 1:
         return {"latencies_us": await sequential(call, count)}
     return {"per_second": count / await windowed(call, count, window)}
+
+
+async def rpc_under_load(
+    call: Callable[[], Awaitable[Any]], count: int, window: int, go: Callable[[], Awaitable[None]]
+) -> dict[str, Any]:
+    """A warm-up, then ``count`` calls, ``window`` in flight, once ``go`` returns.
+
+    Its figures: ``latencies_us`` of every call, and ``started`` and ``ended``,
+    by ``time.time()``, which other processes' clocks agree with.
+    """
+    await windowed(call, min(count, 1000), window)  # as rpc()'s, before the measured window
+    await go()
+    latencies: list[float] = []
+    started = time.time()
+    await windowed(timed(call, latencies), count, window)
+    return {"latencies_us": latencies, "started": started, "ended": time.time()}
 
 
 async def stress(call: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
@@ -75,6 +104,23 @@ async def almanet_rpc(address: str, name: str, count: int, window: int, size: in
     async with almanet.new_session(address) as session:
         uri, payload = f"{name}.echo", b"x" * size
         return await rpc(lambda: session.call(uri, payload), count, window)
+
+
+async def almanet_rpc_under_load(
+    address: str,
+    name: str,
+    count: int,
+    window: int,
+    size: int,
+    go: Callable[[], Awaitable[None]],
+    report: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    """``rpc_under_load`` on a session that leaves once ``report`` returns: its leaving is not measured."""
+    import almanet
+
+    async with almanet.new_session(address) as session:
+        uri, payload = f"{name}.echo", b"x" * size
+        await report(await rpc_under_load(lambda: session.call(uri, payload), count, window, go))
 
 
 async def almanet_stress(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:

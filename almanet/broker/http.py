@@ -1,4 +1,4 @@
-"""nsqd's HTTP API (its ``http.go``), plus nsqlookupd's ``/lookup``.
+"""nsqd's HTTP API (its ``http.go``), plus nsqlookupd's ``/lookup`` and ``/nodes``.
 
 Responses are rendered as nsqd v1.2+ renders them (``http_api.V1``): errors
 as ``{"message":"CODE"}`` with their status, ``OK`` and text as plain
@@ -73,6 +73,7 @@ class API:
             "/channel/delete": ("POST", self._channel_delete),
             "/channel/empty": ("POST", self._channel_empty),
             "/lookup": ("GET", self._lookup),
+            "/nodes": ("GET", self._nodes),
         }
 
     def body_limit(self, path: str) -> int:
@@ -81,10 +82,10 @@ class API:
         return options.max_msg_size if path == "/pub" else options.max_body_size
 
     def handle(self, request: Request) -> Response:
-        if self._broker.options.tls_required_mode is True and request.path != "/lookup":
+        if self._broker.options.tls_required_mode is True and request.path not in _LOOKUPD_ROUTES:
             # nsqd's plain HTTP server refuses everything when TLS is required of all
             # (--tls-required=tcp-https exempts HTTP); there is no HTTPS listener here.
-            # /lookup is nsqlookupd's, which nsqd's setting does not reach.
+            # /lookup and /nodes are nsqlookupd's, which nsqd's setting does not reach.
             return Response(403, _TLS_REQUIRED, JSON)
         route = self._routes.get(request.path)
         if route is None:
@@ -232,8 +233,18 @@ class API:
     def _lookup(self, request: Request) -> Response:
         """nsqlookupd's answer, with this broker as the only producer."""
         topic = self._topic(request)
+        return _json({"channels": sorted(topic.channels), "producers": [self._producer()]})
+
+    def _nodes(self, request: Request) -> Response:
+        """nsqlookupd's list of every nsqd, with its topics: this broker alone."""
+        topics = sorted(self._broker.topics)
+        node = {**self._producer(), "tombstones": [False] * len(topics), "topics": topics}
+        return _json({"producers": [node]})
+
+    def _producer(self) -> dict[str, Any]:
+        """This broker as nsqlookupd describes an nsqd (a producer)."""
         broker = self._broker
-        producer = {
+        return {
             "remote_address": broker.tcp_address,
             "hostname": socket.gethostname(),
             "broadcast_address": broker.broadcast_address,
@@ -241,10 +252,10 @@ class API:
             "http_port": broker.http_port,
             "version": broker.version,
         }
-        return _json({"channels": sorted(topic.channels), "producers": [producer]})
 
 
 _EMPTY = Response(200, b"", None)
+_LOOKUPD_ROUTES = ("/lookup", "/nodes")
 
 
 def _json(data: Any) -> Response:

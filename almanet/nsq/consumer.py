@@ -19,7 +19,7 @@ from typing import Any
 
 from almanet._speedups.frames import check_name, encode_sub
 from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, Message, OnMessage
-from almanet.nsq.lookupd import http_host_port, lookup
+from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 from almanet.wire.protocol import CLS
@@ -43,6 +43,11 @@ class Consumer:
     connection gets RDY 1 to probe; successes climb back out. Off by default.
     ``max_attempts``: a message delivered more often is given to
     ``on_give_up`` (default: logged) and FINed instead of being handled.
+
+    Besides ``nsqd_tcp_addresses``, it reads from the nsqd instances that the
+    nsqlookupd ``lookupd_http_addresses`` list for the topic, asked every
+    ``lookupd_poll_interval`` seconds; or from those an ``nsqd_watch`` of its
+    owner's lists (a service's: every nsqd of the cluster).
     """
 
     def __init__(
@@ -53,9 +58,10 @@ class Consumer:
         *,
         nsqd_tcp_addresses: Sequence[str] = (),
         lookupd_http_addresses: Sequence[str] = (),
+        lookupd_poll_interval: float = POLL_INTERVAL,
+        nsqd_watch: NsqdWatch | None = None,
         max_in_flight: int = 1,
         options: ConnectionOptions | None = None,
-        lookupd_poll_interval: float = 60.0,
         requeue_delay: float = 1.0,
         max_attempts: int = 0,
         on_give_up: Callable[[Message], None] | None = None,
@@ -65,14 +71,14 @@ class Consumer:
     ) -> None:
         check_name("topic", topic)
         check_name("channel", channel)
-        if not nsqd_tcp_addresses and not lookupd_http_addresses:
-            raise ValueError("a consumer needs nsqd_tcp_addresses or lookupd_http_addresses")
+        if lookupd_http_addresses and nsqd_watch is not None:
+            raise ValueError("a consumer takes lookupd_http_addresses or an nsqd_watch, not both")
+        if not nsqd_tcp_addresses and not lookupd_http_addresses and nsqd_watch is None:
+            raise ValueError("a consumer needs nsqd_tcp_addresses, lookupd_http_addresses or an nsqd_watch")
         if max_in_flight < 0:
             raise ValueError("max_in_flight must not be negative")
         for address in nsqd_tcp_addresses:
             split_address(address)  # ValueError now, not at the first connection
-        for address in lookupd_http_addresses:
-            http_host_port(address)
         self.topic = topic
         self.channel = channel
         self.max_in_flight = max_in_flight
@@ -83,9 +89,10 @@ class Consumer:
         self._on_message = on_message
         self._on_give_up = on_give_up
         self._direct = list(nsqd_tcp_addresses)
-        self._lookupd = list(lookupd_http_addresses)
-        self._discovered: set[str] = set()
-        self._lookupd_poll_interval = lookupd_poll_interval
+        # Its own watch of the topic, stopped with it; or its owner's, which it only listens to.
+        self._own_watch = bool(lookupd_http_addresses)
+        self._watch = NsqdWatch(lookupd_http_addresses, lookupd_poll_interval, topic) if self._own_watch else nsqd_watch
+        self._discovered: frozenset[str] = frozenset()
         self._requeue_delay = requeue_delay
         self._max_attempts = max_attempts
         self._backoff_enabled = backoff
@@ -115,24 +122,33 @@ class Consumer:
         return sum(connection.in_flight for connection in self.connections.values())
 
     async def start(self) -> None:
-        """Connect and subscribe; raises ``ConnectionError`` when only nsqd addresses were given and none answers."""
+        """Connect and subscribe, to every nsqd known by then (nsqlookupd's asked first).
+
+        Raises ``ConnectionError`` when only nsqd addresses were given and
+        none answers; nsqd that do not answer are tried again in the background.
+        """
         if self._started:
             raise RuntimeError("the consumer is already started")
         self._started = True
-        results = await asyncio.gather(*(self._connect(address) for address in self._direct), return_exceptions=True)
-        for address, result in zip(self._direct, results, strict=True):
+        watch = self._watch
+        if watch is not None:
+            await watch.start()
+            if self._stopping:
+                return
+            self._discovered = watch.known
+            watch.listen(self._nsqd_listed)
+        addresses = [*self._direct, *sorted(self._discovered.difference(self._direct))]
+        results = await asyncio.gather(*(self._connect(address) for address in addresses), return_exceptions=True)
+        for address, result in zip(addresses, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, ConnectionError):
                     await self.stop()
                     raise result
                 logger.warning("%s; retrying", result)
                 self._reconnect_later(address)
-        if self._direct and not self.connections and not self._lookupd:
+        if self._direct and not self.connections and watch is None:
             await self.stop()
             raise ConnectionFailed(f"no nsqd reachable for {self.topic}/{self.channel}: {results[0]}")
-        if self._lookupd:
-            await self._poll_lookupd()
-            self._spawn(self._poll_lookupd_forever())
 
     def stop(self, timeout: float = 10.0) -> asyncio.Future[None]:
         """Stop gracefully: RDY 0, wait up to ``timeout`` for in-flight messages to be answered, CLS, close.
@@ -144,6 +160,10 @@ class Consumer:
         """
         if self._stopped is None:
             self._stopping = True
+            if self._watch is not None:
+                self._watch.ignore(self._nsqd_listed)
+                if self._own_watch:
+                    self._watch.stop()
             for connection in self.connections.values():
                 connection.set_ready(0)
             for timer in (self._backoff_timer, self._rotation_timer):
@@ -162,16 +182,26 @@ class Consumer:
         """Publish through a connection this consumer reads from; that connection.
 
         What its nsqd sends back for it (a reply to an invocation) comes by the
-        same connection, so the caller may watch it (``when_closed``). The same
-        connection is used while it stays open. ``ConnectionError`` when none is.
+        same connection, so the caller may watch it (``when_closed``). The
+        connection is the open one to the first of ``nsqd_tcp_addresses``
+        that has one (then any other): the same while it stays open, and the
+        first address's again once it is back. ``ConnectionError`` when none is.
         """
         connection = self._publishing
         if connection is None or not connection.is_open:
-            connection = self._publishing = next((open_ for open_ in self.connections.values() if open_.is_open), None)
+            connection = self._publishing = min(
+                (open_ for open_ in self.connections.values() if open_.is_open),
+                key=lambda open_: self._rank(open_.address),
+                default=None,
+            )
             if connection is None:
                 raise ConnectionFailed(f"no connection to nsqd open for {self.topic}/{self.channel}")
         connection.publish(topic, body, answer)
         return connection
+
+    def _rank(self, address: str) -> int:
+        """Where ``address`` comes in the order publishes prefer: the given nsqd in their order, then the rest."""
+        return self._direct.index(address) if address in self._direct else len(self._direct)
 
     def _stop_publishing_through(self, connection: Connection) -> None:
         if self._publishing is connection:
@@ -198,10 +228,13 @@ class Consumer:
         except BaseException:
             connection.abort()
             raise
-        if self._stopping:
+        if self._stopping or address in self.connections:  # stopped, or connected meanwhile by another way
             await connection.close()
             return
         self.connections[address] = connection
+        publishing = self._publishing
+        if publishing is not None and self._rank(address) < self._rank(publishing.address):
+            self._publishing = None  # the next publish goes by the address preferred, back
         logger.info("consuming %s/%s from %s", self.topic, self.channel, address)
         self._distribute_rdy()
 
@@ -285,31 +318,22 @@ class Consumer:
 
     # --- nsqlookupd -------------------------------------------------------------
 
-    async def _poll_lookupd_forever(self) -> None:
-        while True:
-            # Jitter keeps many consumers from polling in step.
-            await asyncio.sleep(self._lookupd_poll_interval * random.uniform(0.9, 1.1))
-            await self._poll_lookupd()
+    def _nsqd_listed(self, listed: frozenset[str]) -> None:
+        """The watch lists ``listed`` now: subscribe on the nsqd new to it.
 
-    async def _poll_lookupd(self) -> None:
-        results = await asyncio.gather(
-            *(lookup(address, self.topic) for address in self._lookupd), return_exceptions=True
-        )
-        found: set[str] = set()
-        answered = False
-        for address, result in zip(self._lookupd, results, strict=True):
-            if isinstance(result, BaseException):
-                logger.warning("nsqlookupd %s: %s", address, result)
-            else:
-                answered = True
-                found.update(result)
-        if not answered:
-            return  # keep what we have rather than drop everything
-        vanished = self._discovered - found
-        self._discovered = found
-        for address in found:
+        When a watch of the topic no longer lists an nsqd, the topic was
+        deleted or tombstoned there (to drain it): the connection is retired.
+        A connection to an nsqd that a watch of every nsqd no longer lists is
+        kept while it is open: it is how a restarted nsqlookupd answers until
+        each nsqd registers again, and one that died closes by itself.
+        """
+        vanished = self._discovered - listed
+        self._discovered = listed
+        for address in listed:
             if address not in self.connections:
                 self._reconnect_later(address)
+        if self._watch is None or self._watch.topic is None:
+            return
         for address in vanished:
             connection = self.connections.get(address)
             if connection is not None and address not in self._direct:

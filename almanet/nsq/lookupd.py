@@ -1,13 +1,31 @@
-"""nsqlookupd's ``/lookup``: which nsqd instances have a topic."""
+"""nsqlookupd: which nsqd instances have a topic (``/lookup``), or are in the cluster at all (``/nodes``).
+
+``NsqdWatch`` polls every nsqlookupd given and tells its listeners each
+time the set of nsqd it lists changes. Each nsqd registers with every
+nsqlookupd, so the union of the answers is the cluster: one nsqlookupd down
+changes nothing, and when none answers the last known set stays.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed
+
+logger = logging.getLogger("almanet.nsq")
+
+# How often a watch asks nsqlookupd, unless told otherwise: an nsqd that joins the cluster is
+# served (and read) within about this long. nsqlookupd answers /nodes in well under a millisecond.
+POLL_INTERVAL = 5.0
+# How long one nsqlookupd gets to answer.
+QUERY_TIMEOUT = 5.0
 
 
 def http_host_port(address: str) -> tuple[str, int]:
@@ -21,15 +39,24 @@ def http_host_port(address: str) -> tuple[str, int]:
         ) from None
 
 
-async def lookup(address: str, topic: str, timeout: float = 5.0) -> list[str]:
+async def lookup(address: str, topic: str, timeout: float = QUERY_TIMEOUT) -> list[str]:
     """The TCP addresses (``host:port``) of the nsqd instances nsqlookupd lists for ``topic``.
 
     An unknown topic gives an empty list; an unreachable nsqlookupd or a bad
     answer raises ``ConnectionError``.
     """
+    return await _producers(address, f"/lookup?topic={quote(topic)}", timeout)
+
+
+async def nodes(address: str, timeout: float = QUERY_TIMEOUT) -> list[str]:
+    """The TCP addresses (``host:port``) of every nsqd registered with nsqlookupd, as ``lookup``."""
+    return await _producers(address, "/nodes", timeout)
+
+
+async def _producers(address: str, path: str, timeout: float) -> list[str]:
     host, port = http_host_port(address)
     try:
-        status, body = await asyncio.wait_for(_get(host, port, f"/lookup?topic={quote(topic)}"), timeout)
+        status, body = await asyncio.wait_for(_get(host, port, path), timeout)
     except (OSError, asyncio.TimeoutError) as error:
         raise ConnectionFailed(f"nsqlookupd at {address} unreachable: {error or 'timed out'}") from error
     if status == 404:
@@ -40,7 +67,7 @@ async def lookup(address: str, topic: str, timeout: float = 5.0) -> list[str]:
         producers = json.loads(body)["producers"]
         return [f"{producer['broadcast_address']}:{producer['tcp_port']}" for producer in producers]
     except (ValueError, KeyError, TypeError) as error:
-        raise ConnectionFailed(f"nsqlookupd at {address} answered /lookup badly: {error}") from error
+        raise ConnectionFailed(f"nsqlookupd at {address} answered {path} badly: {error}") from error
 
 
 async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
@@ -56,3 +83,87 @@ async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
     if len(status_line) < 2 or not status_line[1].isdigit():
         raise ConnectionFailed(f"not an HTTP response from {host}:{port}")
     return int(status_line[1]), body
+
+
+class NsqdWatch:
+    """The nsqd instances the nsqlookupd ``addresses`` list for ``topic`` (every nsqd when ``topic`` is None).
+
+    ``start()`` asks once and returns with the answer; from then on it asks
+    again every ``poll_interval`` seconds (with jitter, so that many clients do
+    not ask in step) until ``stop()``, and tells each listener the new set
+    whenever it changes. ``known`` is the union of the answers of the last
+    poll any nsqlookupd answered.
+    """
+
+    def __init__(
+        self, addresses: Sequence[str], poll_interval: float = POLL_INTERVAL, topic: str | None = None
+    ) -> None:
+        if not addresses:
+            raise ValueError("a watch needs at least one nsqlookupd address (http://host:port)")
+        for address in addresses:
+            http_host_port(address)  # ValueError now, not at the first poll
+        if not poll_interval > 0:
+            raise ValueError(f"lookupd_poll_interval must be a positive number of seconds, not {poll_interval!r}")
+        self.addresses = list(addresses)
+        self.poll_interval = poll_interval
+        self.topic = topic
+        self.known: frozenset[str] = frozenset()
+        self._listeners: list[Callable[[frozenset[str]], None]] = []
+        self._started: asyncio.Future[None] | None = None
+        self._polling: asyncio.Task[None] | None = None
+        self._unanswered: set[str] = set()  # the nsqlookupd that did not answer the last poll
+
+    def listen(self, listener: Callable[[frozenset[str]], None]) -> None:
+        self._listeners.append(listener)
+
+    def ignore(self, listener: Callable[[frozenset[str]], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    async def start(self) -> None:
+        """Ask every nsqlookupd once (the first call), then keep polling in the background."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._poll())
+            self._started.add_done_callback(self._poll_forever)
+        await asyncio.shield(self._started)
+
+    def stop(self) -> None:
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+        if self._polling is not None:
+            self._polling.cancel()
+        self._started = self._polling = None
+
+    def _poll_forever(self, first: asyncio.Future[None]) -> None:
+        if not first.cancelled() and self._started is first:
+            self._polling = asyncio.ensure_future(self._poll_every_interval())
+
+    async def _poll_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval * random.uniform(0.9, 1.1))
+            await self._poll()
+
+    async def _poll(self) -> None:
+        topic = self.topic
+        queries = (nodes(address) if topic is None else lookup(address, topic) for address in self.addresses)
+        results: list[Any] = await asyncio.gather(*queries, return_exceptions=True)
+        found: set[str] = set()
+        answered = False
+        for address, result in zip(self.addresses, results, strict=True):
+            if isinstance(result, ConnectionError):
+                if address not in self._unanswered:  # said once, not at every poll
+                    self._unanswered.add(address)
+                    logger.warning("%s; asking it again every %g s", result, self.poll_interval)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                if address in self._unanswered:
+                    self._unanswered.discard(address)
+                    logger.info("nsqlookupd at %s answers again", address)
+                answered = True
+                found.update(result)
+        if not answered or found == self.known:
+            return  # none answered: the last known nsqd stay
+        self.known = frozenset(found)
+        for listener in list(self._listeners):
+            listener(self.known)
