@@ -40,16 +40,26 @@ def run(main: Coroutine[Any, Any, T], loop: LoopName = "asyncio") -> T:
 
 
 async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
-    """``await start()``, run until SIGINT or SIGTERM, then ``await stop()`` (also when start fails)."""
+    """``await start()``, run until SIGINT or SIGTERM, then ``await stop()`` (also when start fails).
+
+    A signal while ``start()`` still runs (waiting for nsqd) cancels it.
+    """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopping.set)
+    starting = asyncio.ensure_future(start())
+    signalled = asyncio.ensure_future(stopping.wait())
     try:
-        await start()
-        await stopping.wait()
+        await asyncio.wait((starting, signalled), return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # start's error, if any
+            await signalled
         logging.getLogger("almanet").info("stopping")
     finally:
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signal_number)
+        for task in (starting, signalled):
+            task.cancel()
+        await asyncio.gather(starting, signalled, return_exceptions=True)
         await stop()

@@ -48,6 +48,9 @@ logger = logging.getLogger("almanet")
 DEFAULT_CHANNEL = "rpc"
 DEFAULT_MAX_CONCURRENCY = 1000
 _DISCOVERY_IN_FLIGHT = 100  # queries are answered as they arrive
+# A service started before its nsqd: how often it tries to start again, and says it waits.
+_RETRY_START_EVERY = 1.0
+_WAITING_SAID_EVERY = 10.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -181,7 +184,7 @@ class Service:
     """
 
     def __init__(self, *addresses: str, prefix: str = "", **options: Unpack[SessionOptions]) -> None:
-        check_keywords("Service.__init__", options)
+        check_keywords("Service.__init__", options, ("prefix",))
         if prefix:
             check_uri(prefix)
         self.prefix = prefix
@@ -257,6 +260,9 @@ class Service:
         for error in declared:
             if not (isinstance(error, type) and issubclass(error, rpc_error)):
                 raise TypeError(f"raises takes rpc_error subclasses, not {error!r}")
+        procedure_options = connection_options(
+            self.session.options, options, "procedure", ("function", "name", "channel", "max_concurrency", "raises")
+        )
 
         def register(function: Callable[..., Any]) -> Procedure[..., Any]:
             local_name = name or function.__name__
@@ -266,7 +272,6 @@ class Service:
                 raise ValueError("max_concurrency must be at least 1")
             if any(known.uri == uri and known.channel == channel for known in self.procedures):
                 raise ValueError(f"{uri} is already registered on channel {channel!r}")
-            procedure_options = connection_options(self.session.options, options)
             registered = Procedure(function, uri, channel, max_concurrency, procedure_options, declared)
             self.procedures.append(registered)
             self._reply_published.setdefault(uri, _ReplyPublished(uri))
@@ -346,8 +351,26 @@ class Service:
         await self.stop()
 
     async def serve_until_signal(self) -> None:
-        """Serve until SIGINT or SIGTERM, then stop gracefully (finishing the calls in flight)."""
-        await loops.serve_until_signal(self.start, self.stop)
+        """Serve until SIGINT or SIGTERM, then stop gracefully (finishing the calls in flight).
+
+        Started before its nsqd (as compose or systemd may start it), it
+        waits for nsqd: it says so at once and every ``_WAITING_SAID_EVERY``
+        seconds, tries again every ``_RETRY_START_EVERY``.
+        """
+        await loops.serve_until_signal(self._start_once_nsqd_answers, self.stop)
+
+    async def _start_once_nsqd_answers(self) -> None:
+        loop = asyncio.get_running_loop()
+        said_at = None
+        while True:
+            try:
+                await self.start()
+                return
+            except ConnectionError as error:
+                if said_at is None or loop.time() - said_at >= _WAITING_SAID_EVERY:
+                    said_at = loop.time()
+                    logger.warning("waiting for nsqd (%s); trying every %g s", error, _RETRY_START_EVERY)
+            await asyncio.sleep(_RETRY_START_EVERY)
 
     def serve(self, loop: loops.LoopName = "asyncio") -> None:
         """Run the service until SIGINT or SIGTERM, on asyncio's loop or on uvloop (blocking).
@@ -367,7 +390,7 @@ class Service:
         """Serve with these connection options changed (``Session.use_options``), for every procedure, while stopped."""
         self.session.use_options(**options)
         for registered in self.procedures:
-            registered.options = connection_options(registered.options, options)
+            registered.options = connection_options(registered.options, options, "use_options")
 
     # --- one invocation --------------------------------------------------------------
 
@@ -559,6 +582,17 @@ def _inspect_parameters(function: Callable[..., Any], uri: str) -> tuple[Any, An
     payload_type, result_type = annotations.get(payload_name, Any), annotations.get("return", Any)
     _check_annotation(uri, "payload", payload_type)
     _check_annotation(uri, "return", result_type)
+    for parameter in parameters[1:]:
+        # A call passes the payload and the keywords of CONTEXT: a parameter it cannot fill fails every call.
+        required = parameter.default is parameter.empty and parameter.kind not in (
+            parameter.VAR_POSITIONAL,
+            parameter.VAR_KEYWORD,
+        )
+        if required and (parameter.kind is parameter.POSITIONAL_ONLY or parameter.name not in CONTEXT):
+            raise TypeError(
+                f"procedure {uri}: a call cannot fill its parameter {parameter.name!r} (it passes the payload, then "
+                f"the keywords {', '.join(CONTEXT)}): give it a default"
+            )
     if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
         return payload_type, result_type, None
     return payload_type, result_type, tuple(name for name in CONTEXT if name in signature.parameters)
@@ -609,5 +643,5 @@ def _encode_reply(call_id: int, ok: bool, payload: Any) -> bytes:
 
 def new_service(*addresses: str, prefix: str = "", **options: Unpack[SessionOptions]) -> Service:
     """A service whose procedures are named ``<prefix>.<name>``, on the given addresses (see ``Service``)."""
-    check_keywords("new_service", options)
+    check_keywords("new_service", options, ("prefix",))
     return Service(*addresses, prefix=prefix, **options)

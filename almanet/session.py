@@ -259,6 +259,11 @@ class ConsumedMessage:
         """Restart its msg_timeout (TOUCH)."""
         self._message.touch()
 
+    @property
+    def answered(self) -> bool:
+        """Whether it was committed or rolled back."""
+        return self._message.answered
+
     def __repr__(self) -> str:
         return f"ConsumedMessage(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
 
@@ -269,6 +274,10 @@ class Subscription:
     ``async for message in session.consume(topic, channel)``, or ``async with``
     it, or the pair form ``stream, stop = await session.consume(...)``.
     Stopping gives back at once the messages received and not handed out yet.
+    Leaving an ``async for`` loop (``break``, or an exception in its body)
+    stops the subscription and rolls back, at once, the messages the loop was
+    handed and did not commit or roll back by the time it ended (code that
+    commits them right after the loop, before awaiting anything, still does).
     """
 
     def __init__(self, consumer_of: Callable[[Callable[[Message], None]], Consumer]) -> None:
@@ -294,6 +303,10 @@ class Subscription:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop consuming: requeue what was not handed out, wait up to ``timeout`` for the rest to be answered."""
+        await self._stop_soon(timeout)
+
+    def _stop_soon(self, timeout: float) -> asyncio.Future[None]:
+        """``stop``'s RDY 0 and requeues now; what waits for the rest."""
         self._stopped = True
         stopped = self._consumer.stop(timeout)  # RDY 0 first: what is rolled back now is not sent back here
         received, self._received = self._received, deque()
@@ -301,10 +314,34 @@ class Subscription:
             message.rollback()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        await stopped
+        return stopped
 
     def __aiter__(self) -> AsyncIterator[ConsumedMessage]:
-        return self
+        return self._handed_out()
+
+    async def _handed_out(self) -> AsyncIterator[ConsumedMessage]:
+        """The messages, to an ``async for`` loop; what it leaves unanswered is rolled back when it ends.
+
+        The loop's end closes this generator (asyncio schedules ``aclose()``
+        once the loop lets go of it): without that, nsqd would hand the
+        messages out again only after their msg_timeout.
+        """
+        handed: list[ConsumedMessage] = []
+        try:
+            while True:
+                message = await self.__anext__()
+                if len(handed) > 2 * self._consumer.max_in_flight:  # nsqd hands out no more unanswered than that
+                    handed = [kept for kept in handed if not kept.answered]
+                handed.append(message)
+                yield message
+        except StopAsyncIteration:
+            return
+        finally:
+            stopped = self._stop_soon(10.0)  # RDY 0 before the rollbacks, or nsqd hands them straight back here
+            for message in handed:
+                if not message.answered:
+                    message.rollback()
+            await stopped
 
     async def __anext__(self) -> ConsumedMessage:
         if self._started is None or not self._started.done():
@@ -366,11 +403,11 @@ class SessionOptions(TypedDict, total=False):
     user_agent: str
 
 
-def check_keywords(function: str, options: Mapping[str, object]) -> None:
-    """``TypeError`` as Python words it, for a keyword ``function`` (which takes ``SessionOptions``) does not take."""
+def check_keywords(function: str, options: Mapping[str, object], own: Iterable[str] = ()) -> None:
+    """``TypeError`` as Python words it, for a keyword ``function`` does not take (its ``own``, ``SessionOptions``)."""
     for name in options:
         if name not in SessionOptions.__annotations__:
-            known = ", ".join(SessionOptions.__annotations__)
+            known = ", ".join([*own, *SessionOptions.__annotations__])
             raise TypeError(f"{function}() got an unexpected keyword argument {name!r}; it takes: {known}")
 
 
@@ -398,8 +435,7 @@ class Session:
     def __init__(self, *addresses: str, **options: Unpack[SessionOptions]) -> None:
         check_keywords("Session.__init__", options)
         self.nsqd_addresses, self.lookupd_addresses = split_addresses(addresses)
-        self.id = secrets.token_hex(8)
-        self.reply_topic = f"{REPLY_TOPIC_PREFIX}{self.id}#ephemeral"
+        self._new_identity()
         connection: dict[str, Any] = dict(options)
         self.timeout: float = connection.pop("timeout", DEFAULT_TIMEOUT)
         self.lookupd_poll_interval: float = connection.pop("lookupd_poll_interval", POLL_INTERVAL)
@@ -468,7 +504,7 @@ class Session:
         """
         if self._joined or self._replies is not None:
             raise RuntimeError("a session changes its options only while it is not joined: leave first")
-        self.options = connection_options(self.options, options)
+        self.options = connection_options(self.options, options, "use_options")
         self._producer = Producer(*self.nsqd_addresses, options=self.options)
 
     async def leave(self, timeout: float = 10.0) -> None:
@@ -487,8 +523,15 @@ class Session:
         self._served_until.clear()  # the services may be gone when it joins again
         self._replies = self._replies_subscribed = self._call_connection = None
         self._call_connections.clear()
+        # nsqd deletes an ephemeral topic whose last channel left in the background, and a SUB to it
+        # meanwhile fails (E_SUB_FAILED): a session that joins again reads a reply topic of its own.
+        self._new_identity()
         producer, self._producer = self._producer, Producer(*self.nsqd_addresses, options=self.options)
         await producer.close(timeout)
+
+    def _new_identity(self) -> None:
+        self.id = secrets.token_hex(8)
+        self.reply_topic = f"{REPLY_TOPIC_PREFIX}{self.id}#ephemeral"
 
     def consumer(
         self,
@@ -859,19 +902,30 @@ class Session:
                 if lookupd_poll_interval is None
                 else lookupd_poll_interval,
                 max_in_flight=max_in_flight,
-                options=connection_options(self.options, {**self._consume_buffer, **options}),
+                options=connection_options(
+                    self.options,
+                    {**self._consume_buffer, **options},
+                    "consume",
+                    ("topic", "channel", "max_in_flight", "lookupd_poll_interval"),
+                ),
             )
         )
         self._subscriptions.add(subscription)
         return subscription
 
 
-def connection_options(base: ConnectionOptions, overrides: dict[str, Any]) -> ConnectionOptions:
-    """``base`` with ``overrides``; ``TypeError`` naming the options there are for a name that is none."""
-    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(ConnectionOptions)})
-    if unknown:
-        known = ", ".join(field.name for field in dataclasses.fields(ConnectionOptions))
-        raise TypeError(f"unknown connection option {', '.join(map(repr, unknown))}; the options are: {known}")
+def connection_options(
+    base: ConnectionOptions, overrides: dict[str, Any], function: str, own: Iterable[str] = ()
+) -> ConnectionOptions:
+    """``base`` with ``overrides``, the keywords ``function`` was given beside its ``own``.
+
+    ``TypeError`` as Python words it for one that is no connection option, listing those ``function`` takes.
+    """
+    fields = [field.name for field in dataclasses.fields(ConnectionOptions)]
+    for name in overrides:
+        if name not in fields:
+            known = ", ".join([*own, *fields])
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}; it takes: {known}")
     return dataclasses.replace(base, **overrides) if overrides else base
 
 

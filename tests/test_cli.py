@@ -21,6 +21,7 @@ import almanet
 from almanet.broker import BrokerOptions
 from almanet.cli import main
 from almanet.pytest_plugin import BrokerAddresses
+from helpers import broker_of_kind, free_port
 
 TIMEOUT = 30.0
 NOWHERE = "127.0.0.1:1"  # nothing listens there: the addresses the command line gives must win
@@ -166,6 +167,43 @@ def test_python_app_py_logs_what_it_serves(almanet_broker: BrokerAddresses, tmp_
         assert "INFO" in line
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("kind", ["embedded", "nsqd"])
+def test_serve_started_before_its_nsqd_waits_for_it_and_call_fails_fast(kind: str, tmp_path: Path) -> None:
+    """As compose or systemd may start a service before nsqd: said once, then it serves within 3 s of nsqd."""
+    address = f"127.0.0.1:{free_port()}"
+    prefix = write_app(tmp_path)
+    service = serve(tmp_path, "--address", address, env=environment())
+    try:
+        said = service.wait_for("waiting for nsqd")
+        assert f"cannot connect to nsqd at {address}" in said and "trying every 1 s" in said
+        started = time.monotonic()
+        failed = call(f"{prefix}.buy", '{"item": "milk", "count": 1}', "--address", address, env=environment())
+        assert failed.returncode == 1 and "ConnectionFailed" in failed.stderr
+        assert time.monotonic() - started < 5.0
+        time.sleep(1.5)
+        with broker_of_kind(kind, address):
+            started = time.monotonic()
+            service.wait_for(f"serving {prefix}.buy")
+            assert time.monotonic() - started < 3.0
+            bought = call(f"{prefix}.buy", '{"item": "milk", "count": 2}', "--address", address, env=environment())
+            assert (bought.returncode, bought.stdout) == (0, "6\n"), bought.stderr
+            logged = service.stop()
+    finally:
+        if service.process.poll() is None:
+            service.process.kill()
+    assert logged.count("waiting for nsqd") == 1, logged  # once at start: the next would come 10 s later
+    assert "Traceback" not in logged
+
+
+def test_serve_waiting_for_nsqd_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    write_app(tmp_path)
+    service = serve(tmp_path, "--address", f"127.0.0.1:{free_port()}", env=environment())
+    service.wait_for("waiting for nsqd")
+    started = time.monotonic()
+    logged = service.stop()
+    assert time.monotonic() - started < 5.0 and "Traceback" not in logged
 
 
 def test_serve_refuses_an_address_without_a_port(tmp_path: Path) -> None:

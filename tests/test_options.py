@@ -49,25 +49,51 @@ def test_a_procedure_takes_options_of_its_own() -> None:
 
 @pytest.mark.parametrize("make", [almanet.new_session, almanet.new_service, almanet.Session, almanet.Service])
 def test_a_misspelt_keyword_is_named_by_the_function_called(make: Any) -> None:
-    """Not ``Session.__init__()`` for ``new_service``: each takes its keywords itself."""
+    """Not ``Session.__init__()`` for ``new_service``: each takes its keywords itself, and lists them."""
     called = make.__name__ if inspect.isfunction(make) else f"{make.__name__}.__init__"
     with pytest.raises(TypeError, match=rf"^{re.escape(called)}\(\) got an unexpected keyword argument 'msg_timout'"):
         make("127.0.0.1:4150", msg_timout=5)
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'prefx'"):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'prefx'; it takes: (\w+, )*timeout") as raised:
         make("127.0.0.1:4150", prefx="net.example")
+    assert ("it takes: prefix, timeout" in str(raised.value)) == (make in (almanet.new_service, almanet.Service))
 
 
-def test_consume_and_procedure_name_the_options_there_are() -> None:
-    """They take ``**options``: the TypeError lists them."""
-    listed = r"unknown connection option 'msg_timout'; the options are: client_id, .*msg_timeout, .*max_body_size$"
-    with pytest.raises(TypeError, match=listed):
+def test_consume_and_procedure_name_the_keywords_they_take() -> None:
+    """They take ``**options``: the TypeError lists their own keywords, then the connection options."""
+    connection = r"client_id, .*msg_timeout, .*max_body_size$"
+    consume = (
+        r"^consume\(\) got an unexpected keyword argument 'msg_timout'; "
+        rf"it takes: topic, channel, max_in_flight, lookupd_poll_interval, {connection}"
+    )
+    with pytest.raises(TypeError, match=consume):
         almanet.new_session("127.0.0.1:4150").consume("topic", "channel", msg_timout=5)
     service = almanet.new_service("127.0.0.1:4150", prefix="options")
-    with pytest.raises(TypeError, match=listed):
+    procedure = (
+        r"^procedure\(\) got an unexpected keyword argument 'chanel'; "
+        rf"it takes: function, name, channel, max_concurrency, raises, {connection}"
+    )
+    with pytest.raises(TypeError, match=procedure):
+        service.procedure(chanel="other")  # at once, before a function is given
 
-        @service.procedure(msg_timout=5)
-        async def slow(payload: Any, **kwargs: Any) -> None:
-            pass
+
+def test_a_procedure_a_call_cannot_fill_is_refused_when_registered() -> None:
+    service = almanet.new_service("127.0.0.1:4150", prefix="options")
+
+    async def two(payload: str, count: int) -> str:
+        return payload * count
+
+    async def positional_only(payload: str, session: Any, /) -> None:
+        pass
+
+    for function, name in ((two, "count"), (positional_only, "session")):
+        with pytest.raises(TypeError, match=rf"procedure options\.\w+: a call cannot fill its parameter '{name}'"):
+            service.procedure(function)
+
+    @service.procedure
+    async def fine(payload: str, count: int = 2, *, session: Any, uri: str, **kwargs: Any) -> str:
+        return payload * count
+
+    assert [procedure.uri for procedure in service.procedures] == ["options.fine"]
 
 
 def test_the_session_options_are_the_connection_options_the_timeout_and_the_poll_interval() -> None:

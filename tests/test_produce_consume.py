@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import ansq
@@ -147,3 +148,46 @@ async def test_ansq_consumes_what_a_session_produces(
     finally:
         await reader.close()
     assert bodies == [b"raw for ansq", msgpack.packb({"msgpack": "for ansq"})]
+
+
+@pytest.mark.parametrize("leave", ["break", "raise"])
+async def test_leaving_an_async_for_loop_rolls_back_what_it_did_not_commit_at_once(
+    session: almanet.Session, topic: str, leave: str
+) -> None:
+    """A break (or an exception in the loop body) before commit(): the message is handed out again within a second,
+    not after its msg_timeout; what the loop committed stays committed."""
+    await session.produce_batch(topic, ["committed", "left"])
+    seen = []
+    with pytest.raises(RuntimeError) if leave == "raise" else contextlib.nullcontext():
+        async for message in session.consume(topic, "ch", msg_timeout=60.0):
+            seen.append(message.payload)
+            if message.payload == "committed":
+                message.commit()
+                continue
+            if leave == "raise":
+                raise RuntimeError("the loop body failed")
+            break
+    assert seen == ["committed", "left"]
+    started = time.monotonic()
+    async with session.consume(topic, "ch") as again:
+        message = await asyncio.wait_for(anext(again), TIMEOUT)
+        assert (message.payload, message.attempts) == ("left", 2)
+        message.commit()
+    assert time.monotonic() - started < 1.0
+
+
+async def test_messages_committed_right_after_the_loop_stay_committed(session: almanet.Session, topic: str) -> None:
+    """A batch taken in an async for loop and committed after it, before anything is awaited."""
+    await session.produce_batch(topic, list(range(5)))
+    batch = []
+    async for message in session.consume(topic, "ch"):
+        batch.append(message)
+        if len(batch) == 5:
+            break
+    for message in batch:
+        message.commit()
+    await session.produce(topic, "next")
+    async with session.consume(topic, "ch") as again:
+        message = await asyncio.wait_for(anext(again), TIMEOUT)
+        assert message.payload == "next"
+        message.commit()

@@ -69,6 +69,21 @@ async def test_readme_flow(almanet_broker: BrokerAddresses, session: almanet.Ses
         assert str(raised.value) == "denied"
 
 
+async def test_a_session_entered_again_and_again_at_once_always_subscribes(
+    almanet_broker: BrokerAddresses, prefix: str
+) -> None:
+    """As the seed README enters one session three times: each time a reply topic of its own, so nsqd deleting the
+    last one (ephemeral, its channel gone) never refuses the SUB (E_SUB_FAILED exiting)."""
+    session = almanet.new_session(almanet_broker.tcp_address)
+    topics = set()
+    async with greeting_service(almanet_broker.tcp_address, prefix):
+        for _ in range(30):
+            async with session:
+                assert (await session.call(f"{prefix}.greeting", "again")).payload == "Hello, again!"
+                topics.add(session.reply_topic)
+    assert len(topics) == 30
+
+
 async def test_a_procedure_object_is_called_by_its_uri(almanet_broker: BrokerAddresses, prefix: str) -> None:
     service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
 
