@@ -51,6 +51,7 @@ _DISCOVERY_IN_FLIGHT = 100  # queries are answered as they arrive
 # A service started before its nsqd: how often it tries to start again, and says it waits.
 _RETRY_START_EVERY = 1.0
 _WAITING_SAID_EVERY = 10.0
+_NSQD_MSG_TIMEOUT_MS = 60_000  # nsqd's default, where IDENTIFY's answer does not say
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -200,6 +201,10 @@ class Service:
         # What a reply's publish tells its failure to, by URI: one each, not one a reply.
         self._reply_published = {DISCOVERY_TOPIC: _ReplyPublished(DISCOVERY_TOPIC)}
         self._calls_started: dict[Message, float] = {}  # while DEBUG is on: time.perf_counter() at each call
+        # Invocations whose call still runs, kept from timing out: their call's deadline (time.time(); inf: none).
+        self._still_running: dict[Message, float] = {}
+        self._touch_timer: asyncio.TimerHandle | None = None
+        self._touch_every = 0.0
 
     @overload
     def procedure(
@@ -339,6 +344,9 @@ class Service:
             self._nsqd_watch = None
         for task in list(self._running):  # past the timeout: nsqd redelivers their invocations
             task.cancel()
+        if self._touch_timer is not None:
+            self._touch_timer.cancel()
+            self._touch_timer = None
         producers, self._big_reply_producers = self._big_reply_producers, {}
         await asyncio.gather(*(producer.close(timeout) for producer in producers.values()))
         await self.session.leave(timeout)
@@ -454,10 +462,12 @@ class Service:
                 if not task.done():
                     self._running.add(task)  # a reference, so the task is not collected while it waits
                     task.add_done_callback(self._running.discard)
+                    self._keep_from_timing_out(message, invocation.deadline)
             else:
                 work = functools.partial(procedure.serve, payload, **context)
                 future = asyncio.get_running_loop().run_in_executor(None, work)
                 future.add_done_callback(functools.partial(self._finish_sync, procedure, invocation, message))
+                self._keep_from_timing_out(message, invocation.deadline)
         except Exception as error:  # the call could not start: answered all the same, never redelivered
             self._answer_error(error, procedure, invocation, message)
 
@@ -502,8 +512,36 @@ class Service:
         if invocation.reply_to is not None:
             self._reply(message, procedure.uri, invocation.reply_to, invocation.call_id, ok, payload)
         message.fin()
+        if self._still_running:  # an empty dict's check for the calls that finished as they started
+            self._still_running.pop(message, None)
         if self._calls_started:  # DEBUG was on when a call came (an empty dict's check otherwise)
             self._log_call(procedure.uri, ok, payload, message)
+
+    def _keep_from_timing_out(self, message: Message, deadline_ms: int) -> None:
+        """TOUCH ``message`` while its call runs, until the call's deadline (ms since the epoch; 0: none).
+
+        nsqd hands an invocation unanswered after its msg_timeout to an
+        instance again, and the call would run twice. One timer touches every
+        call still running, each half msg_timeout (the shortest of their
+        connections'); past its deadline nobody waits for a call's reply, and
+        its invocation is left to time out.
+        """
+        self._still_running[message] = deadline_ms / 1000 if deadline_ms else float("inf")
+        msg_timeout = message.connection.negotiated.get("msg_timeout", _NSQD_MSG_TIMEOUT_MS) / 1000
+        if self._touch_timer is None or msg_timeout / 2 < self._touch_every:
+            if self._touch_timer is not None:
+                self._touch_timer.cancel()
+            self._touch_every = msg_timeout / 2
+            self._touch_timer = asyncio.get_running_loop().call_later(self._touch_every, self._touch_still_running)
+
+    def _touch_still_running(self) -> None:
+        self._touch_timer = None
+        now = time.time()
+        for message, deadline in self._still_running.items():
+            if deadline > now and message.connection_open:
+                message.touch()
+        if self._still_running:
+            self._touch_timer = asyncio.get_running_loop().call_later(self._touch_every, self._touch_still_running)
 
     def _log_call(self, uri: str, ok: bool, payload: Any, message: Message) -> None:
         """At DEBUG: the call's URI, time (from its receipt to its reply) and outcome (ok, or the error's name)."""

@@ -292,6 +292,38 @@ async def test_a_slow_procedure_times_out_and_its_late_reply_is_dropped(
         assert len(session._pending) == 0
 
 
+async def test_a_procedure_slower_than_msg_timeout_runs_once_per_call(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service TOUCHes the invocations it runs: nsqd never hands one to an instance again while it runs."""
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+    runs: list[str] = []
+
+    @service.procedure(msg_timeout=1.0)
+    async def slow(payload: str) -> str:
+        await asyncio.sleep(2.5)
+        runs.append(payload)
+        return payload
+
+    @service.procedure(msg_timeout=1.0)
+    def slow_sync(payload: str) -> str:
+        time.sleep(2.5)
+        runs.append(payload)
+        return payload
+
+    async with service:
+        # nsqd's queue scan finds a channel's timed-out messages once the channel is 5 s old (docs/NSQD.md).
+        await asyncio.sleep(5.5)
+        calls = [session.call(f"{prefix}.{name}", f"{name} {number}", timeout=10) for name in ("slow", "slow_sync")
+                 for number in range(3)]  # fmt: skip
+        replies = await asyncio.gather(*calls)
+        await asyncio.sleep(1.5)  # a second run, if any, would finish by now
+    expected = sorted(f"{name} {number}" for name in ("slow", "slow_sync") for number in range(3))
+    assert sorted(reply.payload for reply in replies) == expected
+    assert sorted(runs) == expected
+    assert "E_FIN_FAILED" not in caplog.text
+
+
 async def never_answering_service(address: str, prefix: str) -> almanet.Service:
     service = almanet.new_service(address, prefix=prefix)
 
