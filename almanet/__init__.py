@@ -7,6 +7,7 @@ from almanet._speedups import speedups
 from almanet._speedups.envelope import EnvelopeError, Reply
 from almanet._version import __version__
 from almanet.asyncapi import describe
+from almanet.conversion import UnencodablePayload
 from almanet.errors import (
     CallTimeout,
     InternalError,
@@ -50,6 +51,7 @@ __all__ = [
     "Service",
     "Session",
     "Subscription",
+    "UnencodablePayload",
     "UnreadableBody",
     "__version__",
     "describe",

@@ -48,8 +48,9 @@ __all__ = [
     "PLAIN_TYPES",
     "ConversionError",
     "Converter",
-    "as_builtins",
+    "UnencodablePayload",
     "converter",
+    "encode_as_builtins",
     "needs_builtins",
     "resolve_annotations",
     "to_builtins",
@@ -82,6 +83,10 @@ _WIRE_NAMES: dict[type, str] = {list: "array", dict: "object", type(None): "null
 
 class ConversionError(AlmanetError, ValueError):
     """A value is not what the annotation asks for; the message says why and where (``$.field[0]``)."""
+
+
+class UnencodablePayload(AlmanetError, TypeError):
+    """A payload (or a result) that is not msgpack's data model and cannot be turned into it."""
 
 
 def type_name(annotation: Any) -> str:
@@ -371,10 +376,18 @@ def _encode_other(value: Any) -> Any:
     raise TypeError(f"Encoding objects of type {type(value).__qualname__} is unsupported")
 
 
-def as_builtins(value: Any, refused: TypeError) -> Any:
-    """``to_builtins(value)``, for an encoder that ``refused`` ``value``: ``refused`` itself when that fails too."""
+def encode_as_builtins(encode: Callable[[Any], bytes], value: Any, refused: Exception) -> bytes:
+    """``encode(to_builtins(value))``, for an encoder that ``refused`` ``value`` (a dataclass, an enum...).
+
+    ``UnencodablePayload`` saying why when ``value`` has no builtins form, or
+    the encoder refuses that too (an int over 64 bits). Called only once the
+    encoder refused, so a payload it takes costs nothing more.
+    """
     try:
-        return to_builtins(value)
-    except (TypeError, ValueError, RecursionError):
+        return encode(to_builtins(value))
+    except (TypeError, ValueError, OverflowError, RecursionError):
         pass
-    raise refused
+    said = str(refused)
+    if not said.startswith("the payload cannot be encoded"):  # msgpack's own words
+        said = f"the payload cannot be encoded as msgpack: {said}"
+    raise UnencodablePayload(said) from refused

@@ -19,6 +19,7 @@ import inspect
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
@@ -120,6 +121,10 @@ class Procedure(Generic[P, R]):
         self.uri = uri
         self.channel = channel
         self.max_concurrency = max_concurrency
+        # Calls running, and invocations held until one ends: on a cluster each nsqd may hand one out (RDY 1
+        # each, ``Consumer.ready_everywhere``) when max_concurrency is below the number of nsqd.
+        self.running = 0
+        self.held: deque[Message] = deque()
         self.options = options  # of the connections its invocations come by
         self.raises = raises
         self.is_async = inspect.iscoroutinefunction(function)
@@ -194,7 +199,8 @@ class Service:
         self._consumers: list[Consumer] = []
         self._discovery: Consumer | None = None
         self._nsqd_watch: NsqdWatch | None = None  # every nsqd of the cluster, given nsqlookupd
-        self._big_reply_producers: dict[str, Producer] = {}  # by the address of the nsqd they publish to
+        # By the address of the nsqd they publish to; None once stop() closed them.
+        self._big_reply_producers: dict[str, Producer] | None = {}
         self._served: frozenset[str] = frozenset()
         self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
@@ -289,11 +295,14 @@ class Service:
     async def start(self) -> None:
         """Join the session and subscribe every procedure (again, after ``stop``); on failure, stop what started."""
         self._stopped = False
+        self._big_reply_producers = {}
         try:
             await self.session.join()
             self._nsqd_watch = self.session.watch_nsqd()
             if self._nsqd_watch is not None:
                 await self._nsqd_watch.start()
+                if self._stopped:
+                    raise ConnectionFailed("the service was stopped while it started")
             for registered in self.procedures:
                 consumer = self.session.consumer(
                     registered.uri,
@@ -302,6 +311,7 @@ class Service:
                     registered.max_concurrency,
                     registered.options,
                     self._nsqd_watch,
+                    ready_everywhere=True,
                 )
                 self._consumers.append(consumer)  # before it starts: stop() meanwhile stops it too
                 await consumer.start()
@@ -338,7 +348,13 @@ class Service:
             discovery, self._discovery = self._discovery, None
             await discovery.stop(timeout)
         consumers, self._consumers = self._consumers, []
-        await asyncio.gather(*(consumer.stop(timeout) for consumer in consumers))
+        stopped = [consumer.stop(timeout) for consumer in consumers]  # RDY 0 at once: what is requeued stays away
+        for registered in self.procedures:  # never started: back to nsqd, for other instances
+            while registered.held:
+                held = registered.held.popleft()
+                self._still_running.pop(held, None)
+                held.req()
+        await asyncio.gather(*stopped)
         if self._nsqd_watch is not None:
             self._nsqd_watch.stop()
             self._nsqd_watch = None
@@ -347,7 +363,7 @@ class Service:
         if self._touch_timer is not None:
             self._touch_timer.cancel()
             self._touch_timer = None
-        producers, self._big_reply_producers = self._big_reply_producers, {}
+        producers, self._big_reply_producers = self._big_reply_producers or {}, None
         await asyncio.gather(*(producer.close(timeout) for producer in producers.values()))
         await self.session.leave(timeout)
 
@@ -421,6 +437,10 @@ class Service:
         message.fin()
 
     def _receive_invocation(self, procedure: Procedure[..., Any], message: Message) -> None:
+        if procedure.running >= procedure.max_concurrency:
+            procedure.held.append(message)
+            self._keep_from_timing_out(message, 0)
+            return
         try:
             invocation = decode(message.body)
         except EnvelopeError as error:
@@ -458,7 +478,9 @@ class Service:
         try:
             context = procedure.context(self.session, invocation)
             if procedure.is_async:
-                task = _start_task(self._run(procedure.serve(payload, **context), procedure, invocation, message))
+                call = procedure.serve(payload, **context)
+                procedure.running += 1
+                task = _start_task(self._run(call, procedure, invocation, message))
                 if not task.done():
                     self._running.add(task)  # a reference, so the task is not collected while it waits
                     task.add_done_callback(self._running.discard)
@@ -466,6 +488,7 @@ class Service:
             else:
                 work = functools.partial(procedure.serve, payload, **context)
                 future = asyncio.get_running_loop().run_in_executor(None, work)
+                procedure.running += 1
                 future.add_done_callback(functools.partial(self._finish_sync, procedure, invocation, message))
                 self._keep_from_timing_out(message, invocation.deadline)
         except Exception as error:  # the call could not start: answered all the same, never redelivered
@@ -482,6 +505,8 @@ class Service:
                 raise
         else:
             self._answer(procedure, invocation, True, result, message)
+        finally:
+            self._call_ended(procedure)
 
     def _finish_sync(
         self, procedure: Procedure[..., Any], invocation: Invocation, message: Message, future: asyncio.Future[Any]
@@ -492,6 +517,12 @@ class Service:
             self._answer_error(error, procedure, invocation, message)
         else:
             self._answer(procedure, invocation, True, future.result(), message)
+        self._call_ended(procedure)
+
+    def _call_ended(self, procedure: Procedure[..., Any]) -> None:
+        procedure.running -= 1
+        if procedure.held and not self._stopped:
+            self._receive_invocation(procedure, procedure.held.popleft())
 
     def _answer_error(
         self, error: BaseException, procedure: Procedure[..., Any], invocation: Invocation, message: Message
@@ -537,8 +568,10 @@ class Service:
     def _touch_still_running(self) -> None:
         self._touch_timer = None
         now = time.time()
-        for message, deadline in self._still_running.items():
-            if deadline > now and message.connection_open:
+        for message, deadline in list(self._still_running.items()):
+            if message.answered:  # answered by another way than _answer (an invocation that was held, then refused)
+                del self._still_running[message]
+            elif deadline > now and message.connection_open:
                 message.touch()
         if self._still_running:
             self._touch_timer = asyncio.get_running_loop().call_later(self._touch_every, self._touch_still_running)
@@ -582,6 +615,9 @@ class Service:
     def _publish_apart(self, invocation: Message, reply_to: str, body: bytes, answer: AnswerWaiter) -> None:
         """Publish a reply apart from the replies in flight (see ``Session.publish_apart``), to the nsqd
         ``invocation`` came from: on a cluster, the caller reads its replies there only."""
+        if self._big_reply_producers is None:  # a call that ended after stop() closed the producers
+            answer.set_exception(ConnectionFailed("the service stopped before the reply was sent"))
+            return
         address = invocation.connection.address
         producer = self._big_reply_producers.get(address)
         if producer is None:
@@ -675,8 +711,7 @@ def _encode_reply(call_id: int, ok: bool, payload: Any) -> bytes:
     try:
         return encode_reply(call_id, ok, payload)
     except TypeError as refused:
-        payload = conversion.as_builtins(payload, refused)
-    return encode_reply(call_id, ok, payload)
+        return conversion.encode_as_builtins(functools.partial(encode_reply, call_id, ok), payload, refused)
 
 
 def new_service(*addresses: str, prefix: str = "", **options: Unpack[SessionOptions]) -> Service:

@@ -102,6 +102,9 @@ DISCOVERY_WAIT = 0.75
 # found out by the first call after that, or the first call that times out.
 SERVED_FOR = 5.0
 _SERVED_KEPT = 4096  # URIs known served, past which those no longer known are forgotten
+# A caller given nsqlookupd waits for the services of a URI listed on other nsqd to come to its own
+# (an nsqd that joined); after a wait in vain (a topic left over), calls to it fail at once for this long.
+_NOT_WAITED_FOR_AGAIN = 60.0
 # Replies are FINed as they arrive: the RDY only needs to keep the pipe full.
 _REPLIES_IN_FLIGHT = 2500
 
@@ -145,8 +148,8 @@ def encode_payload(payload: Any, raw: bool) -> bytes:
     if not raw:
         try:
             return msgpack.packb(payload)  # type: ignore[no-any-return]
-        except TypeError as refused:  # a dataclass, an enum...: sent as builtins
-            return msgpack.packb(conversion.as_builtins(payload, refused))  # type: ignore[no-any-return]
+        except (TypeError, OverflowError) as refused:  # a dataclass, an enum...: sent as builtins
+            return conversion.encode_as_builtins(msgpack.packb, payload, refused)
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise TypeError(f"a raw body is bytes, not {type(payload).__name__}")
     return bytes(payload)
@@ -159,14 +162,14 @@ def _encode_invocation(
     try:
         return encode_invocation(call_id, reply_to, deadline, headers, payload)
     except TypeError as refused:
-        payload = conversion.as_builtins(payload, refused)
-    return encode_invocation(call_id, reply_to, deadline, headers, payload)
+        encode = functools.partial(encode_invocation, call_id, reply_to, deadline, headers)
+        return conversion.encode_as_builtins(encode, payload, refused)
 
 
 class _Call:
     """A call waiting for its reply: in the pending-call table, and told the answer to its invocation's publish."""
 
-    __slots__ = ("future", "origin", "timeout", "uri")
+    __slots__ = ("future", "origin", "published", "timeout", "uri")
 
     def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float) -> None:
         self.future = future
@@ -174,6 +177,7 @@ class _Call:
         self.timeout = timeout
         # The connection the invocation went by, which its replies come by; None: any of the session's nsqd.
         self.origin: Connection | None = None
+        self.published = False  # nsqd said OK to the invocation's publish
 
     def reply(self, reply: Reply[Any]) -> bool:
         """Take ``reply``; True when the call is over."""
@@ -187,7 +191,14 @@ class _Call:
 
     def expire(self) -> None:
         if not self.future.done():
-            self.future.set_exception(CallTimeout(f"no reply from {self.uri} within {self.timeout:g} s"))
+            self.future.set_exception(CallTimeout(self.unanswered(f"calling {self.uri}")))
+
+    def unanswered(self, doing: str) -> str:
+        """Why no reply came: the services did not answer, or nsqd did not even take the invocation."""
+        if self.published:
+            return f"no reply from {self.uri} within {self.timeout:g} s"
+        nsqd = f"nsqd at {self.origin.address}" if self.origin is not None else "nsqd"
+        return f"{nsqd} did not answer within {self.timeout:g} s: stopped, or overloaded? ({doing})"
 
     # Told nsqd's answer to the publish of the invocation (see almanet.nsq.connection.AnswerWaiter).
 
@@ -195,7 +206,7 @@ class _Call:
         return self.future.done()
 
     def set_result(self, answer: bytes) -> None:
-        pass  # nsqd has the invocation: now the reply is awaited
+        self.published = True  # nsqd has the invocation: now the reply is awaited
 
     def set_exception(self, error: BaseException) -> None:
         if not self.future.done():
@@ -459,6 +470,7 @@ class Session:
         self._pending: PendingCalls[_Call] = PendingCalls()
         self._served_until: dict[str, float] = {}  # URI -> loop time until which it is known served
         self._discovering: dict[str, asyncio.Future[None]] = {}  # URI -> its discovery query, shared
+        self._not_coming: dict[str, float] = {}  # URI -> loop time until which no service is waited for (below)
         self._replies: Consumer | None = None
         self._replies_subscribed: asyncio.Future[None] | None = None
         self._call_connection: Connection | None = None  # the connection calls go by now
@@ -521,6 +533,7 @@ class Session:
         for call in self._pending.expire(float("inf")):
             call.set_exception(ConnectionFailed("the session left before the reply came"))
         self._served_until.clear()  # the services may be gone when it joins again
+        self._not_coming.clear()
         self._replies = self._replies_subscribed = self._call_connection = None
         self._call_connections.clear()
         # nsqd deletes an ephemeral topic whose last channel left in the background, and a SUB to it
@@ -541,10 +554,12 @@ class Session:
         max_in_flight: int,
         options: ConnectionOptions | None = None,
         nsqd_watch: NsqdWatch | None = None,
+        *,
+        ready_everywhere: bool = False,
     ) -> Consumer:
         """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd (and those ``nsqd_watch`` lists).
 
-        ``options``: the session's unless given (see ``connection_options``).
+        ``options``: the session's unless given (see ``connection_options``); ``ready_everywhere``: ``Consumer``'s.
         """
         return Consumer(
             topic,
@@ -554,6 +569,7 @@ class Session:
             nsqd_watch=nsqd_watch,
             max_in_flight=max_in_flight,
             options=options or self.options,
+            ready_everywhere=ready_everywhere,
         )
 
     def watch_nsqd(self) -> NsqdWatch | None:
@@ -689,16 +705,22 @@ class Session:
                 await query.future
                 return
             except CallTimeout:
-                pass
+                if not query.published:  # nsqd, not the services, did not answer: say so, not NoResponders
+                    raise CallTimeout(query.unanswered(f"asking who serves {uri}")) from None
             finally:
                 self._pending.pop(call_id)
             asked = query.origin.address if query.origin is not None else self.nsqd_addresses[0]
-            elsewhere = await self._listed_elsewhere(uri, asked)
+            if self._not_coming.get(uri, 0.0) > loop.time():
+                elsewhere = []  # waited for lately, in vain
+            else:
+                elsewhere = await self._listed_elsewhere(uri, asked)
             if learning_until is None:
                 learning_until = loop.time() + 2 * self.lookupd_poll_interval
             if not elsewhere:
                 raise NoResponders(f"nothing serves {uri}: no service answered within {DISCOVERY_WAIT:g} s")
             if loop.time() >= learning_until:
+                # Its topic is left over from services gone (nsqd keeps topics): not waited for again for a while.
+                self._not_coming[uri] = loop.time() + _NOT_WAITED_FOR_AGAIN
                 raise NoResponders(
                     f"nothing serves {uri} on nsqd at {asked}: nsqlookupd lists its topic on {', '.join(elsewhere)}, "
                     f"but no service there came to this nsqd within {2 * self.lookupd_poll_interval:g} s"
@@ -746,7 +768,7 @@ class Session:
         try:
             body = _encode_invocation(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
             if len(body) > SEPARATE_PUBLISH_SIZE:
-                self.publish_apart(topic, body, call)
+                self._publish_big_call(topic, body, call)
             else:
                 self._publish_call(topic, body, call)
         except BaseException:
@@ -763,9 +785,22 @@ class Session:
         connection = call.origin = self._replies.publish(topic, body, call)
         if connection is not self._call_connection:
             self._call_connection = connection
-            if connection not in self._call_connections:
-                self._call_connections.add(connection)
-                connection.when_closed(self._call_connection_lost)
+            self._watch_call_connection(connection)
+
+    def _publish_big_call(self, topic: str, body: bytes, call: _Call) -> None:
+        """Publish an invocation apart (``publish_apart``): its reply comes by the connection reading the nsqd
+        the producer publishes to (none known while it connects: any)."""
+        self.publish_apart(topic, body, call)
+        address, replies = self._producer.connected_to, self._replies
+        connection = replies.connections.get(address) if address is not None and replies is not None else None
+        if connection is not None:
+            call.origin = connection
+            self._watch_call_connection(connection)
+
+    def _watch_call_connection(self, connection: Connection) -> None:
+        if connection not in self._call_connections:
+            self._call_connections.add(connection)
+            connection.when_closed(self._call_connection_lost)
 
     def publish_apart(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
         """Publish ``body`` through the session's producer, apart from the connections of calls and replies.

@@ -642,7 +642,7 @@ async def lookupd_consumer(lookupd: FakeLookupd, topic: str, inbox: Inbox, **set
         yield receiver
 
 
-async def test_lookupd_polls_connect_new_brokers_and_drop_vanished_ones(topic: str) -> None:
+async def test_lookupd_polls_connect_new_brokers_and_keep_those_no_longer_listed_while_open(topic: str) -> None:
     async with own_broker() as first, own_broker() as second, FakeLookupd() as lookupd:
         inbox = Inbox()
         lookupd.producers = [first.tcp_address]
@@ -656,14 +656,13 @@ async def test_lookupd_polls_connect_new_brokers_and_drop_vanished_ones(topic: s
                 await producer.publish(topic, b"from the newcomer")
             assert await inbox.take(1) == [b"from the newcomer"]
 
-            lookupd.producers = [first.tcp_address]
-            await until(lambda: ready_counts(second.http_address, topic), [])  # disconnected
-            await until(lambda: ready_counts(first.http_address, topic), [2])
-            assert list(receiver.connections) == [first.tcp_address]
+            lookupd.producers = [first.tcp_address]  # as a restarted nsqlookupd answers until nsqd register again
+            await asyncio.sleep(0.3)
+            assert sorted(receiver.connections) == sorted([first.tcp_address, second.tcp_address])
 
             await lookupd.close()  # unreachable: what the consumer has, it keeps
             await asyncio.sleep(0.3)
-            assert list(receiver.connections) == [first.tcp_address]
+            assert sorted(receiver.connections) == sorted([first.tcp_address, second.tcp_address])
 
 
 # --- graceful stop, heartbeats --------------------------------------------------------

@@ -201,25 +201,52 @@ async def test_a_caller_fails_over_to_its_next_nsqd_and_returns_to_the_first(
 async def test_calls_in_flight_through_a_lost_nsqd_fail_at_once_and_the_others_go_on(
     almanet_cluster: Cluster, prefix: str
 ) -> None:
-    """A session whose calls went through two nsqd (failed over and back) loses one: only its calls fail."""
+    """Calls through the first nsqd, small and over 16 KiB (published apart), fail at once when it is lost."""
     uri = f"{prefix}.slow"
     service = almanet.new_service(almanet_cluster.tcp(2), *almanet_cluster.lookupd_http, prefix=prefix)
 
     @service.procedure
-    async def slow(payload: float) -> float:
-        await asyncio.sleep(payload)
-        return payload
+    async def slow(payload: list[Any]) -> float:
+        await asyncio.sleep(payload[0])
+        return float(payload[0])
 
     async with service, almanet.new_session(almanet_cluster.tcp(0), almanet_cluster.tcp(1)) as session:
-        await session.call(uri, 0.0)
-        through_first = asyncio.ensure_future(session.call(uri, 30.0, timeout=30.0))
-        await asyncio.sleep(0.2)
+        await session.call(uri, [0.0, ""])
+        small = asyncio.ensure_future(session.call(uri, [30.0, ""], timeout=30.0))
+        big = asyncio.ensure_future(session.call(uri, [30.0, "x" * 20_000], timeout=30.0))
+        await asyncio.sleep(0.3)
         await asyncio.to_thread(almanet_cluster.kill_node, 0)
         started = time.monotonic()
-        with pytest.raises(ConnectionError):
-            await through_first
+        for call in (small, big):
+            with pytest.raises(ConnectionError):
+                await call
         assert time.monotonic() - started < 1.0
-        assert (await session.call(uri, 0.1)).payload == 0.1
+        assert (await session.call(uri, [0.1, ""])).payload == 0.1
+
+
+async def test_max_concurrency_below_the_number_of_nsqd_still_answers_every_nsqd_at_once(
+    almanet_cluster: Cluster, callers: list[almanet.Session], prefix: str
+) -> None:
+    """Every nsqd may hand out an invocation (RDY 1 each); the service runs one at a time, holding the others."""
+    service = almanet.new_service(almanet_cluster.tcp(0), *almanet_cluster.lookupd_http, prefix=prefix)
+    running, most = 0, 0
+
+    @service.procedure(max_concurrency=1)
+    async def one_at_a_time(payload: int) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return payload
+
+    async with service:
+        started = time.monotonic()
+        calls = [session.call(f"{prefix}.one_at_a_time", number) for number in range(4) for session in callers]
+        replies = await asyncio.gather(*calls)
+        assert sorted(reply.payload for reply in replies) == sorted(list(range(4)) * 3)
+        assert most == 1
+        assert time.monotonic() - started < 3.0  # 12 calls of 50 ms one after another, not a 5 s RDY rotation
 
 
 async def test_multicall_is_answered_once_by_each_channel_wherever_it_is_published(
@@ -295,6 +322,24 @@ async def test_consume_through_nsqlookupd_gets_what_every_nsqd_has_across_a_rest
         reading.cancel()
     for producer in producers:
         await producer.leave()
+
+
+async def test_a_caller_given_nsqlookupd_waits_in_vain_once_for_a_uri_whose_services_are_gone(
+    almanet_cluster: Cluster, prefix: str
+) -> None:
+    """Topics outlive their services: on an nsqd that joined since, the first call waits two polls, later ones not."""
+    uri = f"{prefix}.greeting"
+    async with cluster_service(almanet_cluster, prefix):
+        pass  # its topics stay on the three nsqd
+    node = await asyncio.to_thread(almanet_cluster.add_node)
+    session = almanet.new_session(almanet_cluster.tcp(node), *almanet_cluster.lookupd_http, lookupd_poll_interval=0.5)
+    async with session:
+        # Two polls and the discovery waits around them; then a discovery wait alone.
+        for most, said in ((1.0 + 3 * 0.75, "no service there came to this nsqd"), (1.0, "no service answered")):
+            started = time.monotonic()
+            with pytest.raises(almanet.NoResponders, match=said):
+                await session.call(uri, "cluster")
+            assert time.monotonic() - started < most
 
 
 async def test_almanet_serve_on_a_cluster_takes_the_poll_interval_flag(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 import ansq
 import msgpack
@@ -191,3 +192,27 @@ async def test_messages_committed_right_after_the_loop_stay_committed(session: a
         message = await asyncio.wait_for(anext(again), TIMEOUT)
         assert message.payload == "next"
         message.commit()
+
+
+async def test_a_payload_that_cannot_be_encoded_raises_unencodable_payload_everywhere(
+    almanet_broker: BrokerAddresses, session: almanet.Session, topic: str
+) -> None:
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=topic)
+
+    @service.procedure
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    async with service:
+        for payload in (object(), 2**70, {1j: 2}):
+            sends = (
+                lambda payload=payload: session.produce(topic, payload),
+                lambda payload=payload: session.produce_batch(topic, [payload]),
+                lambda payload=payload: session.delay_call(f"{topic}.echo", payload, 1.0),
+            )
+            for send in sends:
+                with pytest.raises(almanet.UnencodablePayload, match="the payload cannot be encoded") as raised:
+                    send()
+                assert isinstance(raised.value, TypeError) and isinstance(raised.value, almanet.AlmanetError)
+            with pytest.raises(almanet.UnencodablePayload):
+                await session.call(f"{topic}.echo", payload)

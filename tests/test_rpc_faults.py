@@ -1,13 +1,17 @@
 """Sessions and services when things go wrong: procedures that die oddly, an nsqd that stops answering, races.
 
-An nsqd that misbehaves is the scripted fake of tests/fakensqd.py; the rest
-runs on an embedded broker of the test's own.
+An nsqd that misbehaves is the scripted fake of tests/fakensqd.py, or a real
+one frozen with SIGSTOP (nsqd, or ``almanet broker``, in a process of its
+own); the rest runs on an embedded broker of the test's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -16,6 +20,7 @@ from fakensqd import FakeClient, FakeNsqd
 
 import almanet
 from almanet.broker import Broker
+from almanet.broker.nsqd import DaemonProcess, find_nsqd
 
 pytestmark = pytest.mark.asyncio
 
@@ -151,3 +156,42 @@ async def test_calls_fail_at_once_when_their_connection_is_lost_and_the_next_one
                 except ConnectionError:
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", ["embedded", "nsqd"])
+async def test_a_frozen_nsqd_is_named_and_not_taken_for_nothing_serving(kind: str) -> None:
+    """nsqd stopped (SIGSTOP) under calls: the calls say nsqd did not answer; NoResponders is for nothing serving."""
+    if kind == "nsqd":
+        executable = find_nsqd()
+        if executable is None:
+            pytest.skip("nsqd not found")
+        command = [executable, "-tcp-address=127.0.0.1:0", "-http-address=127.0.0.1:0", "-https-address=127.0.0.1:0"]
+    else:
+        command = [sys.executable, "-m", "almanet", "broker", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0"]
+    with tempfile.TemporaryDirectory() as data_path:
+        if kind == "nsqd":
+            command.append(f"-data-path={data_path}")
+        daemon = await asyncio.to_thread(DaemonProcess, command)
+        try:
+            service = almanet.new_service(daemon.tcp_address, prefix="frozen")
+
+            @service.procedure
+            async def greeting(payload: str) -> str:
+                return f"Hello, {payload}!"
+
+            async with service, almanet.new_session(daemon.tcp_address) as session:
+                assert (await session.call("frozen.greeting", "x")).payload == "Hello, x!"
+                os.kill(daemon.process.pid, signal.SIGSTOP)
+                try:
+                    for uri in ("frozen.greeting", "frozen.unknown"):  # known served, then to be asked about
+                        with pytest.raises(almanet.CallTimeout) as raised:
+                            await session.call(uri, "x", timeout=1.0)
+                        assert not isinstance(raised.value, almanet.NoResponders)
+                        assert f"nsqd at {daemon.tcp_address} did not answer within" in str(raised.value)
+                finally:
+                    os.kill(daemon.process.pid, signal.SIGCONT)
+                assert (await session.call("frozen.greeting", "again")).payload == "Hello, again!"
+                with pytest.raises(almanet.NoResponders):
+                    await session.call("frozen.unknown", "x")
+        finally:
+            await asyncio.to_thread(daemon.stop)

@@ -243,11 +243,12 @@ def test_to_builtins_turns_what_the_envelope_cannot_encode_into_builtins() -> No
     }
 
 
-def test_what_cannot_be_converted_raises_the_encoders_own_error() -> None:
+def test_what_cannot_be_converted_raises_unencodable_payload_with_the_encoders_words() -> None:
     refused = TypeError("the payload cannot be encoded as msgpack: can not serialize 'Unknown' object")
-    with pytest.raises(TypeError) as raised:
-        conversion.as_builtins(Unknown(), refused)
-    assert raised.value is refused
+    with pytest.raises(conversion.UnencodablePayload) as raised:
+        conversion.encode_as_builtins(msgpack.packb, Unknown(), refused)
+    assert str(raised.value) == str(refused) and raised.value.__cause__ is refused
+    assert isinstance(raised.value, TypeError)
 
 
 def test_encoding_converts_only_what_the_envelope_refuses() -> None:

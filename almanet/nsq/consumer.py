@@ -30,8 +30,6 @@ logger = logging.getLogger("almanet.nsq")
 # given RDY 1 change this often, so that none is starved; so does the
 # connection given a backoff's probe.
 _RDY_ROTATION_INTERVAL = 5.0
-# How long a connection to an nsqd that nsqlookupd no longer lists gets to finish its messages.
-_RETIRE_TIMEOUT = 30.0
 
 
 class Consumer:
@@ -43,6 +41,12 @@ class Consumer:
     connection gets RDY 1 to probe; successes climb back out. Off by default.
     ``max_attempts``: a message delivered more often is given to
     ``on_give_up`` (default: logged) and FINed instead of being handled.
+
+    ``ready_everywhere``: when ``max_in_flight`` is below the number of
+    connections, every connection gets RDY 1 instead of a rotating few (a
+    message on an nsqd left at RDY 0 waits for the rotation, seconds): up to
+    one message per connection may then be in flight, and the handler holds
+    what it cannot take yet (a service's procedure, its ``max_concurrency``).
 
     Besides ``nsqd_tcp_addresses``, it reads from the nsqd instances that the
     nsqlookupd ``lookupd_http_addresses`` list for the topic, asked every
@@ -68,6 +72,7 @@ class Consumer:
         backoff: bool = False,
         backoff_unit: float = 1.0,
         max_backoff: float = 120.0,
+        ready_everywhere: bool = False,
     ) -> None:
         check_name("topic", topic)
         check_name("channel", channel)
@@ -96,6 +101,7 @@ class Consumer:
         self._requeue_delay = requeue_delay
         self._max_attempts = max_attempts
         self._backoff_enabled = backoff
+        self._ready_everywhere = ready_everywhere
         self._backoff_unit = backoff_unit
         self._max_backoff = max_backoff
         self._backoff_level = 0
@@ -130,6 +136,8 @@ class Consumer:
         if self._started:
             raise RuntimeError("the consumer is already started")
         self._started = True
+        if self._stopping:  # stopped before it started
+            return
         watch = self._watch
         if watch is not None:
             await watch.start()
@@ -255,7 +263,7 @@ class Consumer:
         except (ConnectionError, asyncio.TimeoutError) as error:
             logger.debug("CLS to %s: %s", connection.address, error)
         finally:
-            connection.close_soon()  # cancelled too: stop() cancels the retiring of a vanished nsqd
+            connection.close_soon()  # cancelled too
         try:
             await asyncio.wait_for(connection.wait_closed(), timeout)
         except asyncio.TimeoutError:
@@ -321,28 +329,16 @@ class Consumer:
     def _nsqd_listed(self, listed: frozenset[str]) -> None:
         """The watch lists ``listed`` now: subscribe on the nsqd new to it.
 
-        When a watch of the topic no longer lists an nsqd, the topic was
-        deleted or tombstoned there (to drain it): the connection is retired.
-        A connection to an nsqd that a watch of every nsqd no longer lists is
-        kept while it is open: it is how a restarted nsqlookupd answers until
-        each nsqd registers again, and one that died closes by itself.
+        A connection to an nsqd no longer listed is kept while it is open, as
+        NSQ's own clients keep it: a restarted nsqlookupd lists no nsqd until
+        each registers again (within nsqd's 15 s ping), an nsqd that dies
+        closes it, and one drained of a topic deletes the topic, which closes
+        it too. Only an nsqd that is listed is connected to again.
         """
-        vanished = self._discovered - listed
         self._discovered = listed
         for address in listed:
             if address not in self.connections:
                 self._reconnect_later(address)
-        if self._watch is None or self._watch.topic is None:
-            return
-        for address in vanished:
-            connection = self.connections.get(address)
-            if connection is not None and address not in self._direct:
-                logger.info("%s no longer has %s: disconnecting", address, self.topic)
-                del self.connections[address]
-                self._stop_publishing_through(connection)  # retired: open, but its replies would not come
-                self._spawn(self._retire(connection, _RETIRE_TIMEOUT))
-        if vanished:
-            self._distribute_rdy()
 
     # --- RDY, backoff ---------------------------------------------------------------
 
@@ -355,6 +351,10 @@ class Consumer:
         if not count:
             return
         share, extra = divmod(self.max_in_flight, count)
+        if share == 0 and self._ready_everywhere and self.max_in_flight:
+            for connection in connections:
+                connection.set_ready(1)
+            return
         if share == 0:
             # Fewer RDY than connections: a rotating few get RDY 1.
             start = self._rotation % count

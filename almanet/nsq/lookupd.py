@@ -121,11 +121,19 @@ class NsqdWatch:
             self._listeners.remove(listener)
 
     async def start(self) -> None:
-        """Ask every nsqlookupd once (the first call), then keep polling in the background."""
+        """Ask every nsqlookupd once (the first call), then keep polling in the background.
+
+        Returns when the first poll is done, or was ended by ``stop()``.
+        """
         if self._started is None:
             self._started = asyncio.ensure_future(self._poll())
             self._started.add_done_callback(self._poll_forever)
-        await asyncio.shield(self._started)
+        first = self._started
+        try:
+            await asyncio.shield(first)
+        except asyncio.CancelledError:
+            if not first.cancelled():  # the caller is cancelled, not the poll
+                raise
 
     def stop(self) -> None:
         if self._started is not None and not self._started.done():
@@ -141,7 +149,10 @@ class NsqdWatch:
     async def _poll_every_interval(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval * random.uniform(0.9, 1.1))
-            await self._poll()
+            try:
+                await self._poll()
+            except Exception:  # a bug must not end the polling: nsqd that join would go unread
+                logger.exception("asking nsqlookupd %s failed", ", ".join(self.addresses))
 
     async def _poll(self) -> None:
         topic = self.topic
@@ -166,4 +177,10 @@ class NsqdWatch:
             return  # none answered: the last known nsqd stay
         self.known = frozenset(found)
         for listener in list(self._listeners):
+            self._tell(listener)
+
+    def _tell(self, listener: Callable[[frozenset[str]], None]) -> None:
+        try:
             listener(self.known)
+        except Exception:  # one listener's bug must not keep the others from hearing
+            logger.exception("a listener of nsqlookupd's answers failed")

@@ -50,6 +50,12 @@ class Producer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    @property
+    def connected_to(self) -> str | None:
+        """The address of the nsqd it publishes to now; None while it has no connection open."""
+        connection = self._connection
+        return connection.address if connection is not None and connection.is_open else None
+
     def publish(self, topic: str, body: bytes, *, delay: float = 0.0) -> asyncio.Future[bytes]:
         """Publish one message, or defer it by ``delay`` seconds (DPUB).
 
