@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -87,39 +88,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     describe.add_argument("--title", help="the API's title (default: the service's prefix)")
     describe.add_argument("--api-version", help="the API's version (default: almanet's)")
     describe.add_argument("--output", metavar="FILE", help="write the document to FILE (default: stdout)")
-    bench = commands.add_parser(
-        "bench",
-        help="measure almanet end to end on the embedded broker and nsqd, beside NATS and NSQ's Go clients",
-        description="Runs every workload with its service and client in processes of their own, on the embedded "
-        "broker and on nsqd (ALMANET_NSQD or nsqd on PATH, started on free ports; or the running one --nsqd "
-        "names), beside NATS request/reply and JetStream on a nats-server it starts when installed, and NSQ's Go "
-        "bench_writer and bench_reader when found (ALMANET_NSQ_BENCH, beside nsqd or on PATH); prints a table, then "
-        "one of RPC on a 3-nsqd cluster beside one nsqd when nsqd and nsqlookupd are found.",
-    )
-    bench.add_argument("--nsqd", metavar="HOST:PORT", help="a running nsqd to measure instead of starting one")
-    bench.add_argument("--nsqd-http", metavar="HOST:PORT", help="that nsqd's HTTP address (default: its TCP port + 1)")
-    bench.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
-    bench.add_argument(
-        "--pure", action="store_true", help="run almanet with ALMANET_NO_EXTENSIONS=1 (default: compiled)"
-    )
-    bench.add_argument(
-        "--scale", type=_above_zero, default=1.0, help="multiplies every message count and run time (default: 1)"
-    )
-    bench.add_argument(
-        "--rounds",
-        type=_at_least_one,
-        default=5,
-        help="times each workload is measured; the table gives the median (default: 5)",
-    )
-    bench.add_argument(
-        "--only",
-        choices=["cluster"],
-        help="measure one section only: cluster, RPC on a 3-nsqd cluster beside one nsqd (it needs nsqd and "
-        "nsqlookupd: ALMANET_NSQLOOKUPD, beside nsqd or on PATH)",
-    )
+    # The bench harness is in almanet's source checkout, not in the wheel: offered only where it is.
+    bench = _add_bench(commands) if importlib.util.find_spec("almanet.bench") is not None else None
     for command in (serve, call):
         _add_connection_flags(command)
-    for command, default in ((broker, "info"), (serve, "info"), (call, "warn"), (describe, "warn"), (bench, "warn")):
+    logged = [(broker, "info"), (serve, "info"), (call, "warn"), (describe, "warn")]
+    for command, default in [*logged, *([(bench, "warn")] if bench is not None else [])]:
         command.add_argument(
             "--log-level", choices=list(_LOG_LEVELS), default=default, help=f"log level (default: {default})"
         )
@@ -134,12 +108,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             server = Broker(**settings)
         except ValueError as error:
             parser.error(str(error))
-        asyncio.run(server.serve_until_signal())
+        with contextlib.suppress(asyncio.CancelledError):  # a second signal while it stopped: at once, quietly
+            asyncio.run(server.serve_until_signal())
     elif args.command == "bench":
-        try:
-            from almanet.bench.runner import Settings, run
-        except ImportError:  # the harness is not in the wheel: it runs from a source checkout
-            parser.error("almanet bench runs from almanet's source checkout (make bench): it is not in the wheel")
+        from almanet.bench.runner import Settings, run
+
         print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds, args.only)))
     elif args.command == "serve":
         service = _load_service(parser, args.service)
@@ -169,6 +142,41 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"the payload is not JSON: {error}")
         connection = _connection_options(parser, args)
         sys.exit(asyncio.run(_call(addresses or ["127.0.0.1:4150"], args.uri, payload, args.timeout, connection)))
+
+
+def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """The ``bench`` subcommand's parser."""
+    bench: argparse.ArgumentParser = commands.add_parser(
+        "bench",
+        help="measure almanet end to end on the embedded broker and nsqd, beside NATS and NSQ's Go clients",
+        description="Runs every workload with its service and client in processes of their own, on the embedded "
+        "broker and on nsqd (ALMANET_NSQD or nsqd on PATH, started on free ports; or the running one --nsqd "
+        "names), beside NATS request/reply and JetStream on a nats-server it starts when installed, and NSQ's Go "
+        "bench_writer and bench_reader when found (ALMANET_NSQ_BENCH, beside nsqd or on PATH); prints a table, then "
+        "one of RPC on a 3-nsqd cluster beside one nsqd when nsqd and nsqlookupd are found.",
+    )
+    bench.add_argument("--nsqd", metavar="HOST:PORT", help="a running nsqd to measure instead of starting one")
+    bench.add_argument("--nsqd-http", metavar="HOST:PORT", help="that nsqd's HTTP address (default: its TCP port + 1)")
+    bench.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
+    bench.add_argument(
+        "--pure", action="store_true", help="run almanet with ALMANET_NO_EXTENSIONS=1 (default: compiled)"
+    )
+    bench.add_argument(
+        "--scale", type=_above_zero, default=1.0, help="multiplies every message count and run time (default: 1)"
+    )
+    bench.add_argument(
+        "--rounds",
+        type=_at_least_one,
+        default=5,
+        help="times each workload is measured; the table gives the median (default: 5)",
+    )
+    bench.add_argument(
+        "--only",
+        choices=["cluster"],
+        help="measure one section only: cluster, RPC on a 3-nsqd cluster beside one nsqd (it needs nsqd and "
+        "nsqlookupd: ALMANET_NSQLOOKUPD, beside nsqd or on PATH)",
+    )
+    return bench
 
 
 def _addresses(given: list[str] | None) -> list[str]:

@@ -42,7 +42,9 @@ def run(main: Coroutine[Any, Any, T], loop: LoopName = "asyncio") -> T:
 async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
     """``await start()``, run until SIGINT or SIGTERM, then ``await stop()`` (also when start fails).
 
-    A signal while ``start()`` still runs (waiting for nsqd) cancels it.
+    A signal while ``start()`` still runs (waiting for nsqd) cancels it; a
+    second one while ``stop()`` runs cancels that too (``asyncio.CancelledError``
+    out of this coroutine), for whoever does not want to wait.
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -55,11 +57,17 @@ async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callabl
         if starting.done():
             starting.result()  # start's error, if any
             await signalled
-        logging.getLogger("almanet").info("stopping")
+        logging.getLogger("almanet").info("stopping (a second SIGINT or SIGTERM stops at once)")
     finally:
+        serving = asyncio.current_task()
+        assert serving is not None
         for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signal_number)
-        for task in (starting, signalled):
-            task.cancel()
-        await asyncio.gather(starting, signalled, return_exceptions=True)
-        await stop()
+            loop.add_signal_handler(signal_number, serving.cancel)
+        try:
+            for task in (starting, signalled):
+                task.cancel()
+            await asyncio.gather(starting, signalled, return_exceptions=True)
+            await stop()
+        finally:
+            for signal_number in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signal_number)

@@ -404,7 +404,10 @@ class Service:
         errors naming their procedure; at DEBUG, each call too.
         """
         loops.log_to_stderr_unless_configured()
-        loops.run(self.serve_until_signal(), loop)
+        try:
+            loops.run(self.serve_until_signal(), loop)
+        except asyncio.CancelledError:  # a second signal while it stopped
+            logger.warning("stopped at once: the calls still running were cancelled")
 
     def use_addresses(self, *addresses: str) -> None:
         """Serve on these nsqd and nsqlookupd ``addresses`` instead (``Session.use_addresses``), while stopped."""
@@ -527,7 +530,10 @@ class Service:
     def _answer_error(
         self, error: BaseException, procedure: Procedure[..., Any], invocation: Invocation, message: Message
     ) -> None:
-        if not isinstance(error, rpc_error):
+        if isinstance(error, asyncio.CancelledError):  # the service stopped at once, most likely: no bug to trace
+            logger.warning("%s: call %d cancelled", procedure.uri, invocation.call_id)
+            error = InternalError("CancelledError: the call was cancelled")
+        elif not isinstance(error, rpc_error):
             logger.error("%s raised", procedure.uri, exc_info=error)
             error = InternalError(f"{type(error).__name__}: {_describe(error)}")
         try:

@@ -1,11 +1,11 @@
-"""Calls the microservice: ``python examples/caller.py`` (NSQD_ADDRESS as for the microservice)."""
+"""Calls the microservice: ``python examples/caller.py`` (ALMANET_ADDRESSES as for the microservice)."""
 
 import asyncio
 import os
 
 import almanet
 
-session = almanet.new_session(os.environ.get("NSQD_ADDRESS", "127.0.0.1:4150"))
+session = almanet.new_session(*os.environ.get("ALMANET_ADDRESSES", "127.0.0.1:4150").split(","))
 
 
 async def main() -> None:

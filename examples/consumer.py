@@ -1,4 +1,4 @@
-"""Consumes a topic: ``python examples/consumer.py [COUNT]`` (NSQD_ADDRESS as for the microservice).
+"""Consumes a topic: ``python examples/consumer.py [COUNT]`` (ALMANET_ADDRESSES as for the microservice).
 
 Commits each message, but rolls the first order back once: it comes back
 with its attempts counted.
@@ -14,7 +14,7 @@ TOPIC = "net.example.orders"
 
 
 async def main(count: int) -> None:
-    async with almanet.new_session(os.environ.get("NSQD_ADDRESS", "127.0.0.1:4150")) as session:
+    async with almanet.new_session(*os.environ.get("ALMANET_ADDRESSES", "127.0.0.1:4150").split(",")) as session:
         committed = 0
         async with session.consume(TOPIC, "kitchen") as messages:
             async for message in messages:

@@ -48,7 +48,7 @@ async def main() -> None:
     print(f"almanet {almanet.__version__}: speedups {almanet.speedups()}")
     async with Broker(tcp_address="127.0.0.1:0", http_address="127.0.0.1:0") as broker:
         print(f"broker: TCP {broker.tcp_address}, HTTP {broker.http_address}")
-        env = dict(os.environ, NSQD_ADDRESS=broker.tcp_address)
+        env = dict(os.environ, ALMANET_ADDRESSES=broker.tcp_address)
         almanet_command = [sys.executable, "-m", "almanet"]
 
         print("service: almanet serve examples.microservice:service")

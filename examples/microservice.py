@@ -1,6 +1,6 @@
 """A microservice: ``python examples/microservice.py`` (or ``almanet serve examples.microservice:service``).
 
-nsqd's address comes from NSQD_ADDRESS (default 127.0.0.1:4150).
+Its addresses come from ALMANET_ADDRESSES, comma-separated, as for ``almanet serve`` (default 127.0.0.1:4150).
 """
 
 import asyncio
@@ -8,7 +8,7 @@ import os
 
 import almanet
 
-service = almanet.new_service(os.environ.get("NSQD_ADDRESS", "127.0.0.1:4150"), prefix="net.example")
+service = almanet.new_service(*os.environ.get("ALMANET_ADDRESSES", "127.0.0.1:4150").split(","), prefix="net.example")
 
 
 class denied(almanet.rpc_error):

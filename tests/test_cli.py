@@ -6,8 +6,10 @@ broker; what only parses arguments runs ``main`` here.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -277,3 +279,64 @@ def test_the_broker_listens_on_loopback_unless_told(capsys: pytest.CaptureFixtur
     flattened = " ".join(output.split())
     assert "(0.0.0.0:4150: on every interface) (default: '127.0.0.1:4150')" in flattened
     assert "(0.0.0.0:4151: on every interface) (default: '127.0.0.1:4151')" in flattened
+
+
+def test_bench_is_not_offered_where_its_harness_is_not_installed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wheel leaves almanet.bench out: ``almanet --help`` there does not name it."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "almanet.bench" else find_spec(name))
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0 and "bench" not in out and "serve" in out
+    code, _, errors = run_main(capsys, "bench")
+    assert code == 2 and "invalid choice: 'bench'" in errors
+
+
+SLOW_APP = """\
+import asyncio
+
+import almanet
+
+service = almanet.new_service("127.0.0.1:1", prefix={prefix!r})
+
+
+@service.procedure
+async def slow(payload: float) -> float:
+    await asyncio.sleep(payload)
+    return payload
+"""
+
+
+def test_a_second_sigint_stops_serve_at_once_without_a_traceback(
+    almanet_broker: BrokerAddresses, tmp_path: Path
+) -> None:
+    prefix = f"test.{uuid.uuid4().hex[:12]}"
+    (tmp_path / "app.py").write_text(SLOW_APP.format(prefix=prefix))
+    address = almanet_broker.tcp_address
+    service = serve(tmp_path, "--address", address, env=environment())
+    try:
+        service.wait_for(f"serving {prefix}.slow")
+        calling = subprocess.Popen(
+            [sys.executable, "-m", "almanet", "call", f"{prefix}.slow", "30", "--address", address, "--timeout", "60"],
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # the call runs in the service
+        service.process.send_signal(signal.SIGINT)
+        service.wait_for("stopping")
+        started = time.monotonic()
+        service.process.send_signal(signal.SIGINT)
+        assert service.process.wait(TIMEOUT) == 0
+        assert time.monotonic() - started < 3.0
+        calling.kill()
+        calling.wait()
+    finally:
+        if service.process.poll() is None:
+            service.process.kill()
+    time.sleep(0.1)
+    while not service.lines.empty():
+        service.seen.append(service.lines.get())
+    logged = "".join(service.seen)
+    assert "stopped at once" in logged and "Traceback" not in logged, logged

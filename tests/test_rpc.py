@@ -492,8 +492,23 @@ async def test_delay_call_invokes_later_without_a_reply(
 # --- graceful shutdown and the command line --------------------------------------------------
 
 
+async def served(session: almanet.Session, uri: str) -> None:
+    """Return once ``uri`` is served: a service in a process of its own may still be starting."""
+    deadline = time.monotonic() + TIMEOUT
+    while not await answers(session, uri):
+        assert time.monotonic() < deadline, f"{uri} not served within {TIMEOUT} s"
+
+
+async def answers(session: almanet.Session, uri: str) -> bool:
+    try:
+        await session.call(uri, "ready?", timeout=TIMEOUT)
+    except almanet.NoResponders:
+        return False
+    return True
+
+
 def almanet_command(*args: str, address: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, NSQD_ADDRESS=address)
+    env = dict(os.environ, ALMANET_ADDRESSES=address)
     return subprocess.Popen(
         [sys.executable, "-m", "almanet", *args],
         cwd=PROJECT,
@@ -509,7 +524,7 @@ async def test_serve_stops_gracefully_on_sigterm_finishing_the_calls_in_flight(
 ) -> None:
     service = almanet_command("serve", "examples.microservice:service", address=almanet_broker.tcp_address)
     try:
-        await session.call("net.example.greeting", "ready?", timeout=TIMEOUT)  # serving (waits in the topic if not yet)
+        await served(session, "net.example.greeting")
         calls = [asyncio.ensure_future(session.call("net.example.slow_echo", 0.5, timeout=TIMEOUT)) for _ in range(20)]
 
         async def in_flight() -> int:

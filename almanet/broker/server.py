@@ -110,8 +110,8 @@ class Broker:
         self.tcp_address = _bound_address(tcp)
         self.http_address = _bound_address(http)
         self._queue_scan.start()
-        if self.options.snappy and not snappy_available():
-            logger.warning("snappy is not offered to clients: it needs cramjam (pip install 'almanet[snappy]')")
+        if self.options.snappy and not snappy_available():  # nsqd's default: said, not warned, where it cannot be
+            logger.info("snappy is not offered to clients: it needs cramjam (pip install 'almanet[snappy]')")
         logger.info("TCP: listening on %s", self.tcp_address)
         logger.info("HTTP: listening on %s", self.http_address)
 
