@@ -73,6 +73,23 @@ SEED_README = Path(__file__).resolve().parent / "seed-README.md"
 SHARED_SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "almanet-README.md"
 
 
+def test_the_testing_example_runs_in_a_project_of_its_own_without_a_warning(tmp_path: Path) -> None:
+    """As a user sets it up: the README's pyproject.toml block, the test file, pytest with warnings as errors."""
+    body = README.read_text().split("## Testing", 1)[1].split("\n## ", 1)[0]
+    (toml,) = re.findall(r"```toml\n(.*?)```", body, re.DOTALL)
+    (tmp_path / "pyproject.toml").write_text(toml)
+    (tmp_path / "test_app.py").write_text((Path(__file__).resolve().parent / "test_user_testing.py").read_text())
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", "test_app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Warning" not in done.stdout + done.stderr
+
+
 def test_the_testing_example_is_the_test_file_the_suite_runs() -> None:
     """README's Testing example, word for word, is tests/test_user_testing.py (run with the rest)."""
     (block,) = python_blocks("## Testing")
