@@ -29,9 +29,12 @@ import functools
 import ipaddress
 import json
 import ssl
+import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,9 @@ from rawnsq import RawConnection
 
 from almanet._speedups.frames import ResponseFrame, encode_auth, encode_identify, encode_pub
 from almanet.broker import Broker, BrokerOptions
-from almanet.broker.nsqd import find_nsqd, nsqd_process
+from almanet.broker.nsqd import broker_process, find_nsqd, nsqd_process
 from almanet.cli import _add_option_flags
+from almanet.nsq import Producer
 from almanet.pytest_plugin import broker_in_thread
 from almanet.wire.protocol import MAGIC_V2, OK
 
@@ -492,6 +496,44 @@ async def test_a_corrupt_compressed_stream_closes_the_connection(kind: str, feat
             while await asyncio.wait_for(reader.read(65536), TIMEOUT):  # its OK, compressed, then the end
                 pass
         writer.close()
+
+
+@contextlib.contextmanager
+def broker_apart(kind: str) -> Iterator[str]:
+    """The broker ``kind`` in a process of its own (the embedded one as ``almanet broker``, as it runs: in the test's
+    process, the test's client would wait for the GIL); its TCP address."""
+    if kind == "nsqd":
+        with secure_broker(kind) as broker:
+            yield broker.tcp_address
+        return
+    command = [sys.executable, "-m", "almanet", "broker", "--tcp-address=127.0.0.1:0", "--http-address=127.0.0.1:0"]
+    with broker_process(command) as (tcp_address, _):
+        yield tcp_address
+
+
+async def test_a_deflate_bomb_of_nops_stalls_no_other_client(kind: str, topic: str) -> None:
+    """15 KB that inflate to 15 MiB of NOPs (4 million commands): run a few thousand a loop iteration, as nsqd's
+    goroutines share its cores, not all at once (about 0.8 s on the embedded broker before)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = compressor.compress(b"NOP\n" * (15 * 1024 * 1024 // 4)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 16 * 1024
+    with broker_apart(kind) as tcp_address:
+        host, _, port = tcp_address.rpartition(":")
+        async with Producer(tcp_address) as other:
+            await other.publish(topic, b"before")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(MAGIC_V2 + encode_identify({"feature_negotiation": True, "deflate": True}))
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), TIMEOUT), "big")
+            assert json.loads((await asyncio.wait_for(reader.readexactly(size), TIMEOUT))[4:])["deflate"] is True
+            writer.write(bomb)
+            worst = 0.0
+            for _ in range(100):
+                started = time.monotonic()
+                await asyncio.wait_for(other.publish(topic, b"during"), TIMEOUT)
+                worst = max(worst, time.monotonic() - started)
+                await asyncio.sleep(0.01)
+            writer.close()
+    assert worst < 0.3
 
 
 async def test_disabled_features_are_not_negotiated(kind: str, certificates: Certificates) -> None:

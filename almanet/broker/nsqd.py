@@ -106,6 +106,7 @@ class DaemonProcess:
         self.process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
+        self._log_reader: threading.Thread | None = None
         try:
             assert self.process.stderr is not None
             self.tcp_address, self.http_address = listening_addresses(self.process, self.process.stderr)
@@ -113,7 +114,8 @@ class DaemonProcess:
             self.kill()
             raise
         # Its log goes on being read, so that it never blocks writing it.
-        threading.Thread(target=self.process.stderr.read, name="nsq-log", daemon=True).start()
+        self._log_reader = threading.Thread(target=self.process.stderr.read, name="nsq-log", daemon=True)
+        self._log_reader.start()
 
     def stop(self) -> None:
         """SIGTERM (SIGKILL after 10 s): nsqd writes the messages it holds to its data path first."""
@@ -122,11 +124,21 @@ class DaemonProcess:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.kill()
+        self._close_log()
 
     def kill(self) -> None:
         """SIGKILL: what nsqd held in memory is gone."""
         self.process.kill()
         self.process.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        """Once its log is read to the end (the process ended), close the pipe."""
+        reader = self._log_reader  # None when the process did not start
+        if reader is not None:
+            reader.join(5)
+        if self.process.stderr is not None and (reader is None or not reader.is_alive()):
+            self.process.stderr.close()
 
 
 class Cluster:

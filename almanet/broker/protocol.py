@@ -50,6 +50,9 @@ logger = logging.getLogger("almanet.broker")
 
 # How many topics a connection remembers it published to.
 _PUBLISHED_TOPICS_CACHED = 64
+# The most commands of one client run in one loop iteration: one read may inflate to 16 MiB of them,
+# 4 million NOPs, a second of the loop's time if run in one go.
+_COMMANDS_PER_ITERATION = 4096
 
 _OK_FRAME = encode_response(OK)
 _CLOSE_WAIT_FRAME = encode_response(CLOSE_WAIT)
@@ -180,11 +183,15 @@ class ProtocolV2(Client):
         parser = self._parser
         handlers = self._handlers
         command = None
+        run = 0
         try:
             for command in parser:
                 handlers[command.name](command)
                 if self.closed:
                     return
+                run += 1
+                if run == _COMMANDS_PER_ITERATION:  # a flood (an inflated bomb of NOPs): the others' turn first
+                    raise _Hold(asyncio.sleep(0))
         except _Hold as hold:
             self._last_read = self._loop.time()
             self._note_unparsed(data)
@@ -222,7 +229,8 @@ class ProtocolV2(Client):
         """Keep the reads that hold what the parser has not made a command of yet."""
         unparsed = self._parser.buffered
         if unparsed > len(data):
-            self._unparsed.append(data)
+            if data:  # a hold's continuation reads nothing new
+                self._unparsed.append(data)
         elif unparsed:
             self._unparsed = [data]
         elif self._unparsed:
