@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from fakensqd import FakeClient, FakeNsqd
 import almanet
 from almanet.broker import Broker
 from almanet.broker.nsqd import DaemonProcess, find_nsqd
+from helpers import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -158,6 +160,13 @@ async def test_calls_fail_at_once_when_their_connection_is_lost_and_the_next_one
                     await asyncio.sleep(0.05)
 
 
+def stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
+    threads = os.listdir(f"/proc/{pid}/task")
+    states = (Path(f"/proc/{pid}/task/{thread}/stat").read_text().rpartition(")")[2].split()[0] for thread in threads)
+    return all(state == "T" for state in states)
+
+
 @pytest.mark.parametrize("kind", ["embedded", "nsqd"])
 async def test_a_frozen_nsqd_is_named_and_not_taken_for_nothing_serving(kind: str) -> None:
     """nsqd stopped (SIGSTOP) under calls: the calls say nsqd did not answer; NoResponders is for nothing serving."""
@@ -182,6 +191,7 @@ async def test_a_frozen_nsqd_is_named_and_not_taken_for_nothing_serving(kind: st
             async with service, almanet.new_session(daemon.tcp_address) as session:
                 assert (await session.call("frozen.greeting", "x")).payload == "Hello, x!"
                 os.kill(daemon.process.pid, signal.SIGSTOP)
+                await eventually(lambda: stopped(daemon.process.pid))  # every thread of it, not only the signal sent
                 try:
                     for uri in ("frozen.greeting", "frozen.unknown"):  # known served, then to be asked about
                         with pytest.raises(almanet.CallTimeout) as raised:

@@ -15,7 +15,7 @@ Its modules follow nsqd's files, lowest first:
   TLS policy and AUTH (``protocol_v2.go``).
 - ``stats``: the ``/stats`` report (``stats.go``).
 - ``httpserver``: an HTTP/1.1 server that behaves as Go's net/http.
-- ``http``: nsqd's HTTP API routes, and nsqlookupd's ``/lookup`` (``http.go``).
+- ``http``: nsqd's HTTP API routes, and nsqlookupd's ``/lookup`` and ``/nodes`` (``http.go``).
 - ``server``: the ``Broker``, which ties them together.
 - ``nsqd``: a real nsqd in a process of its own, for tests and benchmarks.
 """

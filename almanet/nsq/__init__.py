@@ -2,7 +2,8 @@
 
 ``protocol`` holds the facts of NSQ protocol V2, ``errors`` its exceptions,
 ``connection`` one connection to an nsqd, ``producer`` and ``consumer`` the
-two roles, ``lookupd`` nsqlookupd's ``/lookup``, ``output`` write coalescing.
+two roles, ``lookupd`` nsqlookupd's ``/lookup`` and ``/nodes`` (``NsqdWatch``),
+``output`` write coalescing.
 """
 
 from almanet.nsq.connection import Connection, ConnectionOptions, Message
