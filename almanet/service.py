@@ -524,7 +524,8 @@ class Service:
 
     def _call_ended(self, procedure: Procedure[..., Any]) -> None:
         procedure.running -= 1
-        if procedure.held and not self._stopped:
+        # A held invocation may be answered at once (undecodable, past its deadline): then the next one's turn.
+        while procedure.held and procedure.running < procedure.max_concurrency and not self._stopped:
             self._receive_invocation(procedure, procedure.held.popleft())
 
     def _answer_error(

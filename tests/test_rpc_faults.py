@@ -8,6 +8,7 @@ own); the rest runs on an embedded broker of the test's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -22,6 +23,8 @@ from fakensqd import FakeClient, FakeNsqd
 import almanet
 from almanet.broker import Broker
 from almanet.broker.nsqd import DaemonProcess, find_nsqd
+from almanet.nsq import Producer
+from almanet.pytest_plugin import broker_in_thread
 from helpers import eventually
 
 pytestmark = pytest.mark.asyncio
@@ -205,3 +208,35 @@ async def test_a_frozen_nsqd_is_named_and_not_taken_for_nothing_serving(kind: st
                     await session.call("frozen.unknown", "x")
         finally:
             await asyncio.to_thread(daemon.stop)
+
+
+async def test_invocations_held_past_max_concurrency_all_run_when_one_is_refused() -> None:
+    """Three nsqd, max_concurrency 1: each nsqd may hand one invocation out (RDY 1), the service holds what it
+    cannot run. A held one refused at once (not an envelope) hands the turn on to the next held one."""
+    with contextlib.ExitStack() as stack:
+        brokers = [
+            stack.enter_context(broker_in_thread(tcp_address="127.0.0.1:0", http_address="127.0.0.1:0"))
+            for _ in range(3)
+        ]
+        addresses = [broker.tcp_address for broker in brokers]
+        service = almanet.new_service(*addresses, prefix="held")
+
+        @service.procedure(max_concurrency=1)
+        async def slow(payload: float) -> float:
+            await asyncio.sleep(payload)
+            return payload
+
+        async with (
+            service,
+            almanet.new_session(addresses[0]) as first,
+            almanet.new_session(addresses[2]) as third,
+            Producer(addresses[1]) as garbage,
+        ):
+            running = asyncio.ensure_future(first.call("held.slow", 1.0))
+            await asyncio.sleep(0.3)
+            await garbage.publish("held.slow", b"not an envelope")
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            assert (await third.call("held.slow", 0.0, timeout=5.0)).payload == 0.0
+            assert time.monotonic() - started < 2.0
+            assert (await running).payload == 1.0
