@@ -344,11 +344,12 @@ class Service:
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: take no more calls, let those running finish and reply (up to ``timeout``), leave."""
         self._stopped = True
-        if self._discovery is not None:  # first: sessions stop hearing that this service serves
-            discovery, self._discovery = self._discovery, None
-            await discovery.stop(timeout)
         consumers, self._consumers = self._consumers, []
-        stopped = [consumer.stop(timeout) for consumer in consumers]  # RDY 0 at once: what is requeued stays away
+        if self._discovery is not None:  # sessions stop hearing that this service serves
+            consumers.append(self._discovery)
+            self._discovery = None
+        # RDY 0 on every connection at once, so what is requeued from now on is not handed back here.
+        stopped = [consumer.stop(timeout) for consumer in consumers]
         for registered in self.procedures:  # never started: back to nsqd, for other instances
             while registered.held:
                 held = registered.held.popleft()
@@ -363,6 +364,7 @@ class Service:
         if self._touch_timer is not None:
             self._touch_timer.cancel()
             self._touch_timer = None
+        self._still_running.clear()
         producers, self._big_reply_producers = self._big_reply_producers or {}, None
         await asyncio.gather(*(producer.close(timeout) for producer in producers.values()))
         await self.session.leave(timeout)
@@ -441,8 +443,11 @@ class Service:
 
     def _receive_invocation(self, procedure: Procedure[..., Any], message: Message) -> None:
         if procedure.running >= procedure.max_concurrency:
-            procedure.held.append(message)
-            self._keep_from_timing_out(message, 0)
+            if self._stopped:  # sent before nsqd had the RDY 0: back at once, for another instance
+                message.req()
+            else:
+                procedure.held.append(message)
+                self._keep_from_timing_out(message, 0)
             return
         try:
             invocation = decode(message.body)
@@ -526,7 +531,9 @@ class Service:
         procedure.running -= 1
         # A held invocation may be answered at once (undecodable, past its deadline): then the next one's turn.
         while procedure.held and procedure.running < procedure.max_concurrency and not self._stopped:
-            self._receive_invocation(procedure, procedure.held.popleft())
+            held = procedure.held.popleft()
+            if held.connection_open:  # else nsqd hands it out again anyway
+                self._receive_invocation(procedure, held)
 
     def _answer_error(
         self, error: BaseException, procedure: Procedure[..., Any], invocation: Invocation, message: Message
@@ -576,9 +583,9 @@ class Service:
         self._touch_timer = None
         now = time.time()
         for message, deadline in list(self._still_running.items()):
-            if message.answered:  # answered by another way than _answer (an invocation that was held, then refused)
+            if message.answered or not message.connection_open:  # refused as it left the hold; its connection lost
                 del self._still_running[message]
-            elif deadline > now and message.connection_open:
+            elif deadline > now:
                 message.touch()
         if self._still_running:
             self._touch_timer = asyncio.get_running_loop().call_later(self._touch_every, self._touch_still_running)
@@ -676,7 +683,8 @@ def _inspect_parameters(function: Callable[..., Any], uri: str) -> tuple[Any, An
             )
     if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
         return payload_type, result_type, None
-    return payload_type, result_type, tuple(name for name in CONTEXT if name in signature.parameters)
+    by_keyword = {parameter.name for parameter in parameters[1:] if parameter.kind is not parameter.POSITIONAL_ONLY}
+    return payload_type, result_type, tuple(name for name in CONTEXT if name in by_keyword)
 
 
 def _returning_builtins(function: Callable[..., Any], is_async: bool) -> Callable[..., Any]:

@@ -331,28 +331,36 @@ class Subscription:
         return self._handed_out()
 
     async def _handed_out(self) -> AsyncIterator[ConsumedMessage]:
-        """The messages, to an ``async for`` loop; what it leaves unanswered is rolled back when it ends.
+        """The messages, to an ``async for`` loop; what it leaves unanswered is rolled back if it is left early.
 
-        The loop's end closes this generator (asyncio schedules ``aclose()``
-        once the loop lets go of it): without that, nsqd would hand the
-        messages out again only after their msg_timeout.
+        Leaving the loop (``break``, an exception in its body) closes this
+        generator: asyncio schedules ``aclose()`` once the loop lets go of it.
+        Without the rollback nsqd would hand the messages out again only
+        after their msg_timeout. A loop that ends because the subscription
+        stopped rolls back nothing: ``stop()`` waits for what is handled.
         """
-        handed: list[ConsumedMessage] = []
+        handed: list[ConsumedMessage] = []  # those not known to be answered; the answered are dropped as we go
+        stopped_by_itself = False
         try:
             while True:
-                message = await self.__anext__()
+                try:
+                    message = await self.__anext__()
+                except StopAsyncIteration:
+                    stopped_by_itself = True
+                    return
+                if handed and handed[-1].answered:  # committed before the next one: kept at one, one at a time
+                    handed.pop()
                 if len(handed) > 2 * self._consumer.max_in_flight:  # nsqd hands out no more unanswered than that
                     handed = [kept for kept in handed if not kept.answered]
                 handed.append(message)
                 yield message
-        except StopAsyncIteration:
-            return
         finally:
-            stopped = self._stop_soon(10.0)  # RDY 0 before the rollbacks, or nsqd hands them straight back here
-            for message in handed:
-                if not message.answered:
-                    message.rollback()
-            await stopped
+            if not stopped_by_itself:
+                stopped = self._stop_soon(10.0)  # RDY 0 before the rollbacks, or nsqd hands them straight back here
+                for message in handed:
+                    if not message.answered:
+                        message.rollback()
+                await stopped
 
     async def __anext__(self) -> ConsumedMessage:
         if self._started is None or not self._started.done():

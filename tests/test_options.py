@@ -93,7 +93,12 @@ def test_a_procedure_a_call_cannot_fill_is_refused_when_registered() -> None:
     async def fine(payload: str, count: int = 2, *, session: Any, uri: str, **kwargs: Any) -> str:
         return payload * count
 
-    assert [procedure.uri for procedure in service.procedures] == ["options.fine"]
+    async def positional_with_default(payload: str, deadline: float | None = None, /) -> str:
+        return payload
+
+    also_fine = service.procedure(positional_with_default)
+    assert also_fine.context_names == ()  # deadline is not passed by keyword to a positional-only parameter
+    assert [procedure.uri for procedure in service.procedures] == ["options.fine", "options.positional_with_default"]
 
 
 def test_the_session_options_are_the_connection_options_the_timeout_and_the_poll_interval() -> None:

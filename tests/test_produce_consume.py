@@ -13,6 +13,7 @@ import pytest
 
 import almanet
 from almanet.pytest_plugin import BrokerAddresses
+from helpers import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -216,3 +217,32 @@ async def test_a_payload_that_cannot_be_encoded_raises_unencodable_payload_every
                 assert isinstance(raised.value, TypeError) and isinstance(raised.value, almanet.AlmanetError)
             with pytest.raises(almanet.UnencodablePayload):
                 await session.call(f"{topic}.echo", payload)
+
+
+async def test_stop_waits_for_the_messages_an_async_for_loop_handed_to_workers(
+    session: almanet.Session, topic: str
+) -> None:
+    """A loop that ends because the subscription stopped rolls back nothing: the workers commit what they took."""
+    await session.produce_batch(topic, list(range(5)))
+    subscription = session.consume(topic, "ch")
+    workers: list[asyncio.Future[None]] = []
+    committed: list[int] = []
+
+    async def handle(message: almanet.ConsumedMessage) -> None:
+        await asyncio.sleep(0.3)
+        message.commit()
+        committed.append(message.payload)
+
+    def hand_over(message: almanet.ConsumedMessage) -> None:
+        workers.append(asyncio.ensure_future(handle(message)))
+
+    async def read() -> None:
+        async for message in subscription:
+            hand_over(message)
+
+    reading = asyncio.ensure_future(read())
+    await eventually(lambda: len(workers) == 5)
+    await subscription.stop()  # returns once the 5 are answered
+    await reading
+    await asyncio.gather(*workers)  # none found its message answered already
+    assert sorted(committed) == list(range(5))
