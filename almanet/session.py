@@ -368,8 +368,10 @@ class Subscription:
         while not self._received:
             if self._stopped:
                 raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            waiter = self._waiter
+            if waiter is None or waiter.done():  # else other readers wait: one future wakes them all
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
         return self._received.popleft()
 
     async def __aenter__(self) -> Subscription:

@@ -246,3 +246,18 @@ async def test_stop_waits_for_the_messages_an_async_for_loop_handed_to_workers(
     await reading
     await asyncio.gather(*workers)  # none found its message answered already
     assert sorted(committed) == list(range(5))
+
+
+async def test_several_readers_of_one_subscription_all_end_when_it_stops(session: almanet.Session, topic: str) -> None:
+    subscription = session.consume(topic, "ch")
+    await subscription.start()
+    readers = [asyncio.ensure_future(anext(subscription)) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    await session.produce(topic, "one")
+    await eventually(lambda: any(reader.done() for reader in readers))
+    (got,) = [reader.result() for reader in readers if reader.done()]
+    assert got.payload == "one"
+    got.commit()
+    await subscription.stop()
+    results = await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), TIMEOUT)
+    assert sum(isinstance(result, StopAsyncIteration) for result in results) == 2
