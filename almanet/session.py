@@ -41,7 +41,7 @@ from almanet._speedups.pending import PendingCalls
 from almanet.errors import CallTimeout, InvalidReply, NoResponders, UnreadableBody, rpc_error
 from almanet.nsq import Consumer, Message, Producer
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
-from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch, http_host_port, lookup
+from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch, check_poll_interval, http_host_port, lookup
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed
 from almanet.wire.protocol import EPHEMERAL_SUFFIX
@@ -459,11 +459,7 @@ class Session:
         self._new_identity()
         connection: dict[str, Any] = dict(options)
         self.timeout: float = connection.pop("timeout", DEFAULT_TIMEOUT)
-        self.lookupd_poll_interval: float = connection.pop("lookupd_poll_interval", POLL_INTERVAL)
-        if not self.lookupd_poll_interval > 0:
-            raise ValueError(
-                f"lookupd_poll_interval must be a positive number of seconds, not {self.lookupd_poll_interval!r}"
-            )
+        self.lookupd_poll_interval = check_poll_interval(connection.pop("lookupd_poll_interval", POLL_INTERVAL))
         output_buffer_size = connection.pop("output_buffer_size", None)
         output_buffer_timeout = connection.pop("output_buffer_timeout", None)
         self.options = dataclasses.replace(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
+import almanet
 from almanet._speedups import NO_EXTENSIONS
 from almanet.broker.nsqd import find_nsqd, nsqd_process
 from almanet.pytest_plugin import broker_in_thread
@@ -102,3 +103,25 @@ def broker_of_kind(kind: str, tcp_address: str = "127.0.0.1:0", *, max_msg_size:
     flags = [f"-tcp-address={tcp_address}"] + ([] if max_msg_size is None else [f"-max-msg-size={max_msg_size}"])
     with nsqd_process(executable, *flags) as (tcp_address, _):
         yield tcp_address
+
+
+def wait_until_served(address: str, uri: str) -> None:
+    """Return once ``uri`` answers a call on the nsqd at ``address`` (a str payload), within 60 s.
+
+    For a service in a process of its own, which may still be starting: calls until then get NoResponders.
+    Sync, with a loop of its own: from async tests, run it in a thread.
+    """
+
+    async def served() -> None:
+        async with almanet.new_session(address) as session:
+            while not await answers(session):
+                pass
+
+    async def answers(session: almanet.Session) -> bool:
+        try:
+            await session.call(uri, "probe")
+        except almanet.NoResponders:
+            return False
+        return True
+
+    asyncio.run(asyncio.wait_for(served(), 60))

@@ -1,6 +1,5 @@
 """README's runnable examples run and print what their comments say."""
 
-import asyncio
 import contextlib
 import io
 import re
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import almanet
 from almanet.pytest_plugin import BrokerAddresses
+from helpers import wait_until_served
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -125,21 +124,3 @@ def test_the_seed_readme_runs_as_written(almanet_broker: BrokerAddresses, tmp_pa
         caller.replace("<your nsqd tcp addresses>", address),
     )
     assert printed == ["Hello, Aidar!", 'during call net.example.greeting("guest"): denied']
-
-
-def wait_until_served(address: str, uri: str) -> None:
-    """Return once ``uri`` answers a call (a str payload), within 60 s."""
-
-    async def served() -> None:
-        async with almanet.new_session(address) as session:
-            while not await answers(session):
-                pass
-
-    async def answers(session: almanet.Session) -> bool:
-        try:
-            await session.call(uri, "probe")
-        except almanet.NoResponders:
-            return False
-        return True
-
-    asyncio.run(asyncio.wait_for(served(), 60))

@@ -27,7 +27,7 @@ import almanet
 from almanet._speedups.envelope import encode_invocation
 from almanet.nsq import Producer
 from almanet.pytest_plugin import BrokerAddresses
-from helpers import channel_stats, eventually, topic_stats
+from helpers import channel_stats, eventually, topic_stats, wait_until_served
 
 pytestmark = pytest.mark.asyncio
 
@@ -492,21 +492,6 @@ async def test_delay_call_invokes_later_without_a_reply(
 # --- graceful shutdown and the command line --------------------------------------------------
 
 
-async def served(session: almanet.Session, uri: str) -> None:
-    """Return once ``uri`` is served: a service in a process of its own may still be starting."""
-    deadline = time.monotonic() + TIMEOUT
-    while not await answers(session, uri):
-        assert time.monotonic() < deadline, f"{uri} not served within {TIMEOUT} s"
-
-
-async def answers(session: almanet.Session, uri: str) -> bool:
-    try:
-        await session.call(uri, "ready?", timeout=TIMEOUT)
-    except almanet.NoResponders:
-        return False
-    return True
-
-
 def almanet_command(*args: str, address: str) -> subprocess.Popen[str]:
     env = dict(os.environ, ALMANET_ADDRESSES=address)
     return subprocess.Popen(
@@ -524,7 +509,7 @@ async def test_serve_stops_gracefully_on_sigterm_finishing_the_calls_in_flight(
 ) -> None:
     service = almanet_command("serve", "examples.microservice:service", address=almanet_broker.tcp_address)
     try:
-        await served(session, "net.example.greeting")
+        await asyncio.to_thread(wait_until_served, almanet_broker.tcp_address, "net.example.greeting")
         calls = [asyncio.ensure_future(session.call("net.example.slow_echo", 0.5, timeout=TIMEOUT)) for _ in range(20)]
 
         async def in_flight() -> int:

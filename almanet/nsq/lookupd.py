@@ -85,6 +85,13 @@ async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
     return int(status_line[1]), body
 
 
+def check_poll_interval(seconds: float) -> float:
+    """``seconds`` if it can be the time between two polls, else ``ValueError``."""
+    if not seconds > 0:
+        raise ValueError(f"lookupd_poll_interval must be a positive number of seconds, not {seconds!r}")
+    return seconds
+
+
 class NsqdWatch:
     """The nsqd instances the nsqlookupd ``addresses`` list for ``topic`` (every nsqd when ``topic`` is None).
 
@@ -102,8 +109,7 @@ class NsqdWatch:
             raise ValueError("a watch needs at least one nsqlookupd address (http://host:port)")
         for address in addresses:
             http_host_port(address)  # ValueError now, not at the first poll
-        if not poll_interval > 0:
-            raise ValueError(f"lookupd_poll_interval must be a positive number of seconds, not {poll_interval!r}")
+        check_poll_interval(poll_interval)
         self.addresses = list(addresses)
         self.poll_interval = poll_interval
         self.topic = topic
