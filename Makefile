@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test test-pure test-pythons lint demo bench wheels clean
+.PHONY: install test test-pure test-pythons lint docs demo bench wheels clean
 
 install: $(INSTALLED)
 
@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(INSTALLED): $(BIN)/python pyproject.toml setup.py $(wildcard almanet/_speedups/*.pyx)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,lint]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,lint,docs]'
 	touch $@
 
 lint: $(INSTALLED)
@@ -24,7 +24,13 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check almanet tests benchmarks examples setup.py
 	$(BIN)/mypy --strict almanet
 
-test: lint
+# The documentation site from docs/ (mkdocs.yml, Material), warnings as errors,
+# into site/; `$(BIN)/mkdocs serve` shows it while it is edited. The variable
+# quiets Material's banner about its end of life (May 2027), printed every build.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(BIN)/python -m pytest
 
 # The suite again on the pure twins (CI runs it after `make test`).
@@ -60,4 +66,4 @@ wheels:
 	tools/check-wheels $(REV)
 
 clean:
-	rm -rf build dist *.egg-info .venvs almanet/_speedups/*.c almanet/_speedups/*.so
+	rm -rf build dist site *.egg-info .venvs almanet/_speedups/*.c almanet/_speedups/*.so
