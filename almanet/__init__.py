@@ -19,7 +19,8 @@ from almanet.errors import (
     rpc_error,
 )
 from almanet.service import Procedure, Service, new_service
-from almanet.session import ConsumedMessage, Session, Subscription, new_session
+from almanet.session import Session, new_session
+from almanet.subscription import ConsumedMessage, Subscription
 from almanet.wire.errors import (
     AlmanetError,
     CommandError,
@@ -28,6 +29,7 @@ from almanet.wire.errors import (
     FrameError,
     MessageTooBig,
     ProtocolError,
+    Unauthorized,
 )
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "Service",
     "Session",
     "Subscription",
+    "Unauthorized",
     "UnencodablePayload",
     "UnreadableBody",
     "__version__",

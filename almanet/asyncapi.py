@@ -34,8 +34,8 @@ import msgspec
 from almanet._version import __version__
 from almanet.conversion import type_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
+from almanet.rpc import REPLY_CHANNEL, REPLY_TOPIC_PREFIX
 from almanet.service import Procedure, Service
-from almanet.session import REPLY_CHANNEL, REPLY_TOPIC_PREFIX
 
 __all__ = ["ASYNCAPI_VERSION", "CONTENT_TYPE", "describe"]
 

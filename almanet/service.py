@@ -27,22 +27,17 @@ if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated 
     from typing_extensions import Unpack
 
 from almanet import conversion, loops
-from almanet._speedups.envelope import EnvelopeError, Invocation, decode, encode_reply
+from almanet._speedups.envelope import EnvelopeError, Invocation, decode
 from almanet._speedups.frames import check_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
-from almanet.nsq import ConnectionOptions, Consumer, Message, Producer
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter
+from almanet.nsq import ConnectionOptions, Consumer, Message, sweeper
 from almanet.nsq.lookupd import NsqdWatch
-from almanet.session import (
-    DISCOVERY_TOPIC,
-    Session,
-    SessionOptions,
-    check_keywords,
-    check_uri,
-    connection_options,
-    is_reply_topic,
-)
-from almanet.wire.errors import ConnectionFailed, MessageTooBig
+from almanet.options import SessionOptions, check_keywords, connection_options
+from almanet.replies import Replies
+from almanet.rpc import DISCOVERY_TOPIC, REPLY_TOPIC_PREFIX, check_uri, is_reply_topic
+from almanet.session import Session
+from almanet.still_running import StillRunning
+from almanet.wire.errors import ConnectionFailed
 
 logger = logging.getLogger("almanet")
 
@@ -52,7 +47,6 @@ _DISCOVERY_IN_FLIGHT = 100  # queries are answered as they arrive
 # A service started before its nsqd: how often it tries to start again, and says it waits.
 _RETRY_START_EVERY = 1.0
 _WAITING_SAID_EVERY = 10.0
-_NSQD_MSG_TIMEOUT_MS = 60_000  # nsqd's default, where IDENTIFY's answer does not say
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -65,39 +59,6 @@ else:
 
     def _start_task(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coroutine)
-
-
-class _ReplyPublished:
-    """Told nsqd's answer to the publish of a reply from ``uri``: a failure is logged (the caller will time out)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    def done(self) -> bool:
-        return False
-
-    def set_result(self, answer: bytes) -> None:
-        pass
-
-    def set_exception(self, error: BaseException) -> None:
-        logger.error("%s: a reply could not be published (its caller will time out): %s", self.uri, error)
-
-
-class _BigReplyPublished(_ReplyPublished):
-    """Told nsqd's answer to a big reply's publish: one nsqd refuses as too big is answered with an error."""
-
-    def __init__(self, service: Service, uri: str, invocation: Message, reply_to: str, call_id: int) -> None:
-        super().__init__(uri)
-        self.service = service
-        self.invocation = invocation  # the error reply goes back the way a small reply would
-        self.reply_to = reply_to
-        self.call_id = call_id
-
-    def set_exception(self, error: BaseException) -> None:
-        if isinstance(error, MessageTooBig):
-            self.service._reply_too_big(self.invocation, self.uri, self.reply_to, self.call_id, error)
-        else:
-            super().set_exception(error)
 
 
 class Procedure(Generic[P, R]):
@@ -199,18 +160,15 @@ class Service:
         self._consumers: list[Consumer] = []
         self._discovery: Consumer | None = None
         self._nsqd_watch: NsqdWatch | None = None  # every nsqd of the cluster, given nsqlookupd
-        # By the address of the nsqd they publish to; None once stop() closed them.
-        self._big_reply_producers: dict[str, Producer] | None = {}
+        self._replies = Replies()
+        self._replies.know(DISCOVERY_TOPIC)
         self._served: frozenset[str] = frozenset()
         self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
         # What a reply's publish tells its failure to, by URI: one each, not one a reply.
-        self._reply_published = {DISCOVERY_TOPIC: _ReplyPublished(DISCOVERY_TOPIC)}
         self._calls_started: dict[Message, float] = {}  # while DEBUG is on: time.perf_counter() at each call
-        # Invocations whose call still runs, kept from timing out: their call's deadline (time.time(); inf: none).
-        self._still_running: dict[Message, float] = {}
-        self._touch_timer: asyncio.TimerHandle | None = None
-        self._touch_every = 0.0
+        self._still_running = StillRunning()  # invocations kept from timing out while their call runs
+        self._sweeping: asyncio.Task[None] | None = None  # almanet.nsq.sweeper
 
     @overload
     def procedure(
@@ -285,7 +243,7 @@ class Service:
                 raise ValueError(f"{uri} is already registered on channel {channel!r}")
             registered = Procedure(function, uri, channel, max_concurrency, procedure_options, declared)
             self.procedures.append(registered)
-            self._reply_published.setdefault(uri, _ReplyPublished(uri))
+            self._replies.know(uri)
             return registered
 
         return register if function is None else register(function)
@@ -295,22 +253,25 @@ class Service:
     async def start(self) -> None:
         """Join the session and subscribe every procedure (again, after ``stop``); on failure, stop what started."""
         self._stopped = False
-        self._big_reply_producers = {}
+        self._replies.open(self.session.options)
         try:
             await self.session.join()
-            self._nsqd_watch = self.session.watch_nsqd()
+            session = self.session
+            if session.lookupd_addresses:
+                self._nsqd_watch = NsqdWatch(session.lookupd_addresses, session.lookupd_poll_interval)
             if self._nsqd_watch is not None:
                 await self._nsqd_watch.start()
                 if self._stopped:
                     raise ConnectionFailed("the service was stopped while it started")
             for registered in self.procedures:
-                consumer = self.session.consumer(
+                consumer = Consumer(
                     registered.uri,
                     registered.channel,
                     functools.partial(self._receive_invocation, registered),
-                    registered.max_concurrency,
-                    registered.options,
-                    self._nsqd_watch,
+                    nsqd_tcp_addresses=session.nsqd_addresses,
+                    nsqd_watch=self._nsqd_watch,
+                    max_in_flight=registered.max_concurrency,
+                    options=registered.options,
                     ready_everywhere=True,
                 )
                 self._consumers.append(consumer)  # before it starts: stop() meanwhile stops it too
@@ -319,12 +280,14 @@ class Service:
                     raise ConnectionFailed("the service was stopped while it started")
             # Last: a session told that a URI is served finds its procedure subscribed.
             self._served = frozenset(registered.uri for registered in self.procedures)
-            self._discovery = self.session.consumer(
+            self._discovery = Consumer(
                 DISCOVERY_TOPIC,
-                f"service.{self.session.id}#ephemeral",
+                f"service.{session.id}#ephemeral",
                 self._answer_discovery,
-                _DISCOVERY_IN_FLIGHT,
+                nsqd_tcp_addresses=session.nsqd_addresses,
                 nsqd_watch=self._nsqd_watch,
+                max_in_flight=_DISCOVERY_IN_FLIGHT,
+                options=session.options,
             )
             await self._discovery.start()
             if self._stopped:
@@ -337,6 +300,9 @@ class Service:
                 logger.info("serving %s (channel %s) on %s", registered.uri, registered.channel, addresses)
             if not self.procedures:
                 logger.warning("serving no procedures on %s: none is registered", addresses)
+            # Replies to callers that died create their reply topics again, as do replies to made-up ones.
+            sweeping = sweeper.TopicSweeper(REPLY_TOPIC_PREFIX).run(self._nsqd_read)
+            self._sweeping = asyncio.ensure_future(sweeping)
         except BaseException:
             await self.stop()
             raise
@@ -344,6 +310,9 @@ class Service:
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully: take no more calls, let those running finish and reply (up to ``timeout``), leave."""
         self._stopped = True
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
         consumers, self._consumers = self._consumers, []
         if self._discovery is not None:  # sessions stop hearing that this service serves
             consumers.append(self._discovery)
@@ -353,7 +322,7 @@ class Service:
         for registered in self.procedures:  # never started: back to nsqd, for other instances
             while registered.held:
                 held = registered.held.popleft()
-                self._still_running.pop(held, None)
+                self._still_running.pop(held)
                 held.req()
         await asyncio.gather(*stopped)
         if self._nsqd_watch is not None:
@@ -361,13 +330,12 @@ class Service:
             self._nsqd_watch = None
         for task in list(self._running):  # past the timeout: nsqd redelivers their invocations
             task.cancel()
-        if self._touch_timer is not None:
-            self._touch_timer.cancel()
-            self._touch_timer = None
         self._still_running.clear()
-        producers, self._big_reply_producers = self._big_reply_producers or {}, None
-        await asyncio.gather(*(producer.close(timeout) for producer in producers.values()))
+        await self._replies.close(timeout)
         await self.session.leave(timeout)
+
+    def _nsqd_read(self) -> list[str]:
+        return sorted({address for consumer in self._consumers for address in consumer.connections})
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -438,7 +406,7 @@ class Service:
                 and query.payload in self._served
                 and (not query.deadline or query.deadline > time.time() * 1000)
             ):
-                self._reply(message, DISCOVERY_TOPIC, query.reply_to, query.call_id, True, None)
+                self._replies.send(message, DISCOVERY_TOPIC, query.reply_to, query.call_id, True, None)
         message.fin()
 
     def _receive_invocation(self, procedure: Procedure[..., Any], message: Message) -> None:
@@ -447,7 +415,7 @@ class Service:
                 message.req()
             else:
                 procedure.held.append(message)
-                self._keep_from_timing_out(message, 0)
+                self._still_running.keep(message, 0)
             return
         try:
             invocation = decode(message.body)
@@ -455,7 +423,7 @@ class Service:
             logger.warning("%s: not an invocation: %s", procedure.uri, error)
             if error.reply_to is not None and error.call_id is not None and is_reply_topic(error.reply_to):
                 invalid = InvalidEnvelope(str(error)).to_reply_payload()
-                self._reply(message, procedure.uri, error.reply_to, error.call_id, False, invalid)
+                self._replies.send(message, procedure.uri, error.reply_to, error.call_id, False, invalid)
             message.fin()
             return
         if not isinstance(invocation, Invocation):
@@ -492,13 +460,13 @@ class Service:
                 if not task.done():
                     self._running.add(task)  # a reference, so the task is not collected while it waits
                     task.add_done_callback(self._running.discard)
-                    self._keep_from_timing_out(message, invocation.deadline)
+                    self._still_running.keep(message, invocation.deadline)
             else:
                 work = functools.partial(procedure.serve, payload, **context)
                 future = asyncio.get_running_loop().run_in_executor(None, work)
                 procedure.running += 1
                 future.add_done_callback(functools.partial(self._finish_sync, procedure, invocation, message))
-                self._keep_from_timing_out(message, invocation.deadline)
+                self._still_running.keep(message, invocation.deadline)
         except Exception as error:  # the call could not start: answered all the same, never redelivered
             self._answer_error(error, procedure, invocation, message)
 
@@ -555,40 +523,12 @@ class Service:
     ) -> None:
         """Reply (when the caller waits for one), then FIN."""
         if invocation.reply_to is not None:
-            self._reply(message, procedure.uri, invocation.reply_to, invocation.call_id, ok, payload)
+            self._replies.send(message, procedure.uri, invocation.reply_to, invocation.call_id, ok, payload)
         message.fin()
         if self._still_running:  # an empty dict's check for the calls that finished as they started
-            self._still_running.pop(message, None)
+            self._still_running.pop(message)
         if self._calls_started:  # DEBUG was on when a call came (an empty dict's check otherwise)
             self._log_call(procedure.uri, ok, payload, message)
-
-    def _keep_from_timing_out(self, message: Message, deadline_ms: int) -> None:
-        """TOUCH ``message`` while its call runs, until the call's deadline (ms since the epoch; 0: none).
-
-        nsqd hands an invocation unanswered after its msg_timeout to an
-        instance again, and the call would run twice. One timer touches every
-        call still running, each half msg_timeout (the shortest of their
-        connections'); past its deadline nobody waits for a call's reply, and
-        its invocation is left to time out.
-        """
-        self._still_running[message] = deadline_ms / 1000 if deadline_ms else float("inf")
-        msg_timeout = message.connection.negotiated.get("msg_timeout", _NSQD_MSG_TIMEOUT_MS) / 1000
-        if self._touch_timer is None or msg_timeout / 2 < self._touch_every:
-            if self._touch_timer is not None:
-                self._touch_timer.cancel()
-            self._touch_every = msg_timeout / 2
-            self._touch_timer = asyncio.get_running_loop().call_later(self._touch_every, self._touch_still_running)
-
-    def _touch_still_running(self) -> None:
-        self._touch_timer = None
-        now = time.time()
-        for message, deadline in list(self._still_running.items()):
-            if message.answered or not message.connection_open:  # refused as it left the hold; its connection lost
-                del self._still_running[message]
-            elif deadline > now:
-                message.touch()
-        if self._still_running:
-            self._touch_timer = asyncio.get_running_loop().call_later(self._touch_every, self._touch_still_running)
 
     def _log_call(self, uri: str, ok: bool, payload: Any, message: Message) -> None:
         """At DEBUG: the call's URI, time (from its receipt to its reply) and outcome (ok, or the error's name)."""
@@ -597,46 +537,6 @@ class Service:
             milliseconds = (time.perf_counter() - started) * 1000
             outcome = "ok" if ok else payload[0] if isinstance(payload, list) and payload else "error"
             logger.debug("%s: %s in %.3f ms", uri, outcome, milliseconds)
-
-    def _reply(self, message: Message, uri: str, reply_to: str, call_id: int, ok: bool, payload: Any) -> None:
-        """Publish a reply to ``reply_to``, which the caller checked is a session's reply topic (``is_reply_topic``)."""
-        try:
-            body = _encode_reply(call_id, ok, payload)
-        except TypeError as error:
-            logger.error("%s: the result of call %d cannot be sent: %s", uri, call_id, error)
-            unencodable = InternalError(f"the result cannot be encoded: {error}")
-            body = encode_reply(call_id, False, unencodable.to_reply_payload())
-        try:
-            if len(body) > SEPARATE_PUBLISH_SIZE:
-                self._publish_apart(message, reply_to, body, _BigReplyPublished(self, uri, message, reply_to, call_id))
-            else:
-                message.publish(reply_to, body, self._reply_published.get(uri) or _ReplyPublished(uri))
-        except MessageTooBig as error:
-            self._reply_too_big(message, uri, reply_to, call_id, error)
-        except (ValueError, TypeError) as error:  # a reply topic no nsqd takes
-            logger.warning("%s: cannot reply to %r: %s", uri, reply_to, error)
-
-    def _reply_too_big(self, invocation: Message, uri: str, reply_to: str, call_id: int, error: MessageTooBig) -> None:
-        logger.error("%s: the reply to call %d is too big to send: %s", uri, call_id, error)
-        published = self._reply_published.get(uri) or _ReplyPublished(uri)
-        too_big = InternalError(f"the reply is too big to send: {error}").to_reply_payload()
-        reply = encode_reply(call_id, False, too_big)
-        if invocation.connection_open:
-            invocation.publish(reply_to, reply, published)
-        else:
-            self._publish_apart(invocation, reply_to, reply, published)
-
-    def _publish_apart(self, invocation: Message, reply_to: str, body: bytes, answer: AnswerWaiter) -> None:
-        """Publish a reply apart from the replies in flight (see ``Session.publish_apart``), to the nsqd
-        ``invocation`` came from: on a cluster, the caller reads its replies there only."""
-        if self._big_reply_producers is None:  # a call that ended after stop() closed the producers
-            answer.set_exception(ConnectionFailed("the service stopped before the reply was sent"))
-            return
-        address = invocation.connection.address
-        producer = self._big_reply_producers.get(address)
-        if producer is None:
-            producer = self._big_reply_producers[address] = Producer(address, options=self.session.options)
-        producer.publish_with(answer, reply_to, body)
 
 
 def _describe(error: BaseException) -> str:
@@ -719,14 +619,6 @@ def _hashable(value: Any) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _encode_reply(call_id: int, ok: bool, payload: Any) -> bytes:
-    """The reply's envelope; a payload the envelope cannot encode (a dataclass, an enum...) is sent as builtins."""
-    try:
-        return encode_reply(call_id, ok, payload)
-    except TypeError as refused:
-        return conversion.encode_as_builtins(functools.partial(encode_reply, call_id, ok), payload, refused)
 
 
 def new_service(*addresses: str, prefix: str = "", **options: Unpack[SessionOptions]) -> Service:

@@ -20,58 +20,45 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import re
 import secrets
-import ssl
 import time
 import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar, overload
-
-import msgpack
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated at run time
     from typing_extensions import Unpack
 
 from almanet import conversion
-from almanet._speedups.envelope import EnvelopeError, Reply, decode, encode_invocation
-from almanet._speedups.frames import is_valid_name
+from almanet._speedups.envelope import EnvelopeError, Reply, decode
 from almanet._speedups.pending import PendingCalls
-from almanet.errors import CallTimeout, InvalidReply, NoResponders, UnreadableBody, rpc_error
+from almanet.discovery import Discovery
+from almanet.errors import CallTimeout, InvalidReply, rpc_error
 from almanet.nsq import Consumer, Message, Producer
 from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
-from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch, check_poll_interval, http_host_port, lookup
-from almanet.wire.addresses import split_address
+from almanet.nsq.lookupd import POLL_INTERVAL, check_poll_interval
+from almanet.options import (
+    CONSUME_OUTPUT_BUFFER,
+    SessionOptions,
+    check_keywords,
+    connection_options,
+    split_addresses,
+)
+from almanet.rpc import (
+    DEFAULT_TIMEOUT,
+    DISCOVERY_TOPIC,
+    DISCOVERY_WAIT,
+    REPLY_CHANNEL,
+    SERVED_FOR,
+    NamedProcedure,
+    check_uri,
+    invocation_envelope,
+    reply_topic,
+)
+from almanet.subscription import Subscription, encode_payload
 from almanet.wire.errors import ConnectionFailed
-from almanet.wire.protocol import EPHEMERAL_SUFFIX
 
 logger = logging.getLogger("almanet")
-
-# What consume() asks of nsqd unless told otherwise: its output buffer (16 KiB),
-# flushed at least every 25 ms (nsqd's shortest; its default is 250 ms).
-# Measured on nsqd v1.3.0, consuming a backlog with a commit each: 380k msgs/s
-# against 50k when every message is written at once, the RPC connections'
-# choice (ConnectionOptions.output_buffer_size -1), where a call's latency
-# must not wait for a flush. docs/NSQD.md has the measurements.
-CONSUME_OUTPUT_BUFFER: dict[str, Any] = {"output_buffer_size": 0, "output_buffer_timeout": 0.025}
-
-REPLY_TOPIC_PREFIX = "_almanet.reply."
-_REPLY_TOPIC = re.compile(r"_almanet\.reply\.[0-9a-f]{16}#ephemeral")
-
-
-@functools.lru_cache(maxsize=4096)
-def is_reply_topic(topic: str) -> bool:
-    """Whether ``topic`` is a session's reply topic: the only topics a service publishes replies to."""
-    return _REPLY_TOPIC.fullmatch(topic) is not None
-
-
-class NamedProcedure(Protocol):
-    """What a call may name instead of a URI: a ``Procedure`` a service registered (the service is the floor above)."""
-
-    @property
-    def uri(self) -> str: ...
-
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -86,84 +73,9 @@ class _Procedure(Protocol[T_co]):
     def __call__(self, *args: Any, **kwargs: Any) -> T_co: ...
 
 
-REPLY_CHANNEL = "reply#ephemeral"
-DEFAULT_TIMEOUT = 60.0
-
-# Before a call publishes an invocation to a URI not known to be served, it
-# asks: a discovery query (an invocation whose payload is the URI) goes to
-# this topic, where every running service has a channel of its own, and the
-# services serving the URI reply. No reply within DISCOVERY_WAIT seconds:
-# the call fails with NoResponders and publishes nothing. The topic is
-# ephemeral, so queries nobody reads are bounded by nsqd's mem-queue-size.
-DISCOVERY_TOPIC = "_almanet.discovery#ephemeral"
-DISCOVERY_WAIT = 0.75
-# How long a URI stays known to be served after a service said so or a reply
-# came from it: within it, calls publish at once. A service that died is
-# found out by the first call after that, or the first call that times out.
-SERVED_FOR = 5.0
-_SERVED_KEPT = 4096  # URIs known served, past which those no longer known are forgotten
-# A caller given nsqlookupd waits for the services of a URI listed on other nsqd to come to its own
-# (an nsqd that joined); after a wait in vain (a topic left over), calls to it fail at once for this long.
-_NOT_WAITED_FOR_AGAIN = 60.0
+_MAY_PUBLISH_KEPT = 4096  # topics known permitted, past which they are forgotten (orders.<id>.get)
 # Replies are FINed as they arrive: the RDY only needs to keep the pipe full.
 _REPLIES_IN_FLIGHT = 2500
-
-
-@functools.lru_cache(maxsize=4096)
-def check_uri(uri: str) -> str:
-    """``uri`` if it can name a procedure (an NSQ topic, not ephemeral, not ``_``-reserved), else ``ValueError``."""
-    if not isinstance(uri, str):
-        raise TypeError(f"a procedure URI must be str, not {type(uri).__name__}")
-    raw = uri.encode("utf-8", "surrogateescape")
-    if not uri.isascii() or not is_valid_name(raw) or raw.endswith(EPHEMERAL_SUFFIX) or uri.startswith("_"):
-        raise ValueError(
-            f"invalid procedure URI {uri!r}: 1 to 64 characters of [.a-zA-Z0-9_-] (an NSQ topic name), "
-            "not starting with '_' and not ending in #ephemeral"
-        )
-    return uri
-
-
-def split_addresses(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
-    """nsqd TCP addresses (``host:port``) and nsqlookupd HTTP addresses (``http://host:port``)."""
-    nsqd: list[str] = []
-    lookupd: list[str] = []
-    for address in addresses:
-        if not isinstance(address, str):
-            raise TypeError(f"an address is a str (host:port, or http://host:port), not {type(address).__name__}")
-        if address.startswith("http://"):
-            http_host_port(address)  # ValueError now, not at the first lookup
-            lookupd.append(address)
-        elif "://" in address:
-            raise ValueError(f"address {address!r}: nsqd's TCP addresses are host:port, nsqlookupd's http://host:port")
-        else:
-            split_address(address)
-            nsqd.append(address)
-    if not nsqd:
-        raise ValueError("a session needs at least one nsqd TCP address (host:port) to publish to")
-    return nsqd, lookupd
-
-
-def encode_payload(payload: Any, raw: bool) -> bytes:
-    """A produced message's body: ``payload`` msgpack-encoded, or as it is when ``raw`` (then bytes only)."""
-    if not raw:
-        try:
-            return msgpack.packb(payload)  # type: ignore[no-any-return]
-        except (TypeError, OverflowError) as refused:  # a dataclass, an enum...: sent as builtins
-            return conversion.encode_as_builtins(msgpack.packb, payload, refused)
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise TypeError(f"a raw body is bytes, not {type(payload).__name__}")
-    return bytes(payload)
-
-
-def _encode_invocation(
-    call_id: int, reply_to: str | None, deadline: int, headers: dict[str, Any] | None, payload: Any
-) -> bytes:
-    """The invocation's envelope; a payload the envelope cannot encode (a dataclass, an enum...) is sent as builtins."""
-    try:
-        return encode_invocation(call_id, reply_to, deadline, headers, payload)
-    except TypeError as refused:
-        encode = functools.partial(encode_invocation, call_id, reply_to, deadline, headers)
-        return conversion.encode_as_builtins(encode, payload, refused)
 
 
 class _Call:
@@ -235,203 +147,6 @@ class _Multicall(_Call):
             self.future.set_result(self.results)
 
 
-class ConsumedMessage:
-    """A message of a consumed topic: commit it (FIN) or roll it back (REQ) once; ``touch()`` meanwhile."""
-
-    __slots__ = ("_message", "attempts", "body", "id", "timestamp")
-
-    def __init__(self, message: Message) -> None:
-        self._message = message
-        self.body: bytes = message.body
-        self.id: bytes = message.id
-        self.timestamp: int = message.timestamp  # ns since the epoch, when published
-        self.attempts: int = message.attempts
-
-    @property
-    def payload(self) -> Any:
-        """What ``produce`` sent (the body decoded as one msgpack value); ``UnreadableBody`` for another body."""
-        try:
-            return msgpack.unpackb(self.body, raw=False, strict_map_key=False)
-        except Exception as error:  # msgpack raises ValueError subclasses and others (FormatError, StackError)
-            raise UnreadableBody(
-                f"message {self.id.decode(errors='replace')} is not one msgpack value ({type(error).__name__}: "
-                f"{error}): produced raw or by another client? Read its .body"
-            ) from None
-
-    def commit(self) -> None:
-        """Done with it (FIN)."""
-        self._message.fin()
-
-    def rollback(self, delay: float = 0.0) -> None:
-        """Give it back for redelivery after ``delay`` seconds (REQ); its attempts grow by one."""
-        self._message.req(delay)
-
-    def touch(self) -> None:
-        """Restart its msg_timeout (TOUCH)."""
-        self._message.touch()
-
-    @property
-    def answered(self) -> bool:
-        """Whether it was committed or rolled back."""
-        return self._message.answered
-
-    def __repr__(self) -> str:
-        return f"ConsumedMessage(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
-
-
-class Subscription:
-    """The messages of a topic through a channel, as an async iterator.
-
-    ``async for message in session.consume(topic, channel)``, or ``async with``
-    it, or the pair form ``stream, stop = await session.consume(...)``.
-    Stopping gives back at once the messages received and not handed out yet.
-    Leaving an ``async for`` loop (``break``, or an exception in its body)
-    stops the subscription and rolls back, at once, the messages the loop was
-    handed and did not commit or roll back by the time it ended (code that
-    commits them right after the loop, before awaiting anything, still does).
-    """
-
-    def __init__(self, consumer_of: Callable[[Callable[[Message], None]], Consumer]) -> None:
-        self._consumer = consumer_of(self._receive)
-        self._received: deque[ConsumedMessage] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._started: asyncio.Future[None] | None = None
-        self._stopped = False
-
-    def _receive(self, message: Message) -> None:
-        if self._stopped:  # sent before nsqd had our RDY 0: back at once
-            message.req()
-            return
-        self._received.append(ConsumedMessage(message))
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def start(self) -> None:
-        if self._started is None:
-            self._started = asyncio.ensure_future(self._consumer.start())
-        await self._started
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Stop consuming: requeue what was not handed out, wait up to ``timeout`` for the rest to be answered."""
-        await self._stop_soon(timeout)
-
-    def _stop_soon(self, timeout: float) -> asyncio.Future[None]:
-        """``stop``'s RDY 0 and requeues now; what waits for the rest."""
-        self._stopped = True
-        stopped = self._consumer.stop(timeout)  # RDY 0 first: what is rolled back now is not sent back here
-        received, self._received = self._received, deque()
-        for message in received:
-            message.rollback()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        return stopped
-
-    def __aiter__(self) -> AsyncIterator[ConsumedMessage]:
-        return self._handed_out()
-
-    async def _handed_out(self) -> AsyncIterator[ConsumedMessage]:
-        """The messages, to an ``async for`` loop; what it leaves unanswered is rolled back if it is left early.
-
-        Leaving the loop (``break``, an exception in its body) closes this
-        generator: asyncio schedules ``aclose()`` once the loop lets go of it.
-        Without the rollback nsqd would hand the messages out again only
-        after their msg_timeout. A loop that ends because the subscription
-        stopped rolls back nothing: ``stop()`` waits for what is handled.
-        """
-        handed: list[ConsumedMessage] = []  # those not known to be answered; the answered are dropped as we go
-        stopped_by_itself = False
-        try:
-            while True:
-                try:
-                    message = await self.__anext__()
-                except StopAsyncIteration:
-                    stopped_by_itself = True
-                    return
-                if handed and handed[-1].answered:  # committed before the next one: kept at one, one at a time
-                    handed.pop()
-                if len(handed) > 2 * self._consumer.max_in_flight:  # nsqd hands out no more unanswered than that
-                    handed = [kept for kept in handed if not kept.answered]
-                handed.append(message)
-                yield message
-        finally:
-            if not stopped_by_itself:
-                stopped = self._stop_soon(10.0)  # RDY 0 before the rollbacks, or nsqd hands them straight back here
-                for message in handed:
-                    if not message.answered:
-                        message.rollback()
-                await stopped
-
-    async def __anext__(self) -> ConsumedMessage:
-        if self._started is None or not self._started.done():
-            await self.start()
-        while not self._received:
-            if self._stopped:
-                raise StopAsyncIteration
-            waiter = self._waiter
-            if waiter is None or waiter.done():  # else other readers wait: one future wakes them all
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
-            await waiter
-        return self._received.popleft()
-
-    async def __aenter__(self) -> Subscription:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    def __await__(self) -> Generator[Any, None, tuple[Subscription, Callable[[], Any]]]:
-        return self._as_pair().__await__()
-
-    async def _as_pair(self) -> tuple[Subscription, Callable[[], Any]]:
-        await self.start()
-        return self, self.stop
-
-
-class SessionOptions(TypedDict, total=False):
-    """The keywords of ``new_session``, ``Session`` (and ``new_service``, ``Service``).
-
-    ``timeout`` and ``lookupd_poll_interval``, then ``ConnectionOptions``'s
-    fields, for every connection of the session; ``output_buffer_size`` and ``output_buffer_timeout`` None (the
-    default): calls unbuffered, ``consume`` with ``CONSUME_OUTPUT_BUFFER``.
-    """
-
-    timeout: float
-    lookupd_poll_interval: float
-    auth_secret: str | bytes | None
-    tls: bool
-    tls_context: ssl.SSLContext | None
-    tls_ca_file: str | None
-    tls_cert_file: str | None
-    tls_key_file: str | None
-    tls_server_hostname: str | None
-    snappy: bool
-    deflate: bool
-    deflate_level: int
-    heartbeat_interval: float
-    msg_timeout: float | None
-    max_msg_size: int
-    max_body_size: int
-    max_frame_size: int
-    max_reconnect_interval: float
-    connect_timeout: float
-    output_buffer_size: int | None
-    output_buffer_timeout: float | None
-    sample_rate: int
-    client_id: str
-    hostname: str
-    user_agent: str
-
-
-def check_keywords(function: str, options: Mapping[str, object], own: Iterable[str] = ()) -> None:
-    """``TypeError`` as Python words it, for a keyword ``function`` does not take (its ``own``, ``SessionOptions``)."""
-    for name in options:
-        if name not in SessionOptions.__annotations__:
-            known = ", ".join([*own, *SessionOptions.__annotations__])
-            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}; it takes: {known}")
-
-
 class Session:
     """A connection to NSQ for calling procedures and producing and consuming messages.
 
@@ -474,9 +189,11 @@ class Session:
         self._joined = False
         self._producer = Producer(*self.nsqd_addresses, options=self.options)
         self._pending: PendingCalls[_Call] = PendingCalls()
-        self._served_until: dict[str, float] = {}  # URI -> loop time until which it is known served
-        self._discovering: dict[str, asyncio.Future[None]] = {}  # URI -> its discovery query, shared
-        self._not_coming: dict[str, float] = {}  # URI -> loop time until which no service is waited for (below)
+        self._discovery = Discovery(self._ask_who_serves, self)
+        # With AUTH, nsqd closes the connection that published to a topic the secret may not publish to
+        # (E_UNAUTHORIZED): calls to a topic go apart (``_publish_apart``) until a reply shows they may.
+        self._auth_required = False
+        self._may_publish: set[str] = set()
         self._replies: Consumer | None = None
         self._replies_subscribed: asyncio.Future[None] | None = None
         self._call_connection: Connection | None = None  # the connection calls go by now
@@ -500,7 +217,8 @@ class Session:
         """Connect to nsqd (again, after ``leave``); raises ``ConnectionError`` when none answers."""
         self._left = False
         self._loop = asyncio.get_running_loop()
-        await self._producer.connect()
+        connection = await self._producer.connect()
+        self._auth_required = bool(connection.negotiated.get("auth_required"))
         self._joined = True
 
     def use_addresses(self, *addresses: str) -> None:
@@ -538,8 +256,8 @@ class Session:
             self._expiry_timer = None
         for call in self._pending.expire(float("inf")):
             call.set_exception(ConnectionFailed("the session left before the reply came"))
-        self._served_until.clear()  # the services may be gone when it joins again
-        self._not_coming.clear()
+        self._discovery.clear()
+        self._may_publish.clear()
         self._replies = self._replies_subscribed = self._call_connection = None
         self._call_connections.clear()
         # nsqd deletes an ephemeral topic whose last channel left in the background, and a SUB to it
@@ -550,39 +268,7 @@ class Session:
 
     def _new_identity(self) -> None:
         self.id = secrets.token_hex(8)
-        self.reply_topic = f"{REPLY_TOPIC_PREFIX}{self.id}#ephemeral"
-
-    def consumer(
-        self,
-        topic: str,
-        channel: str,
-        on_message: Callable[[Message], None],
-        max_in_flight: int,
-        options: ConnectionOptions | None = None,
-        nsqd_watch: NsqdWatch | None = None,
-        *,
-        ready_everywhere: bool = False,
-    ) -> Consumer:
-        """An NSQ consumer of ``topic`` through ``channel`` on this session's nsqd (and those ``nsqd_watch`` lists).
-
-        ``options``: the session's unless given (see ``connection_options``); ``ready_everywhere``: ``Consumer``'s.
-        """
-        return Consumer(
-            topic,
-            channel,
-            on_message,
-            nsqd_tcp_addresses=self.nsqd_addresses,
-            nsqd_watch=nsqd_watch,
-            max_in_flight=max_in_flight,
-            options=options or self.options,
-            ready_everywhere=ready_everywhere,
-        )
-
-    def watch_nsqd(self) -> NsqdWatch | None:
-        """A watch of every nsqd this session's nsqlookupd list (None without nsqlookupd), not started."""
-        if not self.lookupd_addresses:
-            return None
-        return NsqdWatch(self.lookupd_addresses, self.lookupd_poll_interval)
+        self.reply_topic = reply_topic(self.id)
 
     # --- RPC ------------------------------------------------------------------------
 
@@ -674,9 +360,9 @@ class Session:
         if self._replies_subscribed is None or not self._replies_subscribed.done():
             await self._subscribe_replies(timeout)
         loop = self._running_loop()
-        if self._served_until.get(topic, 0.0) < loop.time():
+        if self._discovery.served_until.get(topic, 0.0) < loop.time():
             started = loop.time()
-            await self._discover(topic, timeout)
+            await self._discovery.wait_served(topic, timeout)
             timeout -= loop.time() - started
         call = new_call(loop.create_future(), topic, timeout)
         call_id = self._invoke(call, topic, payload, timeout)
@@ -685,82 +371,25 @@ class Session:
         except BaseException as error:
             self._pending.pop(call_id)  # cancelled, or failed to publish: gone from the table
             if isinstance(error, CallTimeout):
-                self._served_until.pop(topic, None)  # its service may be gone: the next call asks again
+                self._discovery.served_until.pop(topic, None)  # its service may be gone: the next call asks again
             raise
 
-    async def _discover(self, uri: str, timeout: float) -> None:
-        """Return once a service said it serves ``uri``; ``NoResponders`` when none did (see ``DISCOVERY_TOPIC``)."""
-        query = self._discovering.get(uri)
-        if query is None:
-            query = self._discovering[uri] = asyncio.ensure_future(self._ask_who_serves(uri))
-            query.add_done_callback(functools.partial(self._discovered, uri))
-        # Not cancelled by this call's timeout or cancellation: other calls may wait for it.
-        await asyncio.wait((query,), timeout=timeout)
-        if not query.done():
-            raise CallTimeout(f"no reply from {uri} within {timeout:g} s")
-        query.result()
-
-    async def _ask_who_serves(self, uri: str) -> None:
-        """Ask until a service answers; ``NoResponders`` once none did and none is on its way (see below)."""
-        loop = self._running_loop()
-        learning_until = None
-        while True:
-            query = _Call(loop.create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
-            call_id = self._invoke(query, DISCOVERY_TOPIC, uri, DISCOVERY_WAIT)
-            try:
-                await query.future
-                return
-            except CallTimeout:
-                if not query.published:  # nsqd, not the services, did not answer: say so, not NoResponders
-                    raise CallTimeout(query.unanswered(f"asking who serves {uri}")) from None
-            finally:
-                self._pending.pop(call_id)
-            asked = query.origin.address if query.origin is not None else self.nsqd_addresses[0]
-            if self._not_coming.get(uri, 0.0) > loop.time():
-                elsewhere = []  # waited for lately, in vain
-            else:
-                elsewhere = await self._listed_elsewhere(uri, asked)
-            if learning_until is None:
-                learning_until = loop.time() + 2 * self.lookupd_poll_interval
-            if not elsewhere:
-                raise NoResponders(f"nothing serves {uri}: no service answered within {DISCOVERY_WAIT:g} s")
-            if loop.time() >= learning_until:
-                # Its topic is left over from services gone (nsqd keeps topics): not waited for again for a while.
-                self._not_coming[uri] = loop.time() + _NOT_WAITED_FOR_AGAIN
-                raise NoResponders(
-                    f"nothing serves {uri} on nsqd at {asked}: nsqlookupd lists its topic on {', '.join(elsewhere)}, "
-                    f"but no service there came to this nsqd within {2 * self.lookupd_poll_interval:g} s"
-                )
-
-    async def _listed_elsewhere(self, uri: str, asked: str) -> list[str]:
-        """The nsqd that nsqlookupd lists with ``uri``'s topic when the nsqd ``asked`` is not one of them.
-
-        A service creates its procedures' topics on every nsqd of the
-        cluster: a topic on others and not on ``asked`` means an nsqd that
-        joined, which its services reach within their nsqlookupd poll, so
-        the query is asked again meanwhile. Without nsqlookupd: none.
-        """
-        if not self.lookupd_addresses:
-            return []
-        answers = await asyncio.gather(
-            *(lookup(address, uri) for address in self.lookupd_addresses), return_exceptions=True
-        )
-        listed = {nsqd for answer in answers if not isinstance(answer, BaseException) for nsqd in answer}
-        return [] if asked in listed else sorted(listed)
-
-    def _discovered(self, uri: str, query: asyncio.Future[None]) -> None:
-        del self._discovering[uri]
-        if not query.cancelled() and query.exception() is None:
-            served_until, now = self._served_until, self._running_loop().time()
-            if len(served_until) >= _SERVED_KEPT:  # URIs called once (orders.<id>.get) are not kept forever
-                for known in [known for known, until in served_until.items() if until < now]:
-                    del served_until[known]
-            served_until[uri] = now + SERVED_FOR
+    async def _ask_who_serves(self, uri: str) -> _Call | None:
+        """Publish one discovery query for ``uri``: None once a service answered, the query when none did."""
+        query = _Call(self._running_loop().create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
+        call_id = self._invoke(query, DISCOVERY_TOPIC, uri, DISCOVERY_WAIT)
+        try:
+            await query.future
+            return None
+        except CallTimeout:
+            return query
+        finally:
+            self._pending.pop(call_id)
 
     def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
-        body = _encode_invocation(0, None, 0, None, payload)
+        body = invocation_envelope(0, None, 0, None, payload)
         return self._producer.publish(topic, body, delay=delay)
 
     def _invoke(self, call: _Call, topic: str, payload: Any, timeout: float) -> int:
@@ -772,9 +401,9 @@ class Session:
         deadline = self._running_loop().time() + timeout
         call_id = self._pending.add(call, deadline)
         try:
-            body = _encode_invocation(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
-            if len(body) > SEPARATE_PUBLISH_SIZE:
-                self._publish_big_call(topic, body, call)
+            body = invocation_envelope(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
+            if len(body) > SEPARATE_PUBLISH_SIZE or (self._auth_required and topic not in self._may_publish):
+                self._publish_call_apart(topic, body, call)
             else:
                 self._publish_call(topic, body, call)
         except BaseException:
@@ -793,10 +422,10 @@ class Session:
             self._call_connection = connection
             self._watch_call_connection(connection)
 
-    def _publish_big_call(self, topic: str, body: bytes, call: _Call) -> None:
-        """Publish an invocation apart (``publish_apart``): its reply comes by the connection reading the nsqd
+    def _publish_call_apart(self, topic: str, body: bytes, call: _Call) -> None:
+        """Publish an invocation apart (``_publish_apart``): its reply comes by the connection reading the nsqd
         the producer publishes to (none known while it connects: any)."""
-        self.publish_apart(topic, body, call)
+        self._publish_apart(topic, body, call)
         address, replies = self._producer.connected_to, self._replies
         connection = replies.connections.get(address) if address is not None and replies is not None else None
         if connection is not None:
@@ -808,13 +437,14 @@ class Session:
             self._call_connections.add(connection)
             connection.when_closed(self._call_connection_lost)
 
-    def publish_apart(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
+    def _publish_apart(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
         """Publish ``body`` through the session's producer, apart from the connections of calls and replies.
 
-        For messages over ``SEPARATE_PUBLISH_SIZE``: nsqd closes the connection
-        that sent a message over its --max-msg-size, and the calls and
-        replies in flight on it would go with it. Raises ``MessageTooBig``
-        at once once nsqd's limit is known.
+        For messages over ``SEPARATE_PUBLISH_SIZE``, and with AUTH for calls to
+        a topic not known to be permitted: nsqd closes the connection that
+        sent a message over its --max-msg-size or to a topic the secret may
+        not publish to, and the calls and replies in flight on it would go
+        with it. Raises ``MessageTooBig`` at once once nsqd's limit is known.
         """
         self._producer.publish_with(answer, topic, body)
 
@@ -855,7 +485,14 @@ class Session:
         if self._left:
             raise ConnectionFailed("the session has left")
         if self._replies_subscribed is None:
-            self._replies = self.consumer(self.reply_topic, REPLY_CHANNEL, self._receive_reply, _REPLIES_IN_FLIGHT)
+            self._replies = Consumer(
+                self.reply_topic,
+                REPLY_CHANNEL,
+                self._receive_reply,
+                nsqd_tcp_addresses=self.nsqd_addresses,
+                max_in_flight=_REPLIES_IN_FLIGHT,
+                options=self.options,
+            )
             self._replies_subscribed = asyncio.ensure_future(self._replies.start())
             self._replies_subscribed.add_done_callback(self._replies_subscription_done)
         try:
@@ -891,7 +528,11 @@ class Session:
                 call.origin.address,
             )
             return
-        self._served_until[call.uri] = self._running_loop().time() + SERVED_FOR
+        self._discovery.served_until[call.uri] = self._running_loop().time() + SERVED_FOR
+        if self._auth_required and call.uri not in self._may_publish:
+            if len(self._may_publish) >= _MAY_PUBLISH_KEPT:
+                self._may_publish.clear()
+            self._may_publish.add(call.uri)
         if call.reply(reply):
             pending.pop(reply.call_id)
 
@@ -953,21 +594,6 @@ class Session:
         )
         self._subscriptions.add(subscription)
         return subscription
-
-
-def connection_options(
-    base: ConnectionOptions, overrides: dict[str, Any], function: str, own: Iterable[str] = ()
-) -> ConnectionOptions:
-    """``base`` with ``overrides``, the keywords ``function`` was given beside its ``own``.
-
-    ``TypeError`` as Python words it for one that is no connection option, listing those ``function`` takes.
-    """
-    fields = [field.name for field in dataclasses.fields(ConnectionOptions)]
-    for name in overrides:
-        if name not in fields:
-            known = ", ".join([*own, *fields])
-            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}; it takes: {known}")
-    return dataclasses.replace(base, **overrides) if overrides else base
 
 
 def new_session(*addresses: str, **options: Unpack[SessionOptions]) -> Session:

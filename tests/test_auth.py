@@ -8,6 +8,7 @@ with pynsq.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,3 +85,55 @@ async def test_a_denied_permission_is_a_clear_error_and_the_rest_goes_on(broker_
         with pytest.raises(almanet.CommandError, match='E_UNAUTHORIZED AUTH failed for PUB on "payments" ""'):
             await session.produce("payments", {"n": 1})
         assert await session.produce("orders.placed", {"n": 2}) == b"OK"  # on a new connection
+
+
+async def test_a_call_to_a_denied_uri_fails_alone_amid_calls_in_flight(broker_with_auth: str) -> None:
+    """nsqd closes the connection that sent a denied PUB: calls to a topic go apart until it answers one."""
+    address = broker_with_auth
+    service = almanet.new_service(address, prefix="orders", auth_secret=SECRET)
+
+    @service.procedure
+    async def get(payload: int, **kwargs: Any) -> int:
+        return payload
+
+    refunds = almanet.new_service(address, prefix="payments", auth_secret=SECRET)
+
+    @refunds.procedure
+    async def refund(payload: int, **kwargs: Any) -> int:
+        return payload
+
+    async with service, refunds, almanet.new_session(address, auth_secret=LIMITED) as session:
+        calls = [session.call("orders.get", n, timeout=10) for n in range(200)]
+        calls.insert(100, session.call("payments.refund", 1, timeout=10))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        denied = outcomes.pop(100)
+        assert isinstance(denied, almanet.Unauthorized), denied
+        assert "publish permission on topic payments.refund" in str(denied)
+        assert [outcome.payload for outcome in outcomes] == list(range(200))  # type: ignore[union-attr]
+        # Nothing reconnects in the way of the next ones, nor after the next denial.
+        again = await asyncio.gather(
+            *(session.call("orders.get", n, timeout=10) for n in range(50)),
+            session.call("payments.refund", 2, timeout=10),
+            *(session.call("orders.get", n, timeout=10) for n in range(50)),
+            return_exceptions=True,
+        )
+        assert isinstance(again.pop(50), almanet.Unauthorized)
+        assert [outcome.payload for outcome in again] == [*range(50), *range(50)]  # type: ignore[union-attr]
+
+
+async def test_publishes_written_after_a_denied_one_are_sent_again(broker_with_auth: str) -> None:
+    """nsqd runs nothing after the command it refused: the producer sends those again on a new connection."""
+    async with almanet.new_session(broker_with_auth, auth_secret=LIMITED) as session:
+        published = [session.produce("payments", {"n": 0}), *(session.produce("orders.placed", n) for n in range(100))]
+        outcomes = await asyncio.gather(*published, return_exceptions=True)
+        assert isinstance(outcomes[0], almanet.Unauthorized)
+        assert outcomes[1:] == [b"OK"] * 100
+    async with almanet.new_session(broker_with_auth, auth_secret=SECRET) as reader:
+        async with reader.consume("orders.placed", "all") as messages:
+            received = []
+            async for message in messages:
+                message.commit()
+                received.append(message.payload)
+                if len(received) == 100:
+                    break
+        assert sorted(received) == list(range(100))

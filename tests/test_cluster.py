@@ -119,7 +119,7 @@ async def test_no_responders_keeps_its_meaning_for_a_caller_given_nsqlookupd(
             if uri.endswith("greeting"):
                 async with cluster_service(almanet_cluster, prefix):
                     assert await outcome(session, uri) is None
-                session._served_until.clear()  # as SERVED_FOR after the last reply: the session asks again
+                session._discovery.served_until.clear()  # as SERVED_FOR after the last reply: the session asks again
             started = time.monotonic()
             with pytest.raises(almanet.NoResponders):
                 await session.call(uri, "cluster")

@@ -20,6 +20,8 @@ FLOORS: list[tuple[str, ...]] = [
     ("almanet._speedups", "almanet.conversion"),
     ("almanet.nsq", "almanet.broker"),
     ("almanet.errors",),
+    ("almanet.rpc", "almanet.options", "almanet.subscription"),
+    ("almanet.discovery", "almanet.replies", "almanet.still_running"),
     ("almanet.session",),
     ("almanet.service",),
     ("almanet.asyncapi",),

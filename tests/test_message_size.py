@@ -62,3 +62,42 @@ async def test_a_reply_too_big_for_the_broker_is_an_error_for_its_caller(kind: s
                     await session.call(inflate, 100_000, timeout=TIMEOUT)
             assert len((await session.call(inflate, 100, timeout=TIMEOUT)).payload) == 100
             assert consumer.connections[connection.address] is connection  # the service kept its connection
+
+
+SMALL_LIMIT = 8192  # below SEPARATE_PUBLISH_SIZE's old 16 KiB: a 12 KB call went in the MPUB of the calls beside it
+
+
+@pytest.mark.parametrize("kind", brokers_available())
+async def test_a_call_over_a_small_limit_fails_alone_and_so_does_a_reply(kind: str) -> None:
+    with broker_of_kind(kind, max_msg_size=SMALL_LIMIT) as address:
+        service = almanet.new_service(address, prefix="size")
+
+        @service.procedure
+        async def echo(payload: bytes, **kwargs: Any) -> int:
+            return len(payload)
+
+        @service.procedure
+        async def inflate(payload: int, **kwargs: Any) -> bytes:
+            return b"x" * payload
+
+        async with service, almanet.new_session(address) as session:
+            calls = [session.call(echo, b"x" * 7, timeout=TIMEOUT) for _ in range(200)]
+            calls.insert(100, session.call(echo, b"x" * 12_000, timeout=TIMEOUT))
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            big = outcomes.pop(100)
+            assert isinstance(big, almanet.MessageTooBig), big
+            assert big.limit == SMALL_LIMIT
+            assert [outcome.payload for outcome in outcomes] == [7] * 200  # type: ignore[union-attr]
+            with pytest.raises(almanet.InternalError, match="too big"):
+                await session.call(inflate, 12_000, timeout=TIMEOUT)
+            assert (await session.call(echo, b"x" * 8_000, timeout=TIMEOUT)).payload == 8_000
+
+
+@pytest.mark.parametrize("kind", brokers_available())
+async def test_publishes_written_after_one_too_big_are_sent_again(kind: str) -> None:
+    with broker_of_kind(kind, max_msg_size=SMALL_LIMIT) as address:
+        async with almanet.new_session(address) as session:
+            published = [session.produce("sized", b"x" * 12_000), *(session.produce("sized", n) for n in range(100))]
+            outcomes = await asyncio.gather(*published, return_exceptions=True)
+            assert isinstance(outcomes[0], almanet.MessageTooBig), outcomes[0]
+            assert outcomes[1:] == [b"OK"] * 100

@@ -11,7 +11,7 @@ import pytest
 
 import almanet
 from almanet.nsq import ConnectionOptions
-from almanet.session import SessionOptions
+from almanet.options import SessionOptions
 
 
 def test_calls_ask_for_each_message_at_once_and_consume_for_buffering() -> None:

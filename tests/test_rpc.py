@@ -266,7 +266,7 @@ async def test_a_stopped_service_is_found_gone_once_its_uri_is_no_longer_known_s
 ) -> None:
     async with greeting_service(almanet_broker.tcp_address, prefix):
         await session.call(f"{prefix}.greeting", "Aidar")
-    session._served_until.clear()  # as SERVED_FOR after the last reply
+    session._discovery.served_until.clear()  # as SERVED_FOR after the last reply
     started = time.monotonic()
     with pytest.raises(almanet.NoResponders):
         await session.call(f"{prefix}.greeting", "Aidar")
@@ -565,8 +565,8 @@ async def test_without_a_reachable_nsqd_joining_and_calling_fail_at_once() -> No
 async def test_uris_no_longer_known_served_are_forgotten_past_a_bound(
     almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(almanet.session, "_SERVED_KEPT", 10)
-    session._served_until.update({f"{prefix}.gone{number}": 0.0 for number in range(10)})
+    monkeypatch.setattr(almanet.discovery, "SERVED_KEPT", 10)
+    session._discovery.served_until.update({f"{prefix}.gone{number}": 0.0 for number in range(10)})
     async with greeting_service(almanet_broker.tcp_address, prefix):
         await session.call(f"{prefix}.greeting", "Aidar")
-    assert set(session._served_until) <= {f"{prefix}.greeting", almanet.session.DISCOVERY_TOPIC}
+    assert set(session._discovery.served_until) <= {f"{prefix}.greeting", almanet.rpc.DISCOVERY_TOPIC}

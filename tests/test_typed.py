@@ -27,7 +27,8 @@ from almanet import conversion
 from almanet._speedups.envelope import encode_invocation
 from almanet.errors import rpc_error
 from almanet.pytest_plugin import BrokerAddresses
-from almanet.session import _encode_invocation, encode_payload
+from almanet.rpc import invocation_envelope
+from almanet.subscription import encode_payload
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TIMEOUT = 10.0
@@ -253,13 +254,13 @@ def test_what_cannot_be_converted_raises_unencodable_payload_with_the_encoders_w
 
 def test_encoding_converts_only_what_the_envelope_refuses() -> None:
     plain = {"item": "tea", "count": 2}
-    assert _encode_invocation(1, None, 0, None, Order("tea", 2)) == _encode_invocation(
+    assert invocation_envelope(1, None, 0, None, Order("tea", 2)) == invocation_envelope(
         1, None, 0, None, {"item": "tea", "count": 2, "note": b""}
     )
-    assert _encode_invocation(1, None, 0, None, plain) == encode_invocation(1, None, 0, None, plain)
+    assert invocation_envelope(1, None, 0, None, plain) == encode_invocation(1, None, 0, None, plain)
     assert msgpack.unpackb(encode_payload(Color.GREEN, False)) == "green"
     with pytest.raises(TypeError, match="cannot be encoded"):
-        _encode_invocation(1, None, 0, None, Unknown())
+        invocation_envelope(1, None, 0, None, Unknown())
 
 
 @pytest.mark.parametrize(

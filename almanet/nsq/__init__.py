@@ -9,7 +9,7 @@ two roles, ``lookupd`` nsqlookupd's ``/lookup`` and ``/nodes`` (``NsqdWatch``),
 from almanet.nsq.connection import Connection, ConnectionOptions, Message
 from almanet.nsq.consumer import Consumer
 from almanet.nsq.producer import Producer
-from almanet.wire.errors import CommandError, CompressionError, FrameError, MessageTooBig, ProtocolError
+from almanet.wire.errors import CommandError, CompressionError, FrameError, MessageTooBig, ProtocolError, Unauthorized
 
 __all__ = [
     "CommandError",
@@ -22,4 +22,5 @@ __all__ = [
     "MessageTooBig",
     "Producer",
     "ProtocolError",
+    "Unauthorized",
 ]

@@ -45,7 +45,7 @@ from almanet._speedups.frames import (
 from almanet._version import __version__
 from almanet.wire.addresses import split_address
 from almanet.wire.compression import MAX_INFLATED_READ, SNAPPY_MISSING, DeflateStream, SnappyStream, snappy_available
-from almanet.wire.errors import CommandError, ConnectionFailed, MessageTooBig, ProtocolError
+from almanet.wire.errors import CommandError, ConnectionFailed, MessageTooBig, ProtocolError, Unauthorized
 from almanet.wire.protocol import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
@@ -87,8 +87,10 @@ def _tls_required(address: str) -> ConnectionFailed:
 # Messages bigger than this are published as a PUB of their own, never joined
 # into an MPUB: should nsqd refuse one as too big, no other message goes with it.
 # Sessions and services publish them apart from calls and replies (see
-# ``Session.publish_apart``), as nsqd also closes the connection that sent it.
-SEPARATE_PUBLISH_SIZE = 16 * 1024
+# ``Session._publish_apart``), as nsqd also closes the connection that sent it.
+# nsqd does not tell its --max-msg-size (1 MiB by default): this assumes no
+# nsqd is run with less than 4 KiB.
+SEPARATE_PUBLISH_SIZE = 4 * 1024
 
 
 # With deflate and output_buffer_size -1: the output buffer timeout asked for instead, nsqd's
@@ -312,7 +314,7 @@ _MPUB_SIZE_FIELD = 4
 _FRAMES_PER_ITERATION = 64
 
 
-class _Publish:
+class Publish:
     """One PUB, MPUB or DPUB to send, and the waiters of nsqd's answer to it (an ``AnswerWaiter`` itself)."""
 
     __slots__ = ("bodies", "body_size", "command", "topic", "waiters")
@@ -390,8 +392,8 @@ class Connection(asyncio.Protocol):
         # What this loop iteration sends, written in one transport.write at its end (see _flush).
         self._output: list[bytes] = []
         self._flush_scheduled = False
-        self._publishes: list[_Publish] = []  # made in this loop iteration, in order
-        self._open_publishes: dict[str, _Publish] = {}  # by topic: the ones further publishes join
+        self._publishes: list[Publish] = []  # made in this loop iteration, in order
+        self._open_publishes: dict[str, Publish] = {}  # by topic: the ones further publishes join
         self._answers: deque[AnswerWaiter] = deque()
         self._drained: list[asyncio.Future[None]] = []  # wait_answered() callers
         self._transport: asyncio.Transport | None = None
@@ -412,6 +414,9 @@ class Connection(asyncio.Protocol):
         # was read, unframed, and what waits for more of it (see _handshake_answer).
         self._handshake_buffer: bytearray | None = None
         self._handshake_waiter: asyncio.Future[None] | None = None
+        # Given the publishes nsqd never ran, written after one it refused with a fatal error (it
+        # reads no further): a producer sends them again; without one they fail as the connection does.
+        self.on_unrun: Callable[[list[Publish]], None] | None = None
 
     @classmethod
     async def open(
@@ -751,17 +756,33 @@ class Connection(asyncio.Protocol):
             self.max_msg_size = min(self.max_msg_size, limit)
             error = MessageTooBig(size, limit, refused_by=self.address)
             error.__cause__ = CommandError(code, description)
+        elif code == "E_UNAUTHORIZED":
+            error = Unauthorized(code, description, self.address)
         # A fatal error answers the oldest command; nsqd closes the connection after it.
         if self._answers:
             answer = self._answers.popleft()
             if not answer.done():
                 answer.set_exception(error)
+            if self.on_unrun is not None:
+                self._hand_over_unrun()
             if not self._answers:
                 self._wake_drained()
         else:
             logger.error("nsqd at %s: %s", self.address, error)
         self._error = error
         self.close_soon()
+
+    def _hand_over_unrun(self) -> None:
+        """Give ``on_unrun`` the publishes after the refused command: nsqd stopped reading at it."""
+        assert self.on_unrun is not None
+        unrun = [answer for answer in self._answers if isinstance(answer, Publish)]
+        unrun += self._publishes
+        self._answers = deque(answer for answer in self._answers if not isinstance(answer, Publish))
+        self._publishes = []
+        self._open_publishes.clear()
+        self._output.clear()  # nsqd reads none of it
+        if unrun:
+            self.on_unrun(unrun)
 
     # --- commands -------------------------------------------------------------------
 
@@ -813,18 +834,24 @@ class Connection(asyncio.Protocol):
             # In publish order: what comes next to the topic does not join an MPUB sent before this.
             self._open_publishes.pop(topic, None)
         if delay:
-            publish = _Publish(topic, encode_dpub(topic, round(delay * 1000), body))
+            publish = Publish(topic, encode_dpub(topic, round(delay * 1000), body))
         elif size > SEPARATE_PUBLISH_SIZE:
-            publish = _Publish(topic, encode_pub(topic, body))
+            publish = Publish(topic, encode_pub(topic, body))
         else:
-            publish = self._open_publishes[topic] = _Publish(topic, encode_pub(topic, body), body)
+            publish = self._open_publishes[topic] = Publish(topic, encode_pub(topic, body), body)
         publish.waiters.append(answer)
+        self._publishes.append(publish)
+        self._schedule_flush()
+
+    def publish_again(self, publish: Publish) -> None:
+        """Send ``publish`` as it was, once more: one another connection wrote and nsqd never ran."""
+        self._open_publishes.pop(publish.topic, None)  # in publish order, as publish_batch
         self._publishes.append(publish)
         self._schedule_flush()
 
     def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: AnswerWaiter) -> None:
         """Publish ``bodies`` in one MPUB of their own: all of them or none; later publishes to the topic follow it."""
-        publish = _Publish(topic, encode_batch(topic, bodies, self.max_msg_size, self.options.max_body_size))
+        publish = Publish(topic, encode_batch(topic, bodies, self.max_msg_size, self.options.max_body_size))
         publish.waiters.append(answer)
         self._open_publishes.pop(topic, None)  # in publish order: what comes next does not join an MPUB before it
         self._publishes.append(publish)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from almanet.nsq import http
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed
 
@@ -56,9 +57,9 @@ async def nodes(address: str, timeout: float = QUERY_TIMEOUT) -> list[str]:
 async def _producers(address: str, path: str, timeout: float) -> list[str]:
     host, port = http_host_port(address)
     try:
-        status, body = await asyncio.wait_for(_get(host, port, path), timeout)
-    except (OSError, asyncio.TimeoutError) as error:
-        raise ConnectionFailed(f"nsqlookupd at {address} unreachable: {error or 'timed out'}") from error
+        status, body = await http.request(host, port, path, timeout=timeout)
+    except ConnectionFailed as error:
+        raise ConnectionFailed(f"nsqlookupd at {address} {error}") from error
     if status == 404:
         return []  # TOPIC_NOT_FOUND: no nsqd has the topic yet
     try:
@@ -68,21 +69,6 @@ async def _producers(address: str, path: str, timeout: float) -> list[str]:
         return [f"{producer['broadcast_address']}:{producer['tcp_port']}" for producer in producers]
     except (ValueError, KeyError, TypeError) as error:
         raise ConnectionFailed(f"nsqlookupd at {address} answered {path} badly: {error}") from error
-
-
-async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
-    """A bare HTTP/1.0 GET: status and body (the server closes the connection after it)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nAccept: application/json\r\n\r\n".encode())
-        response = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split(b" ")
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        raise ConnectionFailed(f"not an HTTP response from {host}:{port}")
-    return int(status_line[1]), body
 
 
 def check_poll_interval(seconds: float) -> float:

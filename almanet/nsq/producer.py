@@ -7,7 +7,10 @@ them in order. Without a connection, publishes wait, in order, while the
 producer connects to the first nsqd address that answers, starting with the
 last one that worked: nothing reconnects in the background, and a publish
 never waits longer than a connection attempt per address. Publishes in
-flight when the connection is lost fail at once with ``ConnectionError``.
+flight when the connection is lost fail at once with ``ConnectionError``,
+but those written after one nsqd refused (``MessageTooBig``,
+``Unauthorized``): nsqd closes the connection without running them, and
+they are sent again on a new one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 
-from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, check_message, encode_batch
+from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, Publish, check_message, encode_batch
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 
@@ -92,6 +95,18 @@ class Producer:
                 functools.partial(Connection.publish_batch, topic=topic, bodies=batch, answer=answer), answer
             )
         return answer
+
+    def _publish_again(self, unrun: list[Publish]) -> None:
+        """The publishes nsqd never ran, as it refused one before them and closed: sent first on a new connection."""
+        if self._closed:
+            failed = ConnectionFailed("the producer closed before publishes nsqd had not run could be sent again")
+            for publish in unrun:
+                publish.set_exception(failed)
+            return
+        again = [(functools.partial(Connection.publish_again, publish=publish), publish) for publish in unrun]
+        self._unsent[:0] = again
+        if self._connect_and_send_task is None:
+            self._connect_and_send_task = asyncio.ensure_future(self._connect_and_send())
 
     def _known_max_msg_size(self) -> int:
         """nsqd's --max-msg-size as far as known: the option, or less if nsqd refused a message as too big."""
@@ -180,6 +195,7 @@ class Producer:
                 await connection.close()
                 raise ConnectionFailed("the producer is closed")
             connection.max_msg_size = self._known_max_msg_size()
+            connection.on_unrun = self._publish_again
             if offset:
                 logger.warning("publishing to %s (failed over: %s)", address, "; ".join(errors))
             self._next_address = index

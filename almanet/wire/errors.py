@@ -27,6 +27,10 @@
         ``description`` are the ones nsqd uses; ``data`` is the payload of the
         error frame to send before closing the connection.
 
+        ``Unauthorized``
+            nsqd refused a command its auth server does not permit
+            (``E_UNAUTHORIZED``); the message names the permission and topic.
+
 ``MessageTooBig`` (a ``ValueError``, not a ``ProtocolError``)
     A message is larger than nsqd takes (its ``--max-msg-size``): refused
     before it is sent, or by nsqd.
@@ -35,6 +39,8 @@ A plain ``ProtocolError`` from the command parser (a command line longer than
 nsqd's read buffer, a connection closed mid-command) closes the connection
 without an error frame, as nsqd does.
 """
+
+import re
 
 
 class AlmanetError(Exception):
@@ -69,6 +75,30 @@ class CommandError(ProtocolError):
     def data(self) -> bytes:
         """The error frame's payload: ``E_CODE description``, raw bytes preserved."""
         return str(self).encode("utf-8", "surrogateescape")
+
+
+# nsqd's E_UNAUTHORIZED description: the command, then the topic and channel, quoted.
+_REFUSED_COMMAND = re.compile(r'AUTH failed for (\w+) on "(.*)" "(.*)"$')
+
+
+class Unauthorized(CommandError):
+    """``E_UNAUTHORIZED`` from nsqd at ``refused_by``: its auth server does not grant the secret the command."""
+
+    def __init__(self, code: str, description: str, refused_by: str) -> None:
+        super().__init__(code, description)
+        refused = _REFUSED_COMMAND.search(description)
+        if refused is not None:
+            command, topic, channel = refused.groups()
+            permission = "subscribe" if command == "SUB" else "publish"
+            where = f"topic {topic}" + (f", channel {channel}" if channel else "")
+            self.args = (
+                f"{code} {description}: nsqd at {refused_by} says its auth server does not grant "
+                f"this secret the {permission} permission on {where}",
+            )
+
+    @property
+    def data(self) -> bytes:
+        return f"{self.code} {self.description}".encode("utf-8", "surrogateescape")
 
 
 class MessageTooBig(AlmanetError, ValueError):
