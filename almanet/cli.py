@@ -33,19 +33,55 @@ _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WAR
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "loop", "asyncio") == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        parser.error("uvloop is not installed: pip install 'almanet[uvloop]'")
+    logging.basicConfig(level=_LOG_LEVELS[args.log_level], format=LOG_FORMAT, stream=sys.stderr)
+    args.run(parser, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand each, whose ``run`` takes the parser (for its errors) and the arguments."""
     parser = argparse.ArgumentParser(
         prog="almanet", description="Routed RPC and produce/consume over NSQ (also: python -m almanet)."
     )
     parser.add_argument("--version", action="version", version=f"almanet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    broker = commands.add_parser(
+    _add_broker(commands)
+    _add_serve(commands)
+    _add_call(commands)
+    _add_describe(commands)
+    # The bench harness is in almanet's source checkout, not in the wheel: offered only where it is.
+    if importlib.util.find_spec("almanet.bench") is not None:
+        _add_bench(commands)
+    return parser
+
+
+def _add_broker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    broker: argparse.ArgumentParser = commands.add_parser(
         "broker",
         help="run the embedded NSQ-compatible broker",
         description="A single-node, in-memory broker speaking nsqd's TCP protocol V2 and HTTP API. "
         "Flags are nsqd's; durations are Go durations (250ms, 60s, 15m, 1h). Nothing is durable.",
     )
     _add_option_flags(broker)
-    serve = commands.add_parser(
+    _add_log_level(broker, "info")
+    broker.set_defaults(run=_run_broker)
+
+
+def _run_broker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(BrokerOptions)}
+    try:
+        server = Broker(**settings)
+    except ValueError as error:
+        parser.error(str(error))
+    with contextlib.suppress(asyncio.CancelledError):  # a second signal while it stopped: at once, quietly
+        asyncio.run(server.serve_until_signal())
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve: argparse.ArgumentParser = commands.add_parser(
         "serve",
         help="run a service: almanet serve module:service",
         description="Import MODULE and serve its Service object SERVICE until SIGINT or SIGTERM.",
@@ -64,7 +100,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="SECONDS",
         help="how often to ask nsqlookupd for the nsqd of the cluster (default: the code's, else 5)",
     )
-    call = commands.add_parser(
+    _add_connection_flags(serve)
+    _add_log_level(serve, "info")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    service = _load_service(parser, args.service)
+    addresses = _addresses(args.address)
+    if addresses:  # instead of the code's
+        try:
+            service.use_addresses(*addresses)
+        except ValueError as error:
+            parser.error(str(error))
+    connection = _connection_options(parser, args)
+    if connection:  # instead of the code's
+        service.use_options(**connection)
+    if args.lookupd_poll_interval is not None:
+        service.session.lookupd_poll_interval = args.lookupd_poll_interval
+    service.serve(args.loop)
+
+
+def _add_call(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    call: argparse.ArgumentParser = commands.add_parser(
         "call",
         help="call a procedure and print its result as JSON",
         description="Call URI with the JSON PAYLOAD; print the result as JSON, or the error and exit 1.",
@@ -78,7 +136,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{ADDRESSES_VARIABLE}, comma-separated, else 127.0.0.1:4150)",
     )
     call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply (default: 10)")
-    describe = commands.add_parser(
+    _add_connection_flags(call)
+    _add_log_level(call, "warn")
+    call.set_defaults(run=_run_call)
+
+
+def _run_call(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as error:
+        parser.error(f"the payload is not JSON: {error}")
+    connection = _connection_options(parser, args)
+    addresses = _addresses(args.address) or ["127.0.0.1:4150"]
+    sys.exit(asyncio.run(_call(addresses, args.uri, payload, args.timeout, connection)))
+
+
+def _add_describe(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    describe: argparse.ArgumentParser = commands.add_parser(
         "describe",
         help="print a service's API as an AsyncAPI 3.0 document (JSON)",
         description="Import MODULE and print the AsyncAPI 3.0 document of its Service object SERVICE: every "
@@ -88,64 +162,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     describe.add_argument("--title", help="the API's title (default: the service's prefix)")
     describe.add_argument("--api-version", help="the API's version (default: almanet's)")
     describe.add_argument("--output", metavar="FILE", help="write the document to FILE (default: stdout)")
-    # The bench harness is in almanet's source checkout, not in the wheel: offered only where it is.
-    bench = _add_bench(commands) if importlib.util.find_spec("almanet.bench") is not None else None
-    for command in (serve, call):
-        _add_connection_flags(command)
-    logged = [(broker, "info"), (serve, "info"), (call, "warn"), (describe, "warn")]
-    for command, default in [*logged, *([(bench, "warn")] if bench is not None else [])]:
-        command.add_argument(
-            "--log-level", choices=list(_LOG_LEVELS), default=default, help=f"log level (default: {default})"
-        )
-    args = parser.parse_args(argv)
-    if getattr(args, "loop", "asyncio") == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        parser.error("uvloop is not installed: pip install 'almanet[uvloop]'")
-    logging.basicConfig(level=_LOG_LEVELS[args.log_level], format=LOG_FORMAT, stream=sys.stderr)
-    addresses = _addresses(args.address) if hasattr(args, "address") else []
-    if args.command == "broker":
-        settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(BrokerOptions)}
-        try:
-            server = Broker(**settings)
-        except ValueError as error:
-            parser.error(str(error))
-        with contextlib.suppress(asyncio.CancelledError):  # a second signal while it stopped: at once, quietly
-            asyncio.run(server.serve_until_signal())
-    elif args.command == "bench":
-        from almanet.bench.runner import Settings, run
+    _add_log_level(describe, "warn")
+    describe.set_defaults(run=_run_describe)
 
-        print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds, args.only)))
-    elif args.command == "serve":
-        service = _load_service(parser, args.service)
-        if addresses:  # instead of the code's
-            try:
-                service.use_addresses(*addresses)
-            except ValueError as error:
-                parser.error(str(error))
-        connection = _connection_options(parser, args)
-        if connection:  # instead of the code's
-            service.use_options(**connection)
-        if args.lookupd_poll_interval is not None:
-            service.session.lookupd_poll_interval = args.lookupd_poll_interval
-        service.serve(args.loop)
-    elif args.command == "describe":
-        document = describe_service(_load_service(parser, args.service), title=args.title, version=args.api_version)
-        text = json.dumps(document, indent=2) + "\n"
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as output:
-                output.write(text)
-        else:
-            sys.stdout.write(text)
+
+def _run_describe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    document = describe_service(_load_service(parser, args.service), title=args.title, version=args.api_version)
+    text = json.dumps(document, indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as output:
+            output.write(text)
     else:
-        try:
-            payload = json.loads(args.payload)
-        except ValueError as error:
-            parser.error(f"the payload is not JSON: {error}")
-        connection = _connection_options(parser, args)
-        sys.exit(asyncio.run(_call(addresses or ["127.0.0.1:4150"], args.uri, payload, args.timeout, connection)))
+        sys.stdout.write(text)
 
 
-def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    """The ``bench`` subcommand's parser."""
+def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench: argparse.ArgumentParser = commands.add_parser(
         "bench",
         help="measure almanet end to end on the embedded broker and nsqd, beside NATS and NSQ's Go clients",
@@ -176,7 +207,20 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="measure one section only: cluster, RPC on a 3-nsqd cluster beside one nsqd (it needs nsqd and "
         "nsqlookupd: ALMANET_NSQLOOKUPD, beside nsqd or on PATH)",
     )
-    return bench
+    _add_log_level(bench, "warn")
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from almanet.bench.runner import Settings, run
+
+    print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds, args.only)))
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level", choices=list(_LOG_LEVELS), default=default, help=f"log level (default: {default})"
+    )
 
 
 def _addresses(given: list[str] | None) -> list[str]:

@@ -10,9 +10,12 @@ Its modules follow nsqd's files, lowest first:
   messages (``topic.go``, ``channel.go``).
 - ``queuescan``: when timed-out and deferred messages come back (``queueScanLoop``).
 - ``client``: one client connection's transport, deadlines, IDENTIFY's
-  settings and the TLS, snappy and deflate upgrades (``client_v2.go``).
-- ``protocol``: the TCP protocol V2's command handlers and message pump, the
-  TLS policy and AUTH (``protocol_v2.go``).
+  settings, the TLS, snappy and deflate upgrades, and the messages it is sent
+  (``client_v2.go``).
+- ``commands``: the TCP protocol V2's command handlers, the TLS policy and
+  AUTH (``protocol_v2.go``).
+- ``protocol``: a connection's commands read and run, one after the other,
+  and what ends it (``protocol_v2.go``'s ``IOLoop``).
 - ``stats``: the ``/stats`` report (``stats.go``).
 - ``httpserver``: an HTTP/1.1 server that behaves as Go's net/http.
 - ``http``: nsqd's HTTP API routes, and nsqlookupd's ``/lookup`` and ``/nodes`` (``http.go``).

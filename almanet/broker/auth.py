@@ -26,11 +26,17 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
+from almanet.wire.errors import AlmanetError
+
 PERMISSIONS = frozenset({"subscribe", "publish"})
 
 
-class AuthError(Exception):
-    """The auth server could not be asked, or answered what nsqd refuses; only logged, never told the client."""
+class AuthError(AlmanetError):
+    """The auth server could not be asked, or answered what nsqd refuses; only logged, never told the client.
+
+    Neither a ``ConnectionFailed`` nor a ``ProtocolError``: it is about the auth server's HTTP API, not an
+    NSQ connection, and a connection failure is one of several causes its message names.
+    """
 
 
 class Authorization:

@@ -6,21 +6,24 @@ heartbeat intervals without a command) and the write deadline (a heartbeat
 interval without the client reading) close it as nsqd would; IDENTIFY's
 settings are checked and kept here, and the connection upgraded to TLS and
 to snappy or deflate compression as IDENTIFY negotiated (nsqd's
-``UpgradeTLS``, ``UpgradeSnappy``, ``UpgradeDeflate``). The commands it sends
-are handled by ``protocol.ProtocolV2``, which is this class with nsqd's
-protocol V2.
+``UpgradeTLS``, ``UpgradeSnappy``, ``UpgradeDeflate``). The messages its
+channel gives it are sent and held in flight there (see ``topics.Channel``)
+until it FINs or REQs them or their msg_timeout passes. The commands it sends
+are read by ``protocol.ProtocolV2``, which is this class with nsqd's protocol
+V2, and run by ``commands.Commands``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from almanet._speedups.frames import encode_error, encode_response
+from almanet._speedups.frames import encode_error, encode_message, encode_response
 from almanet.broker.options import BrokerOptions
 from almanet.broker.output import ClientOutput
 from almanet.broker.tls import Negotiated
@@ -29,7 +32,7 @@ from almanet.wire.protocol import HEARTBEAT
 
 if TYPE_CHECKING:
     from almanet.broker.auth import AuthState
-    from almanet.broker.topics import Channel
+    from almanet.broker.topics import Channel, Message
     from almanet.wire.compression import DeflateStream, SnappyStream
 
 logger = logging.getLogger("almanet.broker")
@@ -160,12 +163,35 @@ class Client(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> None:
+        """A response, an error or a heartbeat, written with all that is buffered (nsqd's ``Send``)."""
         self._output.send(frame)
 
-    def _send_error(self, code: str, description: str) -> None:
+    def send_error(self, code: str, description: str) -> None:
         """An error frame that leaves the connection open (FIN, REQ and TOUCH failures)."""
-        self._send(encode_error(CommandError(code, description).data))
+        self.send(encode_error(CommandError(code, description).data))
+
+    def flush(self) -> None:
+        """The message pump's flush: the client is ready for no more messages (RDY lowered, CLS)."""
+        self._output.flush()
+
+    # --- messages ---------------------------------------------------------
+
+    def deliver(self, message: Message, channel: Channel, now: float) -> bool:
+        """Send ``message`` and hold it in flight until FIN, REQ or msg_timeout; whether RDY allows more."""
+        if self.sample_rate and random.randrange(100) > self.sample_rate:
+            return self.ready_count > self.in_flight_count  # nsqd drops the messages a sampling client does not take
+        message.attempts += 1
+        message.delivered_at = now
+        channel.start_in_flight(message, self.id, now + self.msg_timeout)
+        in_flight_count = self.in_flight_count = self.in_flight_count + 1
+        self.message_count += 1
+        ready_for_more = self.ready_count > in_flight_count
+        # attempts is a uint16 on the wire and wraps there, as in nsqd.
+        self._output.send_message(
+            encode_message(message.timestamp, message.attempts & 0xFFFF, message.id, message.body), ready_for_more
+        )
+        return ready_for_more
 
     # --- negotiated state -------------------------------------------------
 
@@ -266,7 +292,7 @@ class Client(asyncio.Protocol):
             )
 
     def _heartbeat(self) -> None:
-        self._send(_HEARTBEAT_FRAME)
+        self.send(_HEARTBEAT_FRAME)
         self._heartbeat_timer = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
 
     def _check_read_deadline(self) -> None:

@@ -127,7 +127,7 @@ class Handler(Protocol):
     def handle(self, request: Request) -> Response: ...
 
 
-class _BadRequest(Exception):
+class _BadRequest(AlmanetError):
     """A request Go's HTTP server refuses before any handler sees it; ``detail`` for those it says why."""
 
     def __init__(self, status: int, detail: str = "") -> None:
