@@ -12,8 +12,8 @@ import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
-from almanet.nsq.connection import ConnectionOptions
 from almanet.nsq.lookupd import http_host_port
+from almanet.nsq.options import ConnectionOptions
 from almanet.wire.addresses import split_address
 
 # What consume() asks of nsqd unless told otherwise: its output buffer (16 KiB),

@@ -34,8 +34,8 @@ from almanet._speedups.envelope import EnvelopeError, Reply, decode
 from almanet._speedups.pending import PendingCalls
 from almanet.discovery import Discovery
 from almanet.errors import CallTimeout, InvalidReply, rpc_error
-from almanet.nsq import Consumer, Message, Producer
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection, ConnectionOptions
+from almanet.nsq import ConnectionOptions, Consumer, Message, Producer
+from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection
 from almanet.nsq.lookupd import POLL_INTERVAL, check_poll_interval
 from almanet.options import (
     CONSUME_OUTPUT_BUFFER,

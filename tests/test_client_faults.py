@@ -26,7 +26,7 @@ from almanet.nsq import (
     Producer,
     ProtocolError,
 )
-from almanet.nsq.connection import _within
+from almanet.nsq.handshake import _within
 from almanet.wire.protocol import CLOSE_WAIT, HEARTBEAT, OK
 from helpers import eventually
 

@@ -6,8 +6,9 @@ two roles, ``lookupd`` nsqlookupd's ``/lookup`` and ``/nodes`` (``NsqdWatch``),
 ``output`` write coalescing.
 """
 
-from almanet.nsq.connection import Connection, ConnectionOptions, Message
+from almanet.nsq.connection import Connection, Message
 from almanet.nsq.consumer import Consumer
+from almanet.nsq.options import ConnectionOptions
 from almanet.nsq.producer import Producer
 from almanet.wire.errors import CommandError, CompressionError, FrameError, MessageTooBig, ProtocolError, Unauthorized
 

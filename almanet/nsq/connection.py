@@ -1,87 +1,52 @@
-"""One client connection to an nsqd: handshake, pipelined commands and publishes, messages.
+"""One client connection to an nsqd in steady state: pipelined commands and publishes, messages.
 
-``Connection.open()`` connects, sends the magic, IDENTIFYs with feature
-negotiation and AUTHs when nsqd requires it. ``request()`` sends a command
-that nsqd answers (SUB, CLS) and returns a future of its answer;
-``send_request()`` does the same for a waiter of the caller's. nsqd answers
-in order, so answers are matched first in, first out, and any number may be
-in flight. ``publish()`` publishes with a waiter of the caller's: publishes to
-one topic made in one event-loop iteration go out as one MPUB (one PUB when
-alone), so nsqd parses one command and sends one answer for all of them;
-the commands of one iteration leave in one write. ``send()`` is for the
-commands nsqd does not answer (RDY, FIN, REQ, TOUCH, NOP). Messages go to
-the ``on_message`` callback straight from ``data_received``: no task per
-message.
+``Connection.open()`` connects and handshakes (the magic, IDENTIFY with
+feature negotiation, TLS and compression, AUTH when nsqd requires it: see
+``almanet.nsq.handshake``), then takes the stream over. ``request()``
+sends a command that nsqd answers (SUB, CLS) and returns a future of its
+answer; ``send_request()`` does the same for a waiter of the caller's. nsqd
+answers in order, so answers are matched first in, first out, and any
+number may be in flight. ``publish()`` publishes with a waiter of the
+caller's: publishes to one topic made in one event-loop iteration go out as
+one MPUB (one PUB when alone), so nsqd parses one command and sends one
+answer for all of them; the commands of one iteration leave in one write.
+``send()`` is for the commands nsqd does not answer (RDY, FIN, REQ, TOUCH,
+NOP). Messages go to the ``on_message`` callback straight from
+``data_received``: no task per message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import re
-import socket
-import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
 
 from almanet._speedups.frames import (
     ErrorFrame,
     FrameReader,
     MessageFrame,
-    encode_auth,
     encode_dpub,
     encode_fin,
-    encode_identify,
     encode_mpub,
     encode_pub,
     encode_rdy,
     encode_req,
     encode_touch,
 )
-from almanet._version import __version__
-from almanet.wire.addresses import split_address
-from almanet.wire.compression import MAX_INFLATED_READ, SNAPPY_MISSING, DeflateStream, SnappyStream, snappy_available
-from almanet.wire.errors import CommandError, ConnectionFailed, MessageTooBig, ProtocolError, Unauthorized
-from almanet.wire.protocol import (
-    DEFAULT_MAX_BODY_SIZE,
-    DEFAULT_MAX_FRAME_SIZE,
-    DEFAULT_MAX_MSG_SIZE,
-    FRAME_TYPE_ERROR,
-    FRAME_TYPE_RESPONSE,
-    HEARTBEAT,
-    MAGIC_V2,
-    NOP,
-    OK,
-)
+from almanet.nsq.handshake import TLS_REQUIRED, Handshake, command_error, connect, tls_required_error
+from almanet.nsq.options import ConnectionOptions
+from almanet.wire.errors import ConnectionFailed, MessageTooBig, ProtocolError
+from almanet.wire.protocol import HEARTBEAT, NOP
 
 logger = logging.getLogger("almanet.nsq")
-T = TypeVar("T")
 
 # Error frames nsqd sends without closing the connection; every other one is fatal.
 NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
 # nsqd's E_BAD_MESSAGE for a PUB, MPUB or DPUB message over its --max-msg-size.
 _TOO_BIG = re.compile(r"message too big (\d+) > (\d+)")
-
-
-def _answered_http(address: str) -> ConnectionFailed:
-    return ConnectionFailed(
-        f"{address} answered with HTTP: that is nsqd's HTTP port (4151 by default); give its TCP port (4150 by default)"
-    )
-
-
-# nsqd's answer to any command but IDENTIFY from a client without TLS when it runs with --tls-required.
-_TLS_REQUIRED = "(TLS required)"
-
-
-def _tls_required(address: str) -> ConnectionFailed:
-    return ConnectionFailed(
-        f"nsqd at {address} requires TLS (its --tls-required): pass tls_ca_file (or tls=True, tls_context) "
-        "to new_session or new_service, or --tls-ca-file to almanet call and serve"
-    )
 
 
 # Messages bigger than this are published as a PUB of their own, never joined
@@ -91,145 +56,6 @@ def _tls_required(address: str) -> ConnectionFailed:
 # nsqd does not tell its --max-msg-size (1 MiB by default): this assumes no
 # nsqd is run with less than 4 KiB.
 SEPARATE_PUBLISH_SIZE = 4 * 1024
-
-
-# With deflate and output_buffer_size -1: the output buffer timeout asked for instead, nsqd's
-# --min-output-buffer-timeout by default (see ConnectionOptions.identify_body).
-DEFLATE_OUTPUT_BUFFER_TIMEOUT = 0.025
-
-
-@dataclass(frozen=True)
-class ConnectionOptions:
-    """What a client tells nsqd in IDENTIFY, and its own limits and reconnection policy.
-
-    Durations are seconds. ``msg_timeout`` None keeps nsqd's default;
-    ``auth_secret`` is sent when nsqd says auth is required.
-
-    ``output_buffer_size`` -1 (the default) has nsqd write each message to
-    the socket at once. With a buffer (0: nsqd's default of 16 KiB, or 64
-    bytes up to nsqd's ``--max-output-buffer-size``), nsqd holds messages to
-    a consumer with RDY to spare until the buffer fills, it answers a
-    command, or ``output_buffer_timeout`` (None: nsqd's default of 250 ms)
-    ticks: fewer writes for nsqd, up to that long a wait for each message
-    when traffic is light.
-
-    ``max_msg_size`` and ``max_body_size`` are nsqd's limits (its flags of
-    those names): publishes beyond them are refused before they are sent.
-    ``max_reconnect_interval`` caps the backoff between reconnection attempts.
-
-    TLS (nsqd's ``--tls-cert`` and ``--tls-key``) is used when ``tls`` is
-    true or any of ``tls_context``, ``tls_ca_file``, ``tls_cert_file`` is
-    given: the connection is upgraded after IDENTIFY, and refused if nsqd
-    does not offer TLS. ``tls_ca_file`` (PEM) holds the CAs that nsqd's
-    certificate must be signed by (default: the system's);
-    ``tls_cert_file`` and ``tls_key_file`` (PEM; the key may be in the
-    certificate's file) are the client certificate, for nsqd's
-    ``--tls-client-auth-policy``. nsqd's certificate must name the host it
-    is connected to, or ``tls_server_hostname``. ``tls_context``: an
-    ``ssl.SSLContext`` of the caller's instead of those three. ``snappy``
-    or ``deflate`` (at ``deflate_level``, 1 to 9, capped by nsqd's
-    ``--max-deflate-level``) compress the connection both ways when nsqd
-    agrees (its ``--snappy`` and ``--deflate``, on by default); snappy needs
-    ``pip install 'almanet[snappy]'``. nsqd flushes its deflate stream with
-    its output buffer only: with deflate, ``output_buffer_size`` -1 asks for
-    nsqd's default buffer flushed every ``output_buffer_timeout`` (None:
-    ``DEFLATE_OUTPUT_BUFFER_TIMEOUT``, 25 ms) instead, that long a wait for
-    a message when traffic is light. ``auth_secret`` is sent after them.
-    """
-
-    client_id: str = socket.gethostname().split(".")[0]
-    hostname: str = socket.gethostname()
-    user_agent: str = f"almanet/{__version__}"
-    heartbeat_interval: float = 30.0
-    msg_timeout: float | None = None
-    output_buffer_size: int = -1
-    output_buffer_timeout: float | None = None
-    sample_rate: int = 0
-    auth_secret: str | bytes | None = None
-    tls: bool = False
-    tls_context: ssl.SSLContext | None = None
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    tls_server_hostname: str | None = None
-    snappy: bool = False
-    deflate: bool = False
-    deflate_level: int = 6
-    connect_timeout: float = 5.0
-    max_reconnect_interval: float = 1.0
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    max_msg_size: int = DEFAULT_MAX_MSG_SIZE
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE
-
-    def __post_init__(self) -> None:
-        if self.output_buffer_size != -1 and self.output_buffer_size < 0:
-            raise ValueError("output_buffer_size must be -1 (none), 0 (nsqd's default) or a size in bytes")
-        for name in ("connect_timeout", "max_reconnect_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        for name in ("max_frame_size", "max_msg_size", "max_body_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.snappy and self.deflate:
-            raise ValueError("nsqd compresses a connection one way: snappy or deflate, not both")
-        if not 1 <= self.deflate_level <= 9:
-            raise ValueError(f"deflate_level must be 1 to 9, not {self.deflate_level}")
-        if self.snappy and not snappy_available():
-            raise ImportError(SNAPPY_MISSING)
-        if self.tls_context is not None and (self.tls_ca_file or self.tls_cert_file or self.tls_key_file):
-            raise ValueError("give tls_context, or tls_ca_file, tls_cert_file and tls_key_file: not both")
-        if self.tls_key_file and not self.tls_cert_file:
-            raise ValueError("tls_key_file is the key of tls_cert_file: give the certificate too")
-        self.ssl_context  # noqa: B018 - the files are loaded now: a wrong one is an error here, not at connect time
-
-    @property
-    def uses_tls(self) -> bool:
-        """Whether connections ask nsqd for TLS (and refuse to go on without it)."""
-        return self.tls or self.tls_context is not None or bool(self.tls_ca_file or self.tls_cert_file)
-
-    @functools.cached_property
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context connections upgrade with: ``tls_context``, or one made of the files; None without TLS."""
-        if self.tls_context is not None or not self.uses_tls:
-            return self.tls_context
-        try:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file)
-            if self.tls_cert_file:
-                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
-        except OSError as error:  # ssl.SSLError too
-            files = {"tls_ca_file": self.tls_ca_file, "tls_cert_file": self.tls_cert_file}
-            files["tls_key_file"] = self.tls_key_file
-            named = ", ".join(f"{name}={path!r}" for name, path in files.items() if path)
-            raise ValueError(f"cannot load the TLS files ({named}): {error}") from error
-        return context
-
-    def identify_body(self) -> dict[str, Any]:
-        buffer_size, buffer_timeout = self.output_buffer_size, self.output_buffer_timeout
-        if self.deflate and buffer_size == -1:
-            # nsqd flushes its deflate stream when it flushes its output buffer: without one, a
-            # message would wait for the next heartbeat. So a buffer flushed as often as nsqd allows.
-            buffer_size, buffer_timeout = 0, buffer_timeout or DEFLATE_OUTPUT_BUFFER_TIMEOUT
-        body: dict[str, Any] = {
-            "client_id": self.client_id,
-            "hostname": self.hostname,
-            "user_agent": self.user_agent,
-            "feature_negotiation": True,
-            "heartbeat_interval": round(self.heartbeat_interval * 1000),
-            "output_buffer_size": buffer_size,
-            "sample_rate": self.sample_rate,
-        }
-        if buffer_timeout is not None:
-            body["output_buffer_timeout"] = round(buffer_timeout * 1000)
-        if self.msg_timeout is not None:
-            body["msg_timeout"] = round(self.msg_timeout * 1000)
-        if self.uses_tls:
-            body["tls_v1"] = True
-        if self.snappy:
-            body["snappy"] = True
-        if self.deflate:
-            body["deflate"] = True
-            body["deflate_level"] = self.deflate_level
-        return body
 
 
 class Message:
@@ -406,14 +232,9 @@ class Connection(asyncio.Protocol):
         self._last_read = self._loop.time()
         self._liveness_timer: asyncio.TimerHandle | None = None
         self._reading_later = False
-        self.answered_http = False  # the peer is an HTTP server (nsqd's HTTP port?)
         # snappy or deflate, once negotiated: what every read and the write of each loop iteration go through.
         self._compress: Callable[[bytes], bytes] | None = None
         self._decompress: Callable[[bytes], bytes] | None = None
-        # While the handshake may switch the stream after an answer (TLS, compression): what
-        # was read, unframed, and what waits for more of it (see _handshake_answer).
-        self._handshake_buffer: bytearray | None = None
-        self._handshake_waiter: asyncio.Future[None] | None = None
         # Given the publishes nsqd never ran, written after one it refused with a fatal error (it
         # reads no further): a producer sends them again; without one they fail as the connection does.
         self.on_unrun: Callable[[list[Publish]], None] | None = None
@@ -428,216 +249,26 @@ class Connection(asyncio.Protocol):
         on_answered: OnAnswered | None = None,
         on_close: OnClose | None = None,
     ) -> Connection:
-        """Connect to ``host:port``, IDENTIFY and AUTH; raises ``ConnectionError`` or ``CommandError``."""
-        host, port = split_address(address)
-        loop = asyncio.get_running_loop()
+        """Connect to ``host:port``, IDENTIFY, upgrade and AUTH (see ``almanet.nsq.handshake``).
+
+        Raises ``ConnectionError`` or ``CommandError``.
+        """
         connection = cls(address, options, on_message, on_answered, on_close)
-        try:
-            await _within(loop.create_connection(lambda: connection, host, port), options.connect_timeout)
-        except BaseException as error:
-            connection.abort()  # cancelled as the connection was made: closed, not leaked
-            if isinstance(error, (OSError, asyncio.TimeoutError)):
-                raise ConnectionFailed(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
-            raise
-        try:
-            await _within(connection._handshake(), options.connect_timeout)
-        except BaseException as error:
-            connection.abort()
-            if connection.answered_http:
-                raise _answered_http(address) from None
-            if isinstance(error, asyncio.TimeoutError):
-                raise ConnectionFailed(f"nsqd at {address} did not answer IDENTIFY in time") from error
-            raise
+        await connect(address, options, connection._start)
         return connection
 
-    async def _handshake(self) -> None:
-        """IDENTIFY; the upgrades nsqd agreed to (TLS, then snappy or deflate); AUTH if nsqd requires it."""
-        options = self.options
-        upgrading = options.uses_tls or options.snappy or options.deflate
-        # Answers are read unframed until IDENTIFY and the upgrades are over: after its answer
-        # to IDENTIFY nsqd may switch the stream, so nothing may follow IDENTIFY until then.
-        self._handshake_buffer = bytearray()
-        self.send(MAGIC_V2)
-        self.send(encode_identify(options.identify_body()))
-        probing = not upgrading
-        if probing:
-            self._probe_tls_required()  # in the same write as IDENTIFY: no round trip of its own
-        answer = await self._handshake_answer("IDENTIFY")
-        self.negotiated = self._json_answer("IDENTIFY", answer) if answer != OK else {}
-        if upgrading:
-            await self._upgrade()
-            probing = not self.negotiated.get("tls_v1")
-            if probing:
-                self._probe_tls_required()
-        if probing:
-            try:
-                answer = await self._handshake_answer("IDENTIFY")
-            except CommandError as error:
-                if error.code == "E_INVALID" and error.description.endswith(_TLS_REQUIRED):
-                    raise _tls_required(self.address) from error
-                raise
-            if answer != OK:
-                raise self._protocol_broken("IDENTIFY", answer)
-        # From now on frames go through the frame reader.
-        rest, self._handshake_buffer = self._handshake_buffer, None
+    def _start(self, handshake: Handshake) -> None:
+        """Take the stream over from ``handshake``, which is over: the steady state from here on."""
+        self.negotiated = handshake.negotiated
+        if handshake.compression is not None:
+            self._compress = handshake.compression.compress
+            self._decompress = handshake.compression.decompress
+        rest = handshake.hand_over(self)
+        self._last_read = self._loop.time()  # the handshake's last answer, just read: liveness counts from it
         if rest:
             self._frames.feed(rest)
             self._read_frames(_FRAMES_PER_ITERATION)
-        if self.negotiated.get("auth_required"):
-            if options.auth_secret is None:
-                raise ConnectionFailed(f"nsqd at {self.address} requires AUTH and no auth_secret is configured")
-            secret = options.auth_secret
-            answer = await self.request(encode_auth(secret.encode() if isinstance(secret, str) else secret))
-            auth = self.negotiated["auth"] = self._json_answer("AUTH", answer)
-            logger.info(
-                "authenticated to nsqd at %s as %r (%s permissions%s)",
-                self.address,
-                auth.get("identity", ""),
-                auth.get("permission_count", "?"),
-                f"; {auth['identity_url']}" if auth.get("identity_url") else "",
-            )
         self._arm_liveness()
-
-    def _probe_tls_required(self) -> None:
-        """Ask, without TLS, whether nsqd requires it (``--tls-required``); ``_handshake`` reads the answer.
-
-        NOP, which such an nsqd refuses, closing the connection; then IDENTIFY
-        without feature negotiation, which nsqd answers OK otherwise. Before
-        SUB or PUB nsqd answers nothing else that has no side effect, and its
-        answer to IDENTIFY does not tell: so a session without TLS fails at
-        join, not at its first publish.
-        """
-        # Without heartbeat, output buffer and msg timeout: nsqd keeps its settings, and its writer
-        # (a new output buffer would write past TLS and compression, to the socket).
-        options = self.options
-        body = {"client_id": options.client_id, "hostname": options.hostname, "user_agent": options.user_agent}
-        self.send(NOP)
-        self.send(encode_identify({**body, "sample_rate": options.sample_rate}))
-
-    async def _upgrade(self) -> None:
-        """TLS, then snappy or deflate, as nsqd agreed in its answer to IDENTIFY; each confirmed by an OK through it."""
-        negotiated = self.negotiated
-        options = self.options
-        if negotiated.get("tls_v1") and options.uses_tls:
-            await self._start_tls()
-        elif options.uses_tls:
-            raise ConnectionFailed(
-                f"nsqd at {self.address} does not offer TLS (it runs without --tls-cert and --tls-key), "
-                "and TLS is configured: not connecting in plaintext"
-            )
-        elif negotiated.get("tls_v1"):
-            raise self._protocol_broken("IDENTIFY", b"tls_v1 true, which was not asked for")
-        stream: SnappyStream | DeflateStream | None = None
-        if negotiated.get("snappy") and options.snappy:
-            stream = SnappyStream()
-        elif negotiated.get("deflate") and options.deflate:
-            level = int(negotiated.get("deflate_level") or options.deflate_level)
-            stream = DeflateStream(level, max(MAX_INFLATED_READ, 2 * options.max_frame_size))
-        elif options.snappy or options.deflate:
-            wanted = "snappy" if options.snappy else "deflate"
-            logger.info("nsqd at %s does not offer %s (its --%s=false): uncompressed", self.address, wanted, wanted)
-        if stream is not None:
-            await self._start_compression(stream)
-
-    async def _start_tls(self) -> None:
-        context = self.options.ssl_context
-        assert context is not None and self._transport is not None
-        host = self.options.tls_server_hostname or split_address(self.address)[0]
-        try:
-            transport = await self._loop.start_tls(
-                self._transport,
-                self,
-                context,
-                server_hostname=host,
-                ssl_handshake_timeout=self.options.connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError and its certificate errors too
-            hint = (
-                f"is nsqd's certificate signed by a CA of tls_ca_file, and issued to {host!r} (tls_server_hostname)?"
-                if isinstance(error, ssl.SSLCertVerificationError)
-                else "does nsqd require a client certificate (tls_cert_file, tls_key_file)?"
-            )
-            raise ConnectionFailed(f"TLS handshake with nsqd at {self.address} failed: {error}; {hint}") from error
-        if transport is None:
-            raise ConnectionFailed(f"connection to nsqd at {self.address} lost during the TLS handshake")
-        self._transport = transport
-        try:
-            answer = await self._handshake_answer("TLS")
-        except ConnectionFailed as error:
-            # With TLS 1.3, nsqd refuses a client certificate after the client's side of the handshake is done.
-            reason = error.__cause__ or error
-            raise ConnectionFailed(
-                f"nsqd at {self.address} closed the connection after the TLS handshake: {reason}; does it require "
-                "a client certificate it trusts (tls_cert_file, tls_key_file)?"
-            ) from error
-        if answer != OK:
-            raise self._protocol_broken("TLS", answer)
-
-    async def _start_compression(self, stream: SnappyStream | DeflateStream) -> None:
-        """Read and write through ``stream`` from here on (what was read after the last answer is compressed)."""
-        buffer = self._handshake_buffer
-        assert buffer is not None and self._transport is not None
-        name = "snappy" if isinstance(stream, SnappyStream) else "deflate"
-        self._decompress = stream.decompress
-        self._compress = stream.compress
-        compressed = bytes(buffer)
-        buffer.clear()
-        try:
-            buffer += stream.decompress(compressed)
-        except ProtocolError as error:
-            raise ConnectionFailed(f"nsqd at {self.address}: {error}") from error
-        answer = await self._handshake_answer(name)
-        if answer != OK:
-            raise self._protocol_broken(name, answer)
-
-    async def _handshake_answer(self, command: str) -> bytes:
-        """The next answer, read unframed: after it the stream may switch (see _handshake).
-
-        An error frame raises ``CommandError``; heartbeats are skipped.
-        """
-        buffer = self._handshake_buffer
-        assert buffer is not None
-        while True:
-            if len(buffer) >= 4:
-                if buffer[:4] == b"HTTP":
-                    self.answered_http = True
-                    raise _answered_http(self.address)
-                size = int.from_bytes(buffer[:4], "big")
-                if not 4 <= size <= self.options.max_frame_size:
-                    raise self._protocol_broken(command, bytes(buffer[:80]))
-                if len(buffer) >= 4 + size:
-                    frame_type = int.from_bytes(buffer[4:8], "big")
-                    data = bytes(buffer[8 : 4 + size])
-                    del buffer[: 4 + size]
-                    if frame_type == FRAME_TYPE_RESPONSE and data != HEARTBEAT:
-                        return data
-                    if frame_type == FRAME_TYPE_ERROR:
-                        code, _, description = data.decode("utf-8", "replace").partition(" ")
-                        raise CommandError(code, description)
-                    if frame_type != FRAME_TYPE_RESPONSE:
-                        raise self._protocol_broken(command, data[:80])
-                    continue
-            if not self.is_open:
-                raise ConnectionFailed(f"connection to nsqd at {self.address} closed before it answered {command}")
-            self._handshake_waiter = self._loop.create_future()
-            await self._handshake_waiter  # woken by data_received, failed by connection_lost
-
-    def _protocol_broken(self, command: str, answer: bytes) -> ConnectionFailed:
-        error = ProtocolError(f"nsqd at {self.address} answered {command} with {answer[:80]!r}")
-        failed = ConnectionFailed(str(error))
-        failed.__cause__ = error
-        return failed
-
-    def _json_answer(self, command: str, answer: bytes) -> dict[str, Any]:
-        """nsqd's answer to ``command``, a JSON object: anything else breaks the protocol."""
-        try:
-            decoded = json.loads(answer)
-        except ValueError:
-            decoded = None
-        if not isinstance(decoded, dict):
-            error = ProtocolError(f"nsqd at {self.address} answered {command} with {answer[:80]!r}, not a JSON object")
-            raise ConnectionFailed(str(error)) from error
-        return decoded
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -655,11 +286,6 @@ class Connection(asyncio.Protocol):
                 logger.error("closing the connection to %s: %s", self.address, error)
                 self.abort(error)
                 return
-        if self._handshake_buffer is not None:
-            self._handshake_buffer += data
-            if self._handshake_waiter is not None and not self._handshake_waiter.done():
-                self._handshake_waiter.set_result(None)
-            return
         self._frames.feed(data)
         if not self._reading_later:
             self._read_frames(_FRAMES_PER_ITERATION)
@@ -710,8 +336,6 @@ class Connection(asyncio.Protocol):
         error = self._error or exc
         lost = ConnectionFailed(f"connection to nsqd at {self.address} lost" + (f": {error}" if error else ""))
         lost.__cause__ = error
-        if self._handshake_waiter is not None and not self._handshake_waiter.done():
-            self._handshake_waiter.set_exception(lost)
         publishes, self._publishes = self._publishes, []
         self._open_publishes.clear()
         answers, self._answers = self._answers, deque()
@@ -742,22 +366,21 @@ class Connection(asyncio.Protocol):
             self._wake_drained()
 
     def _receive_error(self, data: bytes) -> None:
-        code, _, description = data.decode("utf-8", "replace").partition(" ")
-        error: Exception = CommandError(code, description)
+        refused = command_error(data, self.address)  # Unauthorized for E_UNAUTHORIZED
+        code, description = refused.code, refused.description
         if code in NON_FATAL_ERRORS:
-            logger.warning("nsqd at %s: %s", self.address, error)
+            logger.warning("nsqd at %s: %s", self.address, refused)
             return
+        error: Exception = refused
         too_big = _TOO_BIG.search(description) if code == "E_BAD_MESSAGE" else None
-        if code == "E_INVALID" and description.endswith(_TLS_REQUIRED):
-            error = _tls_required(self.address)
-            error.__cause__ = CommandError(code, description)
+        if code == "E_INVALID" and description.endswith(TLS_REQUIRED):
+            error = tls_required_error(self.address)
+            error.__cause__ = refused
         elif too_big is not None:
             size, limit = int(too_big.group(1)), int(too_big.group(2))
             self.max_msg_size = min(self.max_msg_size, limit)
             error = MessageTooBig(size, limit, refused_by=self.address)
-            error.__cause__ = CommandError(code, description)
-        elif code == "E_UNAUTHORIZED":
-            error = Unauthorized(code, description, self.address)
+            error.__cause__ = refused
         # A fatal error answers the oldest command; nsqd closes the connection after it.
         if self._answers:
             answer = self._answers.popleft()
@@ -962,23 +585,3 @@ class Connection(asyncio.Protocol):
             callback(self)
         else:
             self._closed.add_done_callback(lambda _: callback(self))
-
-
-async def _within(awaitable: Awaitable[T], timeout: float) -> T:
-    """``awaitable``'s result within ``timeout`` seconds (else ``asyncio.TimeoutError``); cancelled with the caller.
-
-    Not ``asyncio.wait_for``: before Python 3.12, when the awaitable finishes
-    as the caller is cancelled, it returns the result and drops the
-    cancellation, and a consumer being stopped went on to handshake with a
-    connection it had just opened.
-    """
-    task = asyncio.ensure_future(awaitable)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
-    except BaseException:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        raise asyncio.TimeoutError
-    return task.result()

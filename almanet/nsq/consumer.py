@@ -18,8 +18,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from almanet._speedups.frames import check_name, encode_sub
-from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, Message, OnMessage
+from almanet.nsq.connection import AnswerWaiter, Connection, Message, OnMessage
 from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch
+from almanet.nsq.options import ConnectionOptions
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 from almanet.wire.protocol import CLS

@@ -20,7 +20,8 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 
-from almanet.nsq.connection import AnswerWaiter, Connection, ConnectionOptions, Publish, check_message, encode_batch
+from almanet.nsq.connection import AnswerWaiter, Connection, Publish, check_message, encode_batch
+from almanet.nsq.options import ConnectionOptions
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 
