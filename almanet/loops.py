@@ -71,3 +71,23 @@ async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callabl
         finally:
             for signal_number in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signal_number)
+
+
+async def within(awaitable: Awaitable[T], timeout: float) -> T:
+    """``awaitable``'s result within ``timeout`` seconds (else ``asyncio.TimeoutError``); cancelled with the caller.
+
+    Not ``asyncio.wait_for``: before Python 3.12, when the awaitable finishes
+    as the caller is cancelled, it returns the result and drops the
+    cancellation, and a consumer being stopped went on to handshake with a
+    connection it had just opened.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()

@@ -17,7 +17,7 @@ from typing import Any
 from almanet._speedups.envelope import encode_reply
 from almanet.errors import InternalError
 from almanet.nsq import ConnectionOptions, Message, Producer
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter
+from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, OnAnswer
 from almanet.rpc import reply_envelope
 from almanet.wire.errors import ConnectionFailed, MessageTooBig
 
@@ -30,13 +30,10 @@ class _ReplyPublished:
     def __init__(self, uri: str) -> None:
         self.uri = uri
 
-    def done(self) -> bool:
-        return False
-
-    def set_result(self, answer: bytes) -> None:
+    def answered(self, answer: bytes) -> None:
         pass
 
-    def set_exception(self, error: BaseException) -> None:
+    def failed(self, error: BaseException) -> None:
         logger.error("%s: a reply could not be published (its caller will time out): %s", self.uri, error)
 
 
@@ -50,11 +47,11 @@ class _BigReplyPublished(_ReplyPublished):
         self.reply_to = reply_to
         self.call_id = call_id
 
-    def set_exception(self, error: BaseException) -> None:
+    def failed(self, error: BaseException) -> None:
         if isinstance(error, MessageTooBig):
             self.replies.too_big(self.invocation, self.uri, self.reply_to, self.call_id, error)
         else:
-            super().set_exception(error)
+            super().failed(error)
 
 
 class Replies:
@@ -107,11 +104,11 @@ class Replies:
         else:
             self._publish_apart(invocation, reply_to, reply, published)
 
-    def _publish_apart(self, invocation: Message, reply_to: str, body: bytes, answer: AnswerWaiter) -> None:
+    def _publish_apart(self, invocation: Message, reply_to: str, body: bytes, answer: OnAnswer) -> None:
         """Publish a reply apart from the replies in flight (as a session publishes big calls), to the nsqd
         ``invocation`` came from: on a cluster, the caller reads its replies there only."""
         if self._big_reply_producers is None:  # a call that ended after stop() closed the producers
-            answer.set_exception(ConnectionFailed("the service stopped before the reply was sent"))
+            answer.failed(ConnectionFailed("the service stopped before the reply was sent"))
             return
         address = invocation.connection.address
         producer = self._big_reply_producers.get(address)

@@ -31,11 +31,12 @@ if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated 
 
 from almanet import conversion
 from almanet._speedups.envelope import EnvelopeError, Reply, decode
-from almanet._speedups.pending import PendingCalls
+from almanet.calls import Call, Multicall, WaitingCalls
 from almanet.discovery import Discovery
 from almanet.errors import CallTimeout, InvalidReply, rpc_error
+from almanet.loops import within
 from almanet.nsq import ConnectionOptions, Consumer, Message, Producer
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, AnswerWaiter, Connection
+from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE
 from almanet.nsq.lookupd import POLL_INTERVAL, check_poll_interval
 from almanet.options import (
     CONSUME_OUTPUT_BUFFER,
@@ -76,75 +77,6 @@ class _Procedure(Protocol[T_co]):
 _MAY_PUBLISH_KEPT = 4096  # topics known permitted, past which they are forgotten (orders.<id>.get)
 # Replies are FINed as they arrive: the RDY only needs to keep the pipe full.
 _REPLIES_IN_FLIGHT = 2500
-
-
-class _Call:
-    """A call waiting for its reply: in the pending-call table, and told the answer to its invocation's publish."""
-
-    __slots__ = ("future", "origin", "published", "timeout", "uri")
-
-    def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float) -> None:
-        self.future = future
-        self.uri = uri
-        self.timeout = timeout
-        # The connection the invocation went by, which its replies come by; None: any of the session's nsqd.
-        self.origin: Connection | None = None
-        self.published = False  # nsqd said OK to the invocation's publish
-
-    def reply(self, reply: Reply[Any]) -> bool:
-        """Take ``reply``; True when the call is over."""
-        future = self.future
-        if not future.done():
-            if reply.ok:
-                future.set_result(reply)
-            else:
-                future.set_exception(rpc_error.from_reply_payload(reply.payload))
-        return True
-
-    def expire(self) -> None:
-        if not self.future.done():
-            self.future.set_exception(CallTimeout(self.unanswered(f"calling {self.uri}")))
-
-    def unanswered(self, doing: str) -> str:
-        """Why no reply came: the services did not answer, or nsqd did not even take the invocation."""
-        if self.published:
-            return f"no reply from {self.uri} within {self.timeout:g} s"
-        nsqd = f"nsqd at {self.origin.address}" if self.origin is not None else "nsqd"
-        return f"{nsqd} did not answer within {self.timeout:g} s: stopped, or overloaded? ({doing})"
-
-    # Told nsqd's answer to the publish of the invocation (see almanet.nsq.connection.AnswerWaiter).
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def set_result(self, answer: bytes) -> None:
-        self.published = True  # nsqd has the invocation: now the reply is awaited
-
-    def set_exception(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-class _Multicall(_Call):
-    """A call every channel of the procedure answers: replies gathered until the count or the timeout."""
-
-    __slots__ = ("expected", "results")
-
-    def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float, expected: int | None) -> None:
-        super().__init__(future, uri, timeout)
-        self.expected = expected
-        self.results: list[Reply[Any] | rpc_error] = []
-
-    def reply(self, reply: Reply[Any]) -> bool:
-        self.results.append(reply if reply.ok else rpc_error.from_reply_payload(reply.payload))
-        if self.expected is not None and len(self.results) >= self.expected:
-            self.expire()
-            return True
-        return False
-
-    def expire(self) -> None:
-        if not self.future.done():
-            self.future.set_result(self.results)
 
 
 class Session:
@@ -188,20 +120,15 @@ class Session:
         self._consume_buffer = {name: value for name, value in CONSUME_OUTPUT_BUFFER.items() if given[name] is None}
         self._joined = False
         self._producer = Producer(*self.nsqd_addresses, options=self.options)
-        self._pending: PendingCalls[_Call] = PendingCalls()
+        self._calls = WaitingCalls()
         self._discovery = Discovery(self._ask_who_serves, self)
         # With AUTH, nsqd closes the connection that published to a topic the secret may not publish to
-        # (E_UNAUTHORIZED): calls to a topic go apart (``_publish_apart``) until a reply shows they may.
+        # (E_UNAUTHORIZED): calls to a topic go apart (``_publish_call_apart``) until a reply shows they may.
         self._auth_required = False
         self._may_publish: set[str] = set()
         self._replies: Consumer | None = None
         self._replies_subscribed: asyncio.Future[None] | None = None
-        self._call_connection: Connection | None = None  # the connection calls go by now
-        self._call_connections: set[Connection] = set()  # those calls went by, watched for their loss
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()  # to stop on leave
-        self._expiry_timer: asyncio.TimerHandle | None = None
-        self._expiry_at = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._left = False
 
     # --- joining and leaving -----------------------------------------------------
@@ -216,7 +143,6 @@ class Session:
     async def join(self) -> None:
         """Connect to nsqd (again, after ``leave``); raises ``ConnectionError`` when none answers."""
         self._left = False
-        self._loop = asyncio.get_running_loop()
         connection = await self._producer.connect()
         self._auth_required = bool(connection.negotiated.get("auth_required"))
         self._joined = True
@@ -251,15 +177,10 @@ class Session:
             await subscription.stop(timeout)
         if self._replies is not None:
             await self._replies.stop(timeout)
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
-        for call in self._pending.expire(float("inf")):
-            call.set_exception(ConnectionFailed("the session left before the reply came"))
+        self._calls.fail_all(ConnectionFailed("the session left before the reply came"))
         self._discovery.clear()
         self._may_publish.clear()
-        self._replies = self._replies_subscribed = self._call_connection = None
-        self._call_connections.clear()
+        self._replies = self._replies_subscribed = None
         # nsqd deletes an ephemeral topic whose last channel left in the background, and a SUB to it
         # meanwhile fails (E_SUB_FAILED): a session that joins again reads a reply topic of its own.
         self._new_identity()
@@ -323,7 +244,7 @@ class Session:
             if conversion.needs_builtins(getattr(uri, "payload_type", Any)):
                 payload = conversion.to_builtins(payload)  # rather than after the envelope refused it
         convert = conversion.converter(result_type) if result_type is not None else None
-        reply: Reply[Any] = await self._request(uri, payload, timeout, _Call)
+        reply: Reply[Any] = await self._request(uri, payload, timeout, Call)
         if convert is None:
             return reply
         try:
@@ -343,7 +264,7 @@ class Session:
         Returns when ``count`` replies have come, if given, else when the timeout passes.
         """
         replies: list[Reply[Any] | rpc_error] = await self._request(
-            uri, payload, timeout, functools.partial(_Multicall, expected=count)
+            uri, payload, timeout, functools.partial(Multicall, expected=count)
         )
         return replies
 
@@ -352,14 +273,14 @@ class Session:
         uri: str | NamedProcedure,
         payload: Any,
         timeout: float | None,
-        new_call: Callable[[asyncio.Future[Any], str, float], _Call],
+        new_call: Callable[[asyncio.Future[Any], str, float], Call],
     ) -> Any:
         """Publish an invocation and wait for what ``new_call``'s waiter makes of the replies."""
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
         timeout = self.timeout if timeout is None else timeout
         if self._replies_subscribed is None or not self._replies_subscribed.done():
             await self._subscribe_replies(timeout)
-        loop = self._running_loop()
+        loop = asyncio.get_running_loop()
         if self._discovery.served_until.get(topic, 0.0) < loop.time():
             started = loop.time()
             await self._discovery.wait_served(topic, timeout)
@@ -369,14 +290,14 @@ class Session:
         try:
             return await call.future
         except BaseException as error:
-            self._pending.pop(call_id)  # cancelled, or failed to publish: gone from the table
+            self._calls.table.pop(call_id)  # cancelled, or failed to publish: gone from the table
             if isinstance(error, CallTimeout):
                 self._discovery.served_until.pop(topic, None)  # its service may be gone: the next call asks again
             raise
 
-    async def _ask_who_serves(self, uri: str) -> _Call | None:
+    async def _ask_who_serves(self, uri: str) -> Call | None:
         """Publish one discovery query for ``uri``: None once a service answered, the query when none did."""
-        query = _Call(self._running_loop().create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
+        query = Call(asyncio.get_running_loop().create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
         call_id = self._invoke(query, DISCOVERY_TOPIC, uri, DISCOVERY_WAIT)
         try:
             await query.future
@@ -384,7 +305,7 @@ class Session:
         except CallTimeout:
             return query
         finally:
-            self._pending.pop(call_id)
+            self._calls.table.pop(call_id)
 
     def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
@@ -392,14 +313,14 @@ class Session:
         body = invocation_envelope(0, None, 0, None, payload)
         return self._producer.publish(topic, body, delay=delay)
 
-    def _invoke(self, call: _Call, topic: str, payload: Any, timeout: float) -> int:
+    def _invoke(self, call: Call, topic: str, payload: Any, timeout: float) -> int:
         if self._left:
             raise ConnectionFailed("the session has left")
-        connection = self._call_connection
+        calls = self._calls
+        connection = calls.connection
         if connection is not None and not connection.is_open:
-            self._call_connection_lost(connection)  # closing: its calls are all that wait, and cannot be answered
-        deadline = self._running_loop().time() + timeout
-        call_id = self._pending.add(call, deadline)
+            calls.lost(connection)  # closing: its calls are all that wait, and cannot be answered
+        call_id = calls.add(call, asyncio.get_running_loop().time() + timeout)
         try:
             body = invocation_envelope(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
             if len(body) > SEPARATE_PUBLISH_SIZE or (self._auth_required and topic not in self._may_publish):
@@ -407,78 +328,37 @@ class Session:
             else:
                 self._publish_call(topic, body, call)
         except BaseException:
-            self._pending.pop(call_id)
+            calls.table.pop(call_id)
             raise
-        if self._expiry_timer is None or deadline < self._expiry_at:
-            self._expire_at(deadline)
         return call_id
 
-    def _publish_call(self, topic: str, body: bytes, call: _Call) -> None:
+    def _publish_call(self, topic: str, body: bytes, call: Call) -> None:
         """Publish an invocation through the connection its reply comes by (and the calls' FINs go by)."""
         if self._replies is None:  # the session left (and maybe joined again) while the call waited
             raise ConnectionFailed("the session left before the call was sent")
         connection = call.origin = self._replies.publish(topic, body, call)
-        if connection is not self._call_connection:
-            self._call_connection = connection
-            self._watch_call_connection(connection)
+        calls = self._calls
+        if connection is not calls.connection:
+            calls.connection = connection
+            calls.watch(connection)
 
-    def _publish_call_apart(self, topic: str, body: bytes, call: _Call) -> None:
-        """Publish an invocation apart (``_publish_apart``): its reply comes by the connection reading the nsqd
-        the producer publishes to (none known while it connects: any)."""
-        self._publish_apart(topic, body, call)
+    def _publish_call_apart(self, topic: str, body: bytes, call: Call) -> None:
+        """Publish an invocation through the session's producer, apart from the connections of calls and replies.
+
+        For invocations over ``SEPARATE_PUBLISH_SIZE``, and with AUTH to a
+        topic not known to be permitted: nsqd closes the connection that sent
+        a message over its --max-msg-size or to a topic the secret may not
+        publish to, and the calls and replies in flight on it would go with
+        it. Its reply comes by the connection reading the nsqd the producer
+        publishes to (none known while it connects: any). Raises
+        ``MessageTooBig`` at once once nsqd's limit is known.
+        """
+        self._producer.publish_with(call, topic, body)
         address, replies = self._producer.connected_to, self._replies
         connection = replies.connections.get(address) if address is not None and replies is not None else None
         if connection is not None:
             call.origin = connection
-            self._watch_call_connection(connection)
-
-    def _watch_call_connection(self, connection: Connection) -> None:
-        if connection not in self._call_connections:
-            self._call_connections.add(connection)
-            connection.when_closed(self._call_connection_lost)
-
-    def _publish_apart(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
-        """Publish ``body`` through the session's producer, apart from the connections of calls and replies.
-
-        For messages over ``SEPARATE_PUBLISH_SIZE``, and with AUTH for calls to
-        a topic not known to be permitted: nsqd closes the connection that
-        sent a message over its --max-msg-size or to a topic the secret may
-        not publish to, and the calls and replies in flight on it would go
-        with it. Raises ``MessageTooBig`` at once once nsqd's limit is known.
-        """
-        self._producer.publish_with(answer, topic, body)
-
-    def _call_connection_lost(self, connection: Connection) -> None:
-        """The calls published through ``connection`` fail: their replies would come by it, and cannot."""
-        self._call_connections.discard(connection)
-        if connection is self._call_connection:
-            self._call_connection = None
-        lost = ConnectionFailed(f"the connection to nsqd at {connection.address} was lost before the reply came")
-        pending = self._pending
-        for call_id, call in pending.items():
-            if call.origin is connection:
-                pending.pop(call_id)
-                call.set_exception(lost)
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
-
-    def _expire_at(self, deadline: float) -> None:
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-        self._expiry_at = deadline
-        self._expiry_timer = self._running_loop().call_at(deadline, self._expire)
-
-    def _expire(self) -> None:
-        # The loop may run a timer up to its clock resolution early: what was due then is due now.
-        self._expiry_timer = None
-        for call in self._pending.expire(max(self._running_loop().time(), self._expiry_at)):
-            call.expire()
-        next_deadline = self._pending.next_deadline()
-        if next_deadline is not None:
-            self._expire_at(next_deadline)
+            self._calls.watch(connection)
 
     async def _subscribe_replies(self, timeout: float) -> None:
         """Subscribe to the reply topic (once), within the call's ``timeout``."""
@@ -496,7 +376,7 @@ class Session:
             self._replies_subscribed = asyncio.ensure_future(self._replies.start())
             self._replies_subscribed.add_done_callback(self._replies_subscription_done)
         try:
-            await asyncio.wait_for(asyncio.shield(self._replies_subscribed), timeout)
+            await within(asyncio.shield(self._replies_subscribed), timeout)
         except asyncio.TimeoutError:
             raise CallTimeout(f"could not subscribe to the replies within {timeout:g} s") from None
 
@@ -514,7 +394,7 @@ class Session:
         if not isinstance(reply, Reply):
             logger.warning("%s: dropped an invocation sent to a reply topic", self.reply_topic)
             return
-        pending = self._pending
+        pending = self._calls.table
         call = pending.get(reply.call_id)
         if call is None:
             logger.debug("%s: a reply to call %d, which is over", self.reply_topic, reply.call_id)
@@ -528,7 +408,7 @@ class Session:
                 call.origin.address,
             )
             return
-        self._discovery.served_until[call.uri] = self._running_loop().time() + SERVED_FOR
+        self._discovery.served_until[call.uri] = asyncio.get_running_loop().time() + SERVED_FOR
         if self._auth_required and call.uri not in self._may_publish:
             if len(self._may_publish) >= _MAY_PUBLISH_KEPT:
                 self._may_publish.clear()

@@ -24,7 +24,7 @@ import ansq
 import pytest
 from fakensqd import FakeLookupd
 
-import almanet.nsq.consumer
+import almanet.nsq.ready
 from almanet.broker import Broker
 from almanet.nsq import CommandError, ConnectionOptions, Consumer, Message, MessageTooBig, Producer
 from almanet.pytest_plugin import BrokerAddresses
@@ -487,7 +487,7 @@ async def test_max_in_flight_is_shared_as_rdy_across_brokers(topic: str) -> None
 
 
 async def test_rdy_1_rotates_when_brokers_outnumber_max_in_flight(topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(almanet.nsq.consumer, "_RDY_ROTATION_INTERVAL", 0.2)
+    monkeypatch.setattr(almanet.nsq.ready, "RDY_ROTATION_INTERVAL", 0.2)
     async with own_broker() as first, own_broker() as second:
         brokers = [first, second]
         addresses = [broker.tcp_address for broker in brokers]
@@ -577,7 +577,7 @@ async def test_backoff_probe_moves_on_from_a_broker_without_messages(
     topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The probe's RDY 1 may land where there is nothing to consume: it moves to the next connection."""
-    monkeypatch.setattr(almanet.nsq.consumer, "_RDY_ROTATION_INTERVAL", DELAY)
+    monkeypatch.setattr(almanet.nsq.ready, "RDY_ROTATION_INTERVAL", DELAY)
     async with own_broker() as first, own_broker() as second:
         # The probe starts at the first connection by address; the messages are on the other.
         busy = max(first, second, key=lambda broker: broker.tcp_address)

@@ -16,6 +16,7 @@ import pytest
 from fakensqd import TIMEOUT, FakeClient, FakeLookupd, FakeNsqd
 
 from almanet._speedups.frames import encode_error, encode_message, encode_pub, encode_response
+from almanet.loops import within
 from almanet.nsq import (
     CommandError,
     Connection,
@@ -26,7 +27,6 @@ from almanet.nsq import (
     Producer,
     ProtocolError,
 )
-from almanet.nsq.handshake import _within
 from almanet.wire.protocol import CLOSE_WAIT, HEARTBEAT, OK
 from helpers import eventually
 
@@ -516,7 +516,7 @@ async def test_a_connection_being_opened_keeps_a_cancellation_that_comes_as_a_st
     reconnection went on to handshake with an nsqd that never answered (this test file failed now and then)."""
     loop = asyncio.get_running_loop()
     step = loop.create_future()
-    opening = asyncio.ensure_future(_within(step, TIMEOUT))
+    opening = asyncio.ensure_future(within(step, TIMEOUT))
     await asyncio.sleep(0)
     step.set_result("connected")
     opening.cancel()

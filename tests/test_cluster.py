@@ -180,16 +180,16 @@ async def test_a_caller_fails_over_to_its_next_nsqd_and_returns_to_the_first(
         almanet.new_session(almanet_cluster.tcp(0), almanet_cluster.tcp(1)) as session,
     ):
         await session.call(uri, "cluster")
-        assert session._call_connection is not None
-        assert session._call_connection.address == almanet_cluster.tcp(0)
+        assert session._calls.connection is not None
+        assert session._calls.connection.address == almanet_cluster.tcp(0)
         await asyncio.to_thread(almanet_cluster.kill_node, 0)
         took, _ = await first_answer(session, uri, within=2.0)
-        assert took < 2.0 and session._call_connection.address == almanet_cluster.tcp(1)
+        assert took < 2.0 and session._calls.connection.address == almanet_cluster.tcp(1)
         await asyncio.to_thread(almanet_cluster.start_node, 0)
 
         async def back_on_the_first() -> bool:
             await session.call(uri, "cluster")
-            return session._call_connection is not None and session._call_connection.address == almanet_cluster.tcp(0)
+            return session._calls.connection is not None and session._calls.connection.address == almanet_cluster.tcp(0)
 
         deadline = time.monotonic() + 10.0
         while not await back_on_the_first():
@@ -398,13 +398,13 @@ async def test_a_caller_fails_over_and_returns_on_either_broker(kind: str, prefi
 
             async with service, almanet.new_session(first_address, second) as session:
                 assert await outcome(session, uri) is None
-                assert session._call_connection is not None and session._call_connection.address == first_address
+                assert session._calls.connection is not None and session._calls.connection.address == first_address
                 await asyncio.to_thread(first.close)
                 took, _ = await first_answer(session, uri, within=2.0)
-                assert took < 2.0 and session._call_connection.address == second
+                assert took < 2.0 and session._calls.connection.address == second
                 await asyncio.to_thread(first.enter_context, broker_of_kind(kind, first_address))
                 deadline = time.monotonic() + 10.0
-                while session._call_connection.address != first_address:
+                while session._calls.connection.address != first_address:
                     assert time.monotonic() < deadline, "calls did not return to the first broker"
                     assert await outcome(session, uri) is None
                     await asyncio.sleep(0.1)

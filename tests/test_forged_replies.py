@@ -1,8 +1,8 @@
 """Replies nobody can forge: unguessable call ids, replies only from where the call went, replies only to sessions.
 
 An attacker here can publish to the broker; what it can still do (read the
-invocations of a topic it may subscribe to) is in README's "Replies nobody
-can forge".
+invocations of a topic it may subscribe to) is in docs/RPC.md's "Replies
+nobody can forge".
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ async def test_a_reply_from_another_nsqd_than_the_calls_is_not_taken(
             seen.commit()
             invocation = decode(seen.body)
             assert isinstance(invocation, Invocation)
-            assert victim._call_connection is not None and victim._replies is not None
+            assert victim._calls.connection is not None and victim._replies is not None
             await eventually(lambda: len(victim._replies.connections) == 2)  # the reply topic read on both
-            elsewhere = next(address for address in both if address != victim._call_connection.address)
+            elsewhere = next(address for address in both if address != victim._calls.connection.address)
             async with Producer(elsewhere) as attacker:
                 forged = encode_reply(invocation.call_id, True, {"balance": 10**9})
                 await attacker.publish(victim.reply_topic, forged)

@@ -1,4 +1,4 @@
-"""The import graph runs one way, floor by floor, with no circles (README's "Layout").
+"""The import graph runs one way, floor by floor, with no circles (docs/ARCHITECTURE.md's "Layout").
 
 Every ``import`` of an almanet module counts, also those under
 ``TYPE_CHECKING`` and inside functions: a reader follows them all.
@@ -21,7 +21,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("almanet.nsq", "almanet.broker"),
     ("almanet.errors",),
     ("almanet.rpc", "almanet.options", "almanet.subscription"),
-    ("almanet.discovery", "almanet.replies", "almanet.still_running"),
+    ("almanet.calls", "almanet.discovery", "almanet.replies", "almanet.still_running"),
     ("almanet.session",),
     ("almanet.service",),
     ("almanet.asyncapi",),

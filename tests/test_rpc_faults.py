@@ -145,13 +145,13 @@ async def test_calls_fail_at_once_when_their_connection_is_lost_and_the_next_one
             waiting = [asyncio.ensure_future(session.call(slow, 1.0, timeout=30)) for _ in range(3)]
             await asyncio.sleep(0.2)  # published, running in the service
             started = time.monotonic()
-            connection = session._call_connection
+            connection = session._calls.connection
             assert connection is not None
             connection.abort()
             results = await asyncio.gather(*waiting, return_exceptions=True)
             assert all(isinstance(result, ConnectionError) for result in results), results
             assert time.monotonic() - started < 1  # not the 30 s timeout
-            assert len(session._pending) == 0
+            assert len(session._calls.table) == 0
             # The reply subscription reconnects; calls go through the new connection.
             deadline = time.monotonic() + TIMEOUT
             while True:

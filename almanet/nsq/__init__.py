@@ -1,9 +1,12 @@
 """almanet's NSQ client: ``Producer`` and ``Consumer`` over ``Connection``, on the frame codec.
 
-``protocol`` holds the facts of NSQ protocol V2, ``errors`` its exceptions,
-``connection`` one connection to an nsqd, ``producer`` and ``consumer`` the
-two roles, ``lookupd`` nsqlookupd's ``/lookup`` and ``/nodes`` (``NsqdWatch``),
-``output`` write coalescing.
+``options`` holds what a connection asks of nsqd (``ConnectionOptions``),
+``handshake`` how one is opened, ``connection`` one connection to an nsqd
+in steady state, ``producer`` and ``consumer`` the two roles, ``ready`` a
+consumer's RDY and backoff, ``lookupd`` nsqlookupd's ``/lookup`` and
+``/nodes`` (``NsqdWatch``), ``http`` the HTTP client for both, ``sweeper``
+the deleting of topics left behind. The protocol's facts and errors are in
+``almanet.wire``.
 """
 
 from almanet.nsq.connection import Connection, Message

@@ -37,7 +37,7 @@ from almanet._speedups.frames import (
     encode_touch,
 )
 from almanet.nsq.handshake import TLS_REQUIRED, Handshake, command_error, connect, tls_required_error
-from almanet.nsq.options import ConnectionOptions
+from almanet.nsq.options import ConnectionOptions, NsqdLimits
 from almanet.wire.errors import ConnectionFailed, MessageTooBig, ProtocolError
 from almanet.wire.protocol import HEARTBEAT, NOP
 
@@ -87,7 +87,7 @@ class Message:
         """Give it back for redelivery after ``delay`` seconds (REQ); ``backoff`` counts it as a failure."""
         self._answer(encode_req(self.id, round(delay * 1000)), requeued=True, backoff=backoff)
 
-    def publish(self, topic: str, body: bytes, answer: AnswerWaiter) -> None:
+    def publish(self, topic: str, body: bytes, answer: OnAnswer) -> None:
         """Publish through the connection this message came by (see ``Connection.publish``).
 
         What a handler publishes in answer to it (a reply) leaves in one write with its FIN.
@@ -120,12 +120,34 @@ class Message:
         return f"Message(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
 
 
-class AnswerWaiter(Protocol):
-    """What waits for nsqd's answer to a command: an ``asyncio.Future[bytes]`` or alike."""
+class OnAnswer(Protocol):
+    """What to do with nsqd's answer to a command (a publish, mostly), told once.
 
-    def done(self) -> bool: ...
-    def set_result(self, answer: bytes, /) -> None: ...
-    def set_exception(self, error: BaseException, /) -> None: ...
+    ``answered`` with the answer (``OK``); ``failed`` with its
+    ``CommandError``, or ``ConnectionError`` when the connection closed
+    first. Publishes take one of these rather than a future each: a call,
+    a reply or an MPUB's publishers are told directly.
+    """
+
+    def answered(self, answer: bytes, /) -> None: ...
+    def failed(self, error: BaseException, /) -> None: ...
+
+
+class FutureAnswer:
+    """Tells an ``asyncio.Future`` nsqd's answer, unless its waiter stopped waiting (cancelled it)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[bytes]) -> None:
+        self.future = future
+
+    def answered(self, answer: bytes) -> None:
+        if not self.future.done():
+            self.future.set_result(answer)
+
+    def failed(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 # MPUB's body: a message count, then each message's size and bytes.
@@ -141,7 +163,7 @@ _FRAMES_PER_ITERATION = 64
 
 
 class Publish:
-    """One PUB, MPUB or DPUB to send, and the waiters of nsqd's answer to it (an ``AnswerWaiter`` itself)."""
+    """One PUB, MPUB or DPUB to send, and what each publish in it does with nsqd's answer (an ``OnAnswer`` itself)."""
 
     __slots__ = ("bodies", "body_size", "command", "topic", "waiters")
 
@@ -150,23 +172,18 @@ class Publish:
         self.command = command  # PUB of the first body, or a command that takes no more (DPUB, explicit MPUB)
         self.bodies = [] if first_body is None else [first_body]  # the bodies coalesced
         self.body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in self.bodies)
-        self.waiters: list[AnswerWaiter] = []
+        self.waiters: list[OnAnswer] = []
 
     def encode(self) -> bytes:
         return encode_mpub(self.topic, self.bodies) if len(self.bodies) > 1 else self.command
 
-    def done(self) -> bool:
-        return False  # answered once, by the connection
-
-    def set_result(self, answer: bytes) -> None:
+    def answered(self, answer: bytes) -> None:
         for waiter in self.waiters:
-            if not waiter.done():  # its publisher may have stopped waiting
-                waiter.set_result(answer)
+            waiter.answered(answer)
 
-    def set_exception(self, error: BaseException) -> None:
+    def failed(self, error: BaseException) -> None:
         for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
+            waiter.failed(error)
 
 
 def check_message(topic: str, body: bytes, max_msg_size: int) -> None:
@@ -206,13 +223,14 @@ class Connection(asyncio.Protocol):
         on_message: OnMessage | None,
         on_answered: OnAnswered | None,
         on_close: OnClose | None,
+        limits: NsqdLimits | None = None,
     ) -> None:
         self.address = address
         self.options = options
         self.negotiated: dict[str, Any] = {}
         self.in_flight = 0  # messages received and not answered yet
         self._ready_count = 0  # the last RDY sent
-        self.max_msg_size = options.max_msg_size  # lowered to what nsqd says when it refuses a message as too big
+        self.limits = limits or NsqdLimits(options)
         self._loop = asyncio.get_running_loop()
         self._frames = FrameReader(options.max_frame_size)
         # What this loop iteration sends, written in one transport.write at its end (see _flush).
@@ -220,7 +238,7 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._publishes: list[Publish] = []  # made in this loop iteration, in order
         self._open_publishes: dict[str, Publish] = {}  # by topic: the ones further publishes join
-        self._answers: deque[AnswerWaiter] = deque()
+        self._answers: deque[OnAnswer] = deque()
         self._drained: list[asyncio.Future[None]] = []  # wait_answered() callers
         self._transport: asyncio.Transport | None = None
         self.is_open = False  # connected, and not closing
@@ -248,12 +266,13 @@ class Connection(asyncio.Protocol):
         on_message: OnMessage | None = None,
         on_answered: OnAnswered | None = None,
         on_close: OnClose | None = None,
+        limits: NsqdLimits | None = None,
     ) -> Connection:
         """Connect to ``host:port``, IDENTIFY, upgrade and AUTH (see ``almanet.nsq.handshake``).
 
         Raises ``ConnectionError`` or ``CommandError``.
         """
-        connection = cls(address, options, on_message, on_answered, on_close)
+        connection = cls(address, options, on_message, on_answered, on_close, limits)
         await connect(address, options, connection._start)
         return connection
 
@@ -340,8 +359,7 @@ class Connection(asyncio.Protocol):
         self._open_publishes.clear()
         answers, self._answers = self._answers, deque()
         for answer in (*answers, *publishes):
-            if not answer.done():
-                answer.set_exception(lost)
+            answer.failed(lost)
         self._wake_drained()
         if not self._closed.done():
             self._closed.set_result(None)
@@ -359,9 +377,7 @@ class Connection(asyncio.Protocol):
     def _receive_answer(self, data: bytes) -> None:
         if not self._answers:
             raise ProtocolError(f"nsqd sent {data[:80]!r} with no command waiting for an answer")
-        answer = self._answers.popleft()
-        if not answer.done():  # its caller may have stopped waiting
-            answer.set_result(data)
+        self._answers.popleft().answered(data)
         if not self._answers and self._drained:
             self._wake_drained()
 
@@ -378,14 +394,12 @@ class Connection(asyncio.Protocol):
             error.__cause__ = refused
         elif too_big is not None:
             size, limit = int(too_big.group(1)), int(too_big.group(2))
-            self.max_msg_size = min(self.max_msg_size, limit)
+            self.limits.refused_as_too_big(limit)
             error = MessageTooBig(size, limit, refused_by=self.address)
             error.__cause__ = refused
         # A fatal error answers the oldest command; nsqd closes the connection after it.
         if self._answers:
-            answer = self._answers.popleft()
-            if not answer.done():
-                answer.set_exception(error)
+            self._answers.popleft().failed(error)
             if self.on_unrun is not None:
                 self._hand_over_unrun()
             if not self._answers:
@@ -418,19 +432,19 @@ class Connection(asyncio.Protocol):
     def request(self, command: bytes) -> asyncio.Future[bytes]:
         """Send a command nsqd answers; the future gets the answer, ``CommandError`` or ``ConnectionError``."""
         answer: asyncio.Future[bytes] = self._loop.create_future()
-        self.send_request(command, answer)
+        self.send_request(command, FutureAnswer(answer))
         return answer
 
-    def send_request(self, command: bytes, answer: AnswerWaiter) -> None:
+    def send_request(self, command: bytes, answer: OnAnswer) -> None:
         """Send a command nsqd answers; ``answer`` gets the answer, ``CommandError`` or ``ConnectionError``."""
         if not self.is_open:
-            answer.set_exception(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
+            answer.failed(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
             return
         self._answers.append(answer)
         self._output.append(command)
         self._schedule_flush()
 
-    def publish(self, topic: str, body: bytes, answer: AnswerWaiter, *, delay: float = 0.0) -> None:
+    def publish(self, topic: str, body: bytes, answer: OnAnswer, *, delay: float = 0.0) -> None:
         """Publish ``body`` to ``topic`` (DPUB after ``delay`` seconds); ``answer`` gets nsqd's answer.
 
         Publishes to one topic in one loop iteration join one MPUB, split at
@@ -439,11 +453,11 @@ class Connection(asyncio.Protocol):
         ``ValueError`` (``MessageTooBig``) or ``TypeError`` at once.
         """
         size = len(body)
-        if size > self.max_msg_size:
-            raise MessageTooBig(size, self.max_msg_size)
+        if size > self.limits.max_msg_size:
+            raise MessageTooBig(size, self.limits.max_msg_size)
         if not self.is_open:
-            check_message(topic, body, self.max_msg_size)
-            answer.set_exception(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
+            check_message(topic, body, self.limits.max_msg_size)
+            answer.failed(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
             return
         joined = None if delay or size > SEPARATE_PUBLISH_SIZE else self._open_publishes.get(topic)
         if joined is not None and joined.body_size + _MPUB_SIZE_FIELD + size <= self.options.max_body_size:
@@ -472,9 +486,9 @@ class Connection(asyncio.Protocol):
         self._publishes.append(publish)
         self._schedule_flush()
 
-    def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: AnswerWaiter) -> None:
+    def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: OnAnswer) -> None:
         """Publish ``bodies`` in one MPUB of their own: all of them or none; later publishes to the topic follow it."""
-        publish = Publish(topic, encode_batch(topic, bodies, self.max_msg_size, self.options.max_body_size))
+        publish = Publish(topic, encode_batch(topic, bodies, self.limits.max_msg_size, self.options.max_body_size))
         publish.waiters.append(answer)
         self._open_publishes.pop(topic, None)  # in publish order: what comes next does not join an MPUB before it
         self._publishes.append(publish)

@@ -18,19 +18,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from almanet._speedups.frames import check_name, encode_sub
-from almanet.nsq.connection import AnswerWaiter, Connection, Message, OnMessage
+from almanet.loops import within
+from almanet.nsq.connection import Connection, Message, OnAnswer, OnMessage
 from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch
-from almanet.nsq.options import ConnectionOptions
+from almanet.nsq.options import ConnectionOptions, NsqdLimits
+from almanet.nsq.ready import ReadyCounts
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 from almanet.wire.protocol import CLS
 
 logger = logging.getLogger("almanet.nsq")
-
-# When max_in_flight is below the number of connections, the connections
-# given RDY 1 change this often, so that none is starved; so does the
-# connection given a backoff's probe.
-_RDY_ROTATION_INTERVAL = 5.0
 
 
 class Consumer:
@@ -91,7 +88,7 @@ class Consumer:
         self.options = options or ConnectionOptions()
         self.connections: dict[str, Connection] = {}
         self._publishing: Connection | None = None  # see publish()
-        self.max_msg_size = self.options.max_msg_size  # lowered to what nsqd says when it refuses a message
+        self.limits = NsqdLimits(self.options)  # its connections'
         self._on_message = on_message
         self._on_give_up = on_give_up
         self._direct = list(nsqd_tcp_addresses)
@@ -101,15 +98,15 @@ class Consumer:
         self._discovered: frozenset[str] = frozenset()
         self._requeue_delay = requeue_delay
         self._max_attempts = max_attempts
-        self._backoff_enabled = backoff
-        self._ready_everywhere = ready_everywhere
-        self._backoff_unit = backoff_unit
-        self._max_backoff = max_backoff
-        self._backoff_level = 0
-        self._backoff_timer: asyncio.TimerHandle | None = None
-        self._probing = False
-        self._rotation = 0
-        self._rotation_timer: asyncio.TimerHandle | None = None
+        self._ready = ReadyCounts(
+            f"{topic}/{channel}",
+            self.connections,
+            max_in_flight,
+            everywhere=ready_everywhere,
+            backoff=backoff,
+            backoff_unit=backoff_unit,
+            max_backoff=max_backoff,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._reconnecting: set[str] = set()
         self._draining: dict[Connection, asyncio.Event] = {}  # connections being retired
@@ -173,11 +170,7 @@ class Consumer:
                 self._watch.ignore(self._nsqd_listed)
                 if self._own_watch:
                     self._watch.stop()
-            for connection in self.connections.values():
-                connection.set_ready(0)
-            for timer in (self._backoff_timer, self._rotation_timer):
-                if timer is not None:
-                    timer.cancel()
+            self._ready.stop()
             for task in list(self._tasks):
                 task.cancel()
             self._stopped = asyncio.ensure_future(self._retire_all(timeout))
@@ -187,7 +180,7 @@ class Consumer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._retire(connection, timeout) for connection in list(self.connections.values())))
 
-    def publish(self, topic: str, body: bytes, answer: AnswerWaiter) -> Connection:
+    def publish(self, topic: str, body: bytes, answer: OnAnswer) -> Connection:
         """Publish through a connection this consumer reads from; that connection.
 
         What its nsqd sends back for it (a reply to an invocation) comes by the
@@ -225,12 +218,10 @@ class Consumer:
             on_message=self._deliver,
             on_answered=self._on_answered,
             on_close=self._on_close,
+            limits=self.limits,
         )
-        connection.max_msg_size = self.max_msg_size
         try:
-            await asyncio.wait_for(
-                connection.request(encode_sub(self.topic, self.channel)), self.options.connect_timeout
-            )
+            await within(connection.request(encode_sub(self.topic, self.channel)), self.options.connect_timeout)
         except asyncio.TimeoutError:
             connection.abort()
             raise ConnectionFailed(f"nsqd at {address} did not answer SUB in time") from None
@@ -245,7 +236,7 @@ class Consumer:
         if publishing is not None and self._rank(address) < self._rank(publishing.address):
             self._publishing = None  # the next publish goes by the address preferred, back
         logger.info("consuming %s/%s from %s", self.topic, self.channel, address)
-        self._distribute_rdy()
+        self._ready.distribute()
 
     async def _retire(self, connection: Connection, timeout: float) -> None:
         """RDY 0, in-flight messages answered, CLS, close: all within ``timeout``.
@@ -259,14 +250,14 @@ class Consumer:
         connection.set_ready(0)
         try:
             await self._drain(connection, deadline)
-            await asyncio.wait_for(connection.request(CLS), max(0.0, deadline - loop.time()))
+            await within(connection.request(CLS), max(0.0, deadline - loop.time()))
             await self._drain(connection, deadline)
         except (ConnectionError, asyncio.TimeoutError) as error:
             logger.debug("CLS to %s: %s", connection.address, error)
         finally:
             connection.close_soon()  # cancelled too
         try:
-            await asyncio.wait_for(connection.wait_closed(), timeout)
+            await within(connection.wait_closed(), timeout)
         except asyncio.TimeoutError:
             connection.abort()  # nsqd does not read what is left
             await connection.wait_closed()
@@ -277,7 +268,7 @@ class Consumer:
             return
         drained = self._draining[connection] = asyncio.Event()
         try:
-            await asyncio.wait_for(drained.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            await within(drained.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
         except asyncio.TimeoutError:
             logger.warning("closing %s with %d messages unanswered", connection.address, connection.in_flight)
         finally:
@@ -287,7 +278,6 @@ class Consumer:
         return not self._stopping and (address in self._direct or address in self._discovered)
 
     def _on_close(self, connection: Connection, error: BaseException | None) -> None:
-        self.max_msg_size = min(self.max_msg_size, connection.max_msg_size)  # kept for the next connection
         if self.connections.get(connection.address) is not connection:
             return
         del self.connections[connection.address]
@@ -295,7 +285,7 @@ class Consumer:
         if self._wanted(connection.address):
             logger.warning("lost %s (%s); reconnecting", connection.address, error)
             self._reconnect_later(connection.address)
-        self._distribute_rdy()
+        self._ready.distribute()
         self._check_drained(connection)
 
     def _reconnect_later(self, address: str) -> None:
@@ -341,81 +331,9 @@ class Consumer:
             if address not in self.connections:
                 self._reconnect_later(address)
 
-    # --- RDY, backoff ---------------------------------------------------------------
-
-    def _distribute_rdy(self) -> None:
-        """Share max_in_flight out as RDY (nothing while stopping or backing off)."""
-        if self._stopping or self._backoff_level:
-            return
-        connections = sorted(self.connections.values(), key=lambda connection: connection.address)
-        count = len(connections)
-        if not count:
-            return
-        share, extra = divmod(self.max_in_flight, count)
-        if share == 0 and self._ready_everywhere and self.max_in_flight:
-            for connection in connections:
-                connection.set_ready(1)
-            return
-        if share == 0:
-            # Fewer RDY than connections: a rotating few get RDY 1.
-            start = self._rotation % count
-            chosen = {connections[(start + offset) % count] for offset in range(extra)}
-            for connection in connections:
-                connection.set_ready(1 if connection in chosen else 0)
-            if self._rotation_timer is None and extra:
-                self._rotation_timer = asyncio.get_running_loop().call_later(_RDY_ROTATION_INTERVAL, self._rotate)
-            return
-        for index, connection in enumerate(connections):
-            connection.set_ready(share + (index < extra))
-
-    def _rotate(self) -> None:
-        self._rotation_timer = None
-        self._rotation += 1
-        if self._probing:
-            self._probe()
-        else:
-            self._distribute_rdy()
-
     def _on_answered(self, connection: Connection, requeued: bool, backoff: bool) -> None:
-        if self._backoff_enabled and not self._stopping and self._backoff_timer is None:
-            if backoff:
-                self._backoff_level += 1
-                self._start_backoff()
-            elif self._backoff_level and not requeued:
-                self._backoff_level -= 1
-                if self._backoff_level:
-                    self._start_backoff()
-                else:
-                    logger.info("%s/%s: backoff over", self.topic, self.channel)
-                    self._probing = False
-                    self._distribute_rdy()
+        self._ready.answered(requeued, backoff)
         self._check_drained(connection)
-
-    def _start_backoff(self) -> None:
-        self._probing = False
-        for connection in self.connections.values():
-            connection.set_ready(0)
-        duration = min(self._max_backoff, self._backoff_unit * 2 ** (self._backoff_level - 1))
-        logger.info("%s/%s: backing off for %.3g s", self.topic, self.channel, duration)
-        self._backoff_timer = asyncio.get_running_loop().call_later(duration, self._probe)
-
-    def _probe(self) -> None:
-        """After a backoff, one message on one connection tells whether to go on.
-
-        The probe's RDY 1 moves on to the next connection every rotation
-        interval, as the one it is on may have no message to send.
-        """
-        self._backoff_timer = None
-        if self._stopping:
-            return
-        self._probing = True
-        connections = sorted(self.connections.values(), key=lambda connection: connection.address)
-        if connections:
-            probe = connections[self._rotation % len(connections)]
-            for connection in connections:
-                connection.set_ready(1 if connection is probe else 0)
-        if self._rotation_timer is None:
-            self._rotation_timer = asyncio.get_running_loop().call_later(_RDY_ROTATION_INTERVAL, self._rotate)
 
     def _check_drained(self, connection: Connection) -> None:
         drained = self._draining.get(connection)

@@ -15,10 +15,11 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from almanet._speedups.frames import ErrorFrame, FrameReader, MessageFrame, encode_auth, encode_identify
+from almanet.loops import within
 from almanet.nsq.options import ConnectionOptions
 from almanet.wire.addresses import split_address
 from almanet.wire.compression import MAX_INFLATED_READ, DeflateStream, SnappyStream
@@ -62,14 +63,14 @@ async def connect(address: str, options: ConnectionOptions, start: Callable[[Han
     loop = asyncio.get_running_loop()
     handshake = Handshake(address, options)
     try:
-        await _within(loop.create_connection(lambda: handshake, host, port), options.connect_timeout)
+        await within(loop.create_connection(lambda: handshake, host, port), options.connect_timeout)
     except BaseException as error:
         handshake.abort()  # cancelled as the connection was made: closed, not leaked
         if isinstance(error, (OSError, asyncio.TimeoutError)):
             raise ConnectionFailed(f"cannot connect to nsqd at {address}: {error or 'timed out'}") from error
         raise
     try:
-        await _within(handshake.run(start), options.connect_timeout)
+        await within(handshake.run(start), options.connect_timeout)
     except BaseException as error:
         handshake.abort()  # the stream, whichever protocol has it by now
         if handshake.answered_http:
@@ -328,23 +329,3 @@ class Handshake(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
         self._open = False
-
-
-async def _within(awaitable: Awaitable[T], timeout: float) -> T:
-    """``awaitable``'s result within ``timeout`` seconds (else ``asyncio.TimeoutError``); cancelled with the caller.
-
-    Not ``asyncio.wait_for``: before Python 3.12, when the awaitable finishes
-    as the caller is cancelled, it returns the result and drops the
-    cancellation, and a consumer being stopped went on to handshake with a
-    connection it had just opened.
-    """
-    task = asyncio.ensure_future(awaitable)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
-    except BaseException:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        raise asyncio.TimeoutError
-    return task.result()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from almanet.loops import within
 from almanet.wire.errors import ConnectionFailed
 
 
@@ -13,7 +14,7 @@ async def request(host: str, port: int, path: str, *, method: str = "GET", timeo
     Its message says what went wrong, for the caller to say where: ``f"nsqd at {address} {error}"``.
     """
     try:
-        return await asyncio.wait_for(_request(host, port, method, path), timeout)
+        return await within(_request(host, port, method, path), timeout)
     except (OSError, asyncio.TimeoutError) as error:
         raise ConnectionFailed(f"unreachable: {error or 'timed out'}") from error
 

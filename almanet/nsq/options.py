@@ -153,3 +153,19 @@ class ConnectionOptions:
             body["deflate"] = True
             body["deflate_level"] = self.deflate_level
         return body
+
+
+class NsqdLimits:
+    """What nsqd said of its limits, beyond the options: shared by a producer's or a consumer's connections.
+
+    nsqd does not tell its --max-msg-size; it states it when it refuses a
+    message as too big, and later ones fail before they are sent.
+    """
+
+    __slots__ = ("max_msg_size",)
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        self.max_msg_size = options.max_msg_size
+
+    def refused_as_too_big(self, limit: int) -> None:
+        self.max_msg_size = min(self.max_msg_size, limit)

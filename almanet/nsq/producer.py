@@ -20,8 +20,9 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 
-from almanet.nsq.connection import AnswerWaiter, Connection, Publish, check_message, encode_batch
-from almanet.nsq.options import ConnectionOptions
+from almanet.loops import within
+from almanet.nsq.connection import Connection, FutureAnswer, OnAnswer, Publish, check_message, encode_batch
+from almanet.nsq.options import ConnectionOptions, NsqdLimits
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
 
@@ -38,13 +39,13 @@ class Producer:
             split_address(address)  # ValueError now, not at the first publish
         self.addresses = list(nsqd_tcp_addresses)
         self.options = options or ConnectionOptions()
-        self.max_msg_size = self.options.max_msg_size  # lowered to what nsqd says when it refuses a message
+        self.limits = NsqdLimits(self.options)  # its connections'
         self._connection: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
         self._next_address = 0
         self._closed = False
         # Publishes made while there is no connection, sent in order once it opens: how, and who waits.
-        self._unsent: list[tuple[Callable[[Connection], None], AnswerWaiter]] = []
+        self._unsent: list[tuple[Callable[[Connection], None], OnAnswer]] = []
         self._connect_and_send_task: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Producer:
@@ -69,53 +70,48 @@ class Producer:
         the future per publish on this hot path.
         """
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.publish_with(answer, topic, body, delay=delay)
+        self.publish_with(FutureAnswer(answer), topic, body, delay=delay)
         return answer
 
-    def publish_with(self, answer: AnswerWaiter, topic: str, body: bytes, *, delay: float = 0.0) -> None:
+    def publish_with(self, answer: OnAnswer, topic: str, body: bytes, *, delay: float = 0.0) -> None:
         """``publish``, telling nsqd's answer to ``answer`` instead of a new future (for callers that have one)."""
         connection = self._connection
         if connection is not None and connection.is_open and not self._unsent and not self._closed:
             connection.publish(topic, body, answer, delay=delay)
             return
-        check_message(topic, body, self._known_max_msg_size())
+        check_message(topic, body, self.limits.max_msg_size)
         self._send_when_connected(
             functools.partial(Connection.publish, topic=topic, body=body, answer=answer, delay=delay), answer
         )
 
     def publish_batch(self, topic: str, bodies: Sequence[bytes]) -> asyncio.Future[bytes]:
         """Publish several messages in one MPUB: all of them or, on error, none (as ``publish``)."""
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        answer = FutureAnswer(future)
         connection = self._connection
         if connection is not None and connection.is_open and not self._unsent and not self._closed:
             connection.publish_batch(topic, bodies, answer)
         else:
             batch = list(bodies)
-            encode_batch(topic, batch, self._known_max_msg_size(), self.options.max_body_size)  # checks them now
+            encode_batch(topic, batch, self.limits.max_msg_size, self.options.max_body_size)  # checks them now
             self._send_when_connected(
                 functools.partial(Connection.publish_batch, topic=topic, bodies=batch, answer=answer), answer
             )
-        return answer
+        return future
 
     def _publish_again(self, unrun: list[Publish]) -> None:
         """The publishes nsqd never ran, as it refused one before them and closed: sent first on a new connection."""
         if self._closed:
             failed = ConnectionFailed("the producer closed before publishes nsqd had not run could be sent again")
             for publish in unrun:
-                publish.set_exception(failed)
+                publish.failed(failed)
             return
         again = [(functools.partial(Connection.publish_again, publish=publish), publish) for publish in unrun]
         self._unsent[:0] = again
         if self._connect_and_send_task is None:
             self._connect_and_send_task = asyncio.ensure_future(self._connect_and_send())
 
-    def _known_max_msg_size(self) -> int:
-        """nsqd's --max-msg-size as far as known: the option, or less if nsqd refused a message as too big."""
-        if self._connection is not None:
-            self.max_msg_size = min(self.max_msg_size, self._connection.max_msg_size)
-        return self.max_msg_size
-
-    def _send_when_connected(self, send: Callable[[Connection], None], answer: AnswerWaiter) -> None:
+    def _send_when_connected(self, send: Callable[[Connection], None], answer: OnAnswer) -> None:
         if self._closed:
             raise ConnectionFailed("the producer is closed")
         self._unsent.append((send, answer))
@@ -129,7 +125,7 @@ class Producer:
             unsent, self._unsent = self._unsent, []
             failed = error if isinstance(error, ConnectionError) else ConnectionFailed("the producer closed first")
             for _, answer in unsent:
-                answer.set_exception(failed)
+                answer.failed(failed)
             if not isinstance(error, Exception):
                 raise
         else:
@@ -160,7 +156,7 @@ class Producer:
         Publishes still unanswered then fail with ``ConnectionError``.
         """
         try:
-            await asyncio.wait_for(self._settle(), timeout)
+            await within(self._settle(), timeout)
             settled = True
         except asyncio.TimeoutError:
             logger.warning("closing the connection with publishes unanswered after %g s", timeout)
@@ -188,14 +184,13 @@ class Producer:
             index = (self._next_address + offset) % count
             address = self.addresses[index]
             try:
-                connection = await Connection.open(address, self.options)
+                connection = await Connection.open(address, self.options, limits=self.limits)
             except (ConnectionError, ProtocolError) as error:  # refused IDENTIFY or AUTH too: try the next one
                 errors.append(str(error))
                 continue
             if self._closed:  # while connecting
                 await connection.close()
                 raise ConnectionFailed("the producer is closed")
-            connection.max_msg_size = self._known_max_msg_size()
             connection.on_unrun = self._publish_again
             if offset:
                 logger.warning("publishing to %s (failed over: %s)", address, "; ".join(errors))
