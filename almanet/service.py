@@ -322,7 +322,7 @@ class Service:
         for registered in self.procedures:  # never started: back to nsqd, for other instances
             while registered.held:
                 held = registered.held.popleft()
-                self._still_running.pop(held)
+                self._still_running.pop(held, None)
                 held.req()
         await asyncio.gather(*stopped)
         if self._nsqd_watch is not None:
@@ -526,7 +526,7 @@ class Service:
             self._replies.send(message, procedure.uri, invocation.reply_to, invocation.call_id, ok, payload)
         message.fin()
         if self._still_running:  # an empty dict's check for the calls that finished as they started
-            self._still_running.pop(message)
+            self._still_running.pop(message, None)
         if self._calls_started:  # DEBUG was on when a call came (an empty dict's check otherwise)
             self._log_call(procedure.uri, ok, payload, message)
 
