@@ -1,7 +1,7 @@
 """A service's replies: published to the caller's reply topic through the nsqd the invocation came from.
 
 Small replies go through the connection the invocation came by, in the
-loop iteration's write with its FIN. Replies over ``SEPARATE_PUBLISH_SIZE``
+loop iteration's write with its FIN. Replies over ``APART_SIZE``
 go apart, through a producer of their own to that nsqd: nsqd closes the
 connection that sent a message over its --max-msg-size, and the
 invocations in flight on it would be handed out again. A reply nsqd refuses
@@ -17,8 +17,8 @@ from typing import Any
 from almanet._speedups.envelope import encode_reply
 from almanet.errors import InternalError
 from almanet.nsq import ConnectionOptions, Message, Producer
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE, OnAnswer
-from almanet.rpc import reply_envelope
+from almanet.nsq.connection import OnAnswer
+from almanet.rpc import APART_SIZE, reply_envelope
 from almanet.wire.errors import ConnectionFailed, MessageTooBig
 
 logger = logging.getLogger("almanet")
@@ -85,7 +85,7 @@ class Replies:
             unencodable = InternalError(f"the result cannot be encoded: {error}")
             body = encode_reply(call_id, False, unencodable.to_reply_payload())
         try:
-            if len(body) > SEPARATE_PUBLISH_SIZE:
+            if len(body) > APART_SIZE:
                 self._publish_apart(message, reply_to, body, _BigReplyPublished(self, uri, message, reply_to, call_id))
             else:
                 message.publish(reply_to, body, self._published.get(uri) or _ReplyPublished(uri))

@@ -44,6 +44,14 @@ class NamedProcedure(Protocol):
 REPLY_CHANNEL = "reply#ephemeral"
 DEFAULT_TIMEOUT = 60.0
 
+# Invocations and replies bigger than this go through a producer, apart from
+# the connection that carries a session's calls and replies (or a service's
+# invocations and replies) and their FINs: nsqd closes the connection that
+# sent a message over its --max-msg-size, and what is in flight on it would
+# go with it. nsqd does not tell its limit (1 MiB by default): this assumes
+# no nsqd runs with less than 4 KiB.
+APART_SIZE = 4 * 1024
+
 # Before a call publishes an invocation to a URI not known to be served, it
 # asks: a discovery query (an invocation whose payload is the URI) goes to
 # this topic, where every running service has a channel of its own, and the

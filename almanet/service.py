@@ -302,6 +302,8 @@ class Service:
                 logger.warning("serving no procedures on %s: none is registered", addresses)
             # Replies to callers that died create their reply topics again, as do replies to made-up ones.
             sweeping = sweeper.TopicSweeper(REPLY_TOPIC_PREFIX).run(self._nsqd_read)
+            if self._sweeping is not None:  # started again without a stop
+                self._sweeping.cancel()
             self._sweeping = asyncio.ensure_future(sweeping)
         except BaseException:
             await self.stop()

@@ -36,7 +36,6 @@ from almanet.discovery import Discovery
 from almanet.errors import CallTimeout, InvalidReply, rpc_error
 from almanet.loops import within
 from almanet.nsq import ConnectionOptions, Consumer, Message, Producer
-from almanet.nsq.connection import SEPARATE_PUBLISH_SIZE
 from almanet.nsq.lookupd import POLL_INTERVAL, check_poll_interval
 from almanet.options import (
     CONSUME_OUTPUT_BUFFER,
@@ -46,6 +45,7 @@ from almanet.options import (
     split_addresses,
 )
 from almanet.rpc import (
+    APART_SIZE,
     DEFAULT_TIMEOUT,
     DISCOVERY_TOPIC,
     DISCOVERY_WAIT,
@@ -323,7 +323,7 @@ class Session:
         call_id = calls.add(call, asyncio.get_running_loop().time() + timeout)
         try:
             body = invocation_envelope(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
-            if len(body) > SEPARATE_PUBLISH_SIZE or (self._auth_required and topic not in self._may_publish):
+            if len(body) > APART_SIZE or (self._auth_required and topic not in self._may_publish):
                 self._publish_call_apart(topic, body, call)
             else:
                 self._publish_call(topic, body, call)
@@ -345,7 +345,7 @@ class Session:
     def _publish_call_apart(self, topic: str, body: bytes, call: Call) -> None:
         """Publish an invocation through the session's producer, apart from the connections of calls and replies.
 
-        For invocations over ``SEPARATE_PUBLISH_SIZE``, and with AUTH to a
+        For invocations over ``APART_SIZE``, and with AUTH to a
         topic not known to be permitted: nsqd closes the connection that sent
         a message over its --max-msg-size or to a topic the secret may not
         publish to, and the calls and replies in flight on it would go with
@@ -383,6 +383,9 @@ class Session:
     def _replies_subscription_done(self, subscribed: asyncio.Future[None]) -> None:
         if (subscribed.cancelled() or subscribed.exception()) and self._replies_subscribed is subscribed:
             self._replies = self._replies_subscribed = None  # failed: the next call tries again
+        elif self._replies is not None:  # the calls' connections: do they require AUTH? (a call need not join)
+            connections = self._replies.connections.values()
+            self._auth_required |= any(connection.negotiated.get("auth_required") for connection in connections)
 
     def _receive_reply(self, message: Message) -> None:
         message.fin()

@@ -137,3 +137,13 @@ async def test_publishes_written_after_a_denied_one_are_sent_again(broker_with_a
                 if len(received) == 100:
                     break
         assert sorted(received) == list(range(100))
+
+
+async def test_publishes_after_a_denied_one_are_sent_again_while_the_session_leaves(broker_with_auth: str) -> None:
+    session = almanet.new_session(broker_with_auth, auth_secret=LIMITED)
+    await session.join()
+    published = [session.produce("payments", {"n": 0}), *(session.produce("orders.placed", n) for n in range(100))]
+    await session.leave()
+    outcomes = await asyncio.gather(*published, return_exceptions=True)
+    assert isinstance(outcomes[0], almanet.Unauthorized)
+    assert outcomes[1:] == [b"OK"] * 100

@@ -275,7 +275,7 @@ async def test_multicall_is_answered_once_by_each_channel_wherever_it_is_publish
 async def test_a_big_reply_comes_back_through_the_callers_nsqd(
     almanet_cluster: Cluster, callers: list[almanet.Session], prefix: str
 ) -> None:
-    """Replies over SEPARATE_PUBLISH_SIZE go apart from the others: to the nsqd the caller reads, still."""
+    """Replies over APART_SIZE go apart from the others: to the nsqd the caller reads, still."""
     service = almanet.new_service(almanet_cluster.tcp(0), *almanet_cluster.lookupd_http, prefix=prefix)
 
     @service.procedure

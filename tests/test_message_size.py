@@ -64,7 +64,7 @@ async def test_a_reply_too_big_for_the_broker_is_an_error_for_its_caller(kind: s
             assert consumer.connections[connection.address] is connection  # the service kept its connection
 
 
-SMALL_LIMIT = 8192  # below SEPARATE_PUBLISH_SIZE's old 16 KiB: a 12 KB call went in the MPUB of the calls beside it
+SMALL_LIMIT = 8192  # below the old 16 KiB apart: a 12 KB call went in the MPUB of the calls beside it
 
 
 @pytest.mark.parametrize("kind", brokers_available())
@@ -101,3 +101,17 @@ async def test_publishes_written_after_one_too_big_are_sent_again(kind: str) -> 
             outcomes = await asyncio.gather(*published, return_exceptions=True)
             assert isinstance(outcomes[0], almanet.MessageTooBig), outcomes[0]
             assert outcomes[1:] == [b"OK"] * 100
+
+
+@pytest.mark.parametrize("kind", brokers_available())
+async def test_an_mpub_refused_for_one_message_fails_that_message_alone(kind: str) -> None:
+    """Produces of one loop iteration join one MPUB: nsqd refuses it whole, and the messages that fit go again."""
+    with broker_of_kind(kind, max_msg_size=SMALL_LIMIT) as address:
+        async with almanet.new_session(address) as session:
+            sizes = [6_000] * 25 + [12_000] + [6_000] * 25 + [20_000]
+            outcomes = await asyncio.gather(
+                *(session.produce("joined", b"x" * size, raw=True) for size in sizes), return_exceptions=True
+            )
+            refused = [size for size, outcome in zip(sizes, outcomes, strict=True) if outcome != b"OK"]
+            assert refused == [12_000, 20_000]
+            assert all(isinstance(outcome, almanet.MessageTooBig) for outcome in outcomes if outcome != b"OK")

@@ -49,15 +49,6 @@ NON_FATAL_ERRORS = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
 _TOO_BIG = re.compile(r"message too big (\d+) > (\d+)")
 
 
-# Messages bigger than this are published as a PUB of their own, never joined
-# into an MPUB: should nsqd refuse one as too big, no other message goes with it.
-# Sessions and services publish them apart from calls and replies (see
-# ``Session._publish_apart``), as nsqd also closes the connection that sent it.
-# nsqd does not tell its --max-msg-size (1 MiB by default): this assumes no
-# nsqd is run with less than 4 KiB.
-SEPARATE_PUBLISH_SIZE = 4 * 1024
-
-
 class Message:
     """A message from nsqd; answer it once with ``fin()`` or ``req()``, ``touch()`` meanwhile.
 
@@ -165,14 +156,25 @@ _FRAMES_PER_ITERATION = 64
 class Publish:
     """One PUB, MPUB or DPUB to send, and what each publish in it does with nsqd's answer (an ``OnAnswer`` itself)."""
 
-    __slots__ = ("bodies", "body_size", "command", "topic", "waiters")
+    __slots__ = ("bodies", "body_size", "command", "largest", "topic", "waiters")
 
-    def __init__(self, topic: str, command: bytes, first_body: bytes | None = None) -> None:
+    def __init__(self, topic: str, command: bytes, first_body: bytes | None = None, largest: int = 0) -> None:
         self.topic = topic
         self.command = command  # PUB of the first body, or a command that takes no more (DPUB, explicit MPUB)
-        self.bodies = [] if first_body is None else [first_body]  # the bodies coalesced
+        self.bodies = [] if first_body is None else [first_body]  # the bodies coalesced, a waiter each
         self.body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in self.bodies)
+        self.largest = largest  # of a command that takes no more: its largest message
         self.waiters: list[OnAnswer] = []
+
+    @classmethod
+    def joined(cls, topic: str, bodies: list[tuple[bytes, OnAnswer]]) -> Publish:
+        """The coalesced publish of ``bodies`` to ``topic``, each with its waiter."""
+        publish = cls(topic, encode_pub(topic, bodies[0][0]), bodies[0][0])
+        for body, _ in bodies[1:]:
+            publish.bodies.append(body)
+            publish.body_size += _MPUB_SIZE_FIELD + len(body)
+        publish.waiters = [waiter for _, waiter in bodies]
+        return publish
 
     def encode(self) -> bytes:
         return encode_mpub(self.topic, self.bodies) if len(self.bodies) > 1 else self.command
@@ -184,6 +186,29 @@ class Publish:
     def failed(self, error: BaseException) -> None:
         for waiter in self.waiters:
             waiter.failed(error)
+
+
+def sort_out(publishes: list[Publish], limit: int, address: str) -> list[Publish]:
+    """Of ``publishes``, what nsqd at ``address`` takes: each message over ``limit`` fails alone (``MessageTooBig``)."""
+    kept = []
+    for publish in publishes:
+        if not publish.bodies:  # a command that takes no more: all of it, or none
+            if publish.largest > limit:
+                publish.failed(MessageTooBig(publish.largest, limit, refused_by=address))
+            else:
+                kept.append(publish)
+        elif max(map(len, publish.bodies)) <= limit:
+            kept.append(publish)
+        else:
+            fitting = []
+            for body, waiter in zip(publish.bodies, publish.waiters, strict=True):
+                if len(body) > limit:
+                    waiter.failed(MessageTooBig(len(body), limit, refused_by=address))
+                else:
+                    fitting.append((body, waiter))
+            if fitting:
+                kept.append(Publish.joined(publish.topic, fitting))
+    return kept
 
 
 def check_message(topic: str, body: bytes, max_msg_size: int) -> None:
@@ -399,9 +424,11 @@ class Connection(asyncio.Protocol):
             error.__cause__ = refused
         # A fatal error answers the oldest command; nsqd closes the connection after it.
         if self._answers:
-            self._answers.popleft().failed(error)
+            refused_command = self._answers.popleft()
             if self.on_unrun is not None:
-                self._hand_over_unrun()
+                self._hand_over_unrun(refused_command, error)
+            else:
+                refused_command.failed(error)
             if not self._answers:
                 self._wake_drained()
         else:
@@ -409,8 +436,13 @@ class Connection(asyncio.Protocol):
         self._error = error
         self.close_soon()
 
-    def _hand_over_unrun(self) -> None:
-        """Give ``on_unrun`` the publishes after the refused command: nsqd stopped reading at it."""
+    def _hand_over_unrun(self, refused: OnAnswer, error: Exception) -> None:
+        """Fail what nsqd refused; give ``on_unrun`` what it did not run and will take.
+
+        nsqd stops reading at a fatal error: the publishes after it never ran.
+        Of a coalesced MPUB refused for a message too big, only the messages
+        over nsqd's limit fail; the others go again.
+        """
         assert self.on_unrun is not None
         unrun = [answer for answer in self._answers if isinstance(answer, Publish)]
         unrun += self._publishes
@@ -418,6 +450,11 @@ class Connection(asyncio.Protocol):
         self._publishes = []
         self._open_publishes.clear()
         self._output.clear()  # nsqd reads none of it
+        if isinstance(error, MessageTooBig) and isinstance(refused, Publish) and len(refused.bodies) > 1:
+            unrun.insert(0, refused)
+        else:
+            refused.failed(error)
+        unrun = sort_out(unrun, self.limits.max_msg_size, self.address)
         if unrun:
             self.on_unrun(unrun)
 
@@ -448,9 +485,10 @@ class Connection(asyncio.Protocol):
         """Publish ``body`` to ``topic`` (DPUB after ``delay`` seconds); ``answer`` gets nsqd's answer.
 
         Publishes to one topic in one loop iteration join one MPUB, split at
-        max_body_size: an MPUB nsqd refuses fails every publish in it (so
-        messages over ``SEPARATE_PUBLISH_SIZE`` go alone). Bad arguments raise
-        ``ValueError`` (``MessageTooBig``) or ``TypeError`` at once.
+        max_body_size. An MPUB nsqd refuses fails every publish in it, but on a
+        producer's connection (``on_unrun``): refused for a message too big,
+        the others go again. Bad arguments raise ``ValueError``
+        (``MessageTooBig``) or ``TypeError`` at once.
         """
         size = len(body)
         if size > self.limits.max_msg_size:
@@ -459,7 +497,7 @@ class Connection(asyncio.Protocol):
             check_message(topic, body, self.limits.max_msg_size)
             answer.failed(ConnectionFailed(f"connection to nsqd at {self.address} is closed"))
             return
-        joined = None if delay or size > SEPARATE_PUBLISH_SIZE else self._open_publishes.get(topic)
+        joined = None if delay else self._open_publishes.get(topic)
         if joined is not None and joined.body_size + _MPUB_SIZE_FIELD + size <= self.options.max_body_size:
             if type(body) is not bytes or not size:
                 encode_pub(topic, body)  # raises as it would for the first body
@@ -467,13 +505,10 @@ class Connection(asyncio.Protocol):
             joined.body_size += _MPUB_SIZE_FIELD + size
             joined.waiters.append(answer)
             return
-        if delay or size > SEPARATE_PUBLISH_SIZE:
+        if delay:
             # In publish order: what comes next to the topic does not join an MPUB sent before this.
             self._open_publishes.pop(topic, None)
-        if delay:
-            publish = Publish(topic, encode_dpub(topic, round(delay * 1000), body))
-        elif size > SEPARATE_PUBLISH_SIZE:
-            publish = Publish(topic, encode_pub(topic, body))
+            publish = Publish(topic, encode_dpub(topic, round(delay * 1000), body), largest=size)
         else:
             publish = self._open_publishes[topic] = Publish(topic, encode_pub(topic, body), body)
         publish.waiters.append(answer)
@@ -488,7 +523,8 @@ class Connection(asyncio.Protocol):
 
     def publish_batch(self, topic: str, bodies: Sequence[bytes], answer: OnAnswer) -> None:
         """Publish ``bodies`` in one MPUB of their own: all of them or none; later publishes to the topic follow it."""
-        publish = Publish(topic, encode_batch(topic, bodies, self.limits.max_msg_size, self.options.max_body_size))
+        command = encode_batch(topic, bodies, self.limits.max_msg_size, self.options.max_body_size)
+        publish = Publish(topic, command, largest=max(map(len, bodies), default=0))
         publish.waiters.append(answer)
         self._open_publishes.pop(topic, None)  # in publish order: what comes next does not join an MPUB before it
         self._publishes.append(publish)

@@ -43,7 +43,8 @@ class Producer:
         self._connection: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
         self._next_address = 0
-        self._closed = False
+        self._closing = False  # close() began: no more publishes
+        self._closed = False  # no more connections either
         # Publishes made while there is no connection, sent in order once it opens: how, and who waits.
         self._unsent: list[tuple[Callable[[Connection], None], OnAnswer]] = []
         self._connect_and_send_task: asyncio.Future[None] | None = None
@@ -76,7 +77,7 @@ class Producer:
     def publish_with(self, answer: OnAnswer, topic: str, body: bytes, *, delay: float = 0.0) -> None:
         """``publish``, telling nsqd's answer to ``answer`` instead of a new future (for callers that have one)."""
         connection = self._connection
-        if connection is not None and connection.is_open and not self._unsent and not self._closed:
+        if connection is not None and connection.is_open and not self._unsent and not self._closing:
             connection.publish(topic, body, answer, delay=delay)
             return
         check_message(topic, body, self.limits.max_msg_size)
@@ -89,7 +90,7 @@ class Producer:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         answer = FutureAnswer(future)
         connection = self._connection
-        if connection is not None and connection.is_open and not self._unsent and not self._closed:
+        if connection is not None and connection.is_open and not self._unsent and not self._closing:
             connection.publish_batch(topic, bodies, answer)
         else:
             batch = list(bodies)
@@ -112,7 +113,7 @@ class Producer:
             self._connect_and_send_task = asyncio.ensure_future(self._connect_and_send())
 
     def _send_when_connected(self, send: Callable[[Connection], None], answer: OnAnswer) -> None:
-        if self._closed:
+        if self._closing:
             raise ConnectionFailed("the producer is closed")
         self._unsent.append((send, answer))
         if self._connect_and_send_task is None:
@@ -161,7 +162,7 @@ class Producer:
         except asyncio.TimeoutError:
             logger.warning("closing the connection with publishes unanswered after %g s", timeout)
             settled = False
-        self._closed = True
+        self._closing = self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
             if settled:
@@ -170,12 +171,15 @@ class Producer:
                 connection.abort()  # nsqd does not answer: it may not read what is left either
 
     async def _settle(self) -> None:
-        if self._connect_and_send_task is not None:
-            # Shielded: at the timeout it goes on, and fails what waits as the producer is closed by then.
-            await asyncio.shield(self._connect_and_send_task)
-        self._closed = True
-        if self._connection is not None:
-            await self._connection.wait_answered()
+        self._closing = True
+        while True:
+            if self._connect_and_send_task is not None:
+                # Shielded: at the timeout it goes on, and fails what waits as the producer is closed by then.
+                await asyncio.shield(self._connect_and_send_task)
+            if self._connection is not None:
+                await self._connection.wait_answered()
+            if self._connect_and_send_task is None:  # nothing is to be sent again (after a refusal)
+                return
 
     async def _open_first(self) -> Connection:
         errors = []

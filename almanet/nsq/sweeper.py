@@ -40,7 +40,8 @@ class TopicSweeper:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._channelless: dict[str, set[str]] = {}  # nsqd TCP address -> its prefixed topics with no channel
-        self._apis: dict[str, tuple[str, int] | None] = {}  # nsqd TCP address -> its HTTP API; None: not found
+        self._apis: dict[str, tuple[str, int] | None] = {}  # nsqd TCP address -> its HTTP API; None: not there
+        self._said: set[str] = set()  # the nsqd whose HTTP API was not found, said once
 
     async def run(self, nsqd_addresses: Callable[[], Iterable[str]]) -> None:
         """Sweep the nsqd ``nsqd_addresses()`` gives every ``SWEEP_INTERVAL`` seconds, until cancelled."""
@@ -106,14 +107,19 @@ class TopicSweeper:
         try:
             status, body = await http.request(*api, "/info", timeout=REQUEST_TIMEOUT)
             found = status == 200 and json.loads(body).get("tcp_port") == tcp_port
-        except (ConnectionFailed, ValueError, AttributeError):
+        except ConnectionFailed:  # nsqd restarting, say: asked again at the next sweep
+            found = None
+        except (ValueError, AttributeError):
             found = False
-        if not found:
+        if not found and address not in self._said:
+            self._said.add(address)
             logger.info(
                 "nsqd at %s has no HTTP API at %s:%d (its TCP port + 1): topics that callers left behind "
-                "there are not deleted (docs/PROTOCOL.md, 'Reply topics left behind')",
+                "there are not deleted (docs/NSQD.md, 'Reply topics left behind')",
                 address,
                 *api,
             )
+        if found is None:
+            return None
         self._apis[address] = api if found else None
         return self._apis[address]
