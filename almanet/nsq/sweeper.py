@@ -29,7 +29,7 @@ from almanet.wire.errors import ConnectionFailed
 
 logger = logging.getLogger("almanet.nsq")
 
-SWEEP_INTERVAL = 30.0
+SWEEP_INTERVAL = 20.0
 # How long one request to nsqd's HTTP API may take.
 REQUEST_TIMEOUT = 5.0
 
