@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from almanet import workers
 from almanet._version import __version__
 from almanet.asyncapi import describe as describe_service
 from almanet.broker import Broker, BrokerOptions
@@ -35,6 +36,7 @@ _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WAR
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # almanet serve --workers runs it in each worker
     if getattr(args, "loop", "asyncio") == "uvloop" and importlib.util.find_spec("uvloop") is None:
         parser.error("uvloop is not installed: pip install 'almanet[uvloop]'")
     logging.basicConfig(level=_LOG_LEVELS[args.log_level], format=LOG_FORMAT, stream=sys.stderr)
@@ -100,6 +102,14 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="how often to ask nsqlookupd for the nsqd of the cluster (default: the code's, else 5)",
     )
+    serve.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="run N processes of the service, each with its own event loop, on one channel; one SIGTERM "
+        "stops them all, and one that dies is started again (default: 1, this process)",
+    )
     _add_connection_flags(serve)
     _add_log_level(serve, "info")
     serve.set_defaults(run=_run_serve)
@@ -107,6 +117,9 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     service = _load_service(parser, args.service)
+    if args.workers > 1:  # each worker loads it as this process did, errors said here first
+        worker = [sys.executable, "-m", "almanet", *_without_workers(args.argv)]
+        sys.exit(asyncio.run(workers.supervise(worker, args.workers)))
     addresses = _addresses(args.address)
     if addresses:  # instead of the code's
         try:
@@ -228,6 +241,20 @@ def _addresses(given: list[str] | None) -> list[str]:
     if given:
         return given
     return [address.strip() for address in os.environ.get(ADDRESSES_VARIABLE, "").split(",") if address.strip()]
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--workers N`` (or ``--workers=N``)."""
+    kept: list[str] = []
+    skip = False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--workers":
+            skip = True
+        elif not argument.startswith("--workers="):
+            kept.append(argument)
+    return kept
 
 
 def _above_zero(text: str) -> float:

@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("almanet.session",),
     ("almanet.service",),
     ("almanet.asyncapi",),
-    ("almanet", "almanet.cli", "almanet.pytest_plugin", "almanet.bench", "almanet.__main__"),
+    ("almanet", "almanet.cli", "almanet.workers", "almanet.pytest_plugin", "almanet.bench", "almanet.__main__"),
 ]
 APART = [("almanet.nsq", "almanet.broker")]
 
