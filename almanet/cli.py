@@ -117,9 +117,6 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     service = _load_service(parser, args.service)
-    if args.workers > 1:  # each worker loads it as this process did, errors said here first
-        worker = [sys.executable, "-m", "almanet", *_without_workers(args.argv)]
-        sys.exit(asyncio.run(workers.supervise(worker, args.workers)))
     addresses = _addresses(args.address)
     if addresses:  # instead of the code's
         try:
@@ -131,6 +128,9 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         service.use_options(**connection)
     if args.lookupd_poll_interval is not None:
         service.session.lookupd_poll_interval = args.lookupd_poll_interval
+    if args.workers > 1:  # each worker does all the above again; an error in it was said here first
+        worker = [sys.executable, "-m", "almanet", *_without_workers(args.argv)]
+        sys.exit(asyncio.run(workers.supervise(worker, args.workers)))
     service.serve(args.loop)
 
 
