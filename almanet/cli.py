@@ -89,7 +89,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Import MODULE and serve its Service object SERVICE until SIGINT or SIGTERM.",
     )
     serve.add_argument("service", metavar="MODULE:SERVICE", help="e.g. examples.microservice:service")
-    serve.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
+    serve.add_argument("--loop", choices=LOOPS, help="event loop (default: uvloop when installed, else asyncio)")
     serve.add_argument(
         "--address",
         action="append",

@@ -368,8 +368,10 @@ class Service:
                     logger.warning("waiting for nsqd (%s); trying every %g s", error, _RETRY_START_EVERY)
             await asyncio.sleep(_RETRY_START_EVERY)
 
-    def serve(self, loop: loops.LoopName = "asyncio") -> None:
-        """Run the service until SIGINT or SIGTERM, on asyncio's loop or on uvloop (blocking).
+    def serve(self, loop: loops.LoopName | None = None) -> None:
+        """Run the service until SIGINT or SIGTERM (blocking), on uvloop when installed, else asyncio's loop.
+
+        ``loop``: ``"asyncio"`` or ``"uvloop"`` instead of that default.
 
         Unless the application set up logging (the root logger has a handler),
         logs to stderr at INFO: a line for each procedure served once it is,
@@ -377,7 +379,7 @@ class Service:
         """
         loops.log_to_stderr_unless_configured()
         try:
-            loops.run(self.serve_until_signal(), loop)
+            loops.run(self.serve_until_signal(), loop or loops.default_loop())
         except asyncio.CancelledError:  # a second signal while it stopped
             logger.warning("stopped at once: the calls still running were cancelled")
 
