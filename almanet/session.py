@@ -7,10 +7,11 @@ envelope to the procedure's topic through the connection its replies come
 by (one write a loop iteration carries the invocations and the FINs of the
 replies; services reply through the connection an invocation came by, so
 the reply comes back through the same nsqd). The reply's call id finds the
-waiter in O(1). One timer, set for the earliest deadline, expires the calls
-nobody answered; when the connection the calls went through is lost, they
-fail at once with ``ConnectionError`` (their replies cannot come by it).
-``produce`` goes through a ``Producer`` with failover.
+waiter in O(1); ``almanet.calls`` expires the calls nobody answered, and
+fails those whose connection is lost. Invocations over ``APART_SIZE``, and
+with AUTH those to a topic not yet known to be permitted, go through the
+session's ``Producer`` instead, as does ``produce``. ``almanet.discovery``
+asks whether a URI is served before the first call to it.
 docs/PROTOCOL.md describes the wire.
 """
 
