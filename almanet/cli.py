@@ -129,7 +129,7 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.lookupd_poll_interval is not None:
         service.session.lookupd_poll_interval = args.lookupd_poll_interval
     if args.workers > 1:  # each worker does all the above again; an error in it was said here first
-        worker = [sys.executable, "-m", "almanet", *_without_workers(args.argv)]
+        worker = [sys.executable, "-m", "almanet", *args.argv, "--workers", "1"]  # the last --workers counts
         sys.exit(asyncio.run(workers.supervise(worker, args.workers)))
     service.serve(args.loop)
 
@@ -241,20 +241,6 @@ def _addresses(given: list[str] | None) -> list[str]:
     if given:
         return given
     return [address.strip() for address in os.environ.get(ADDRESSES_VARIABLE, "").split(",") if address.strip()]
-
-
-def _without_workers(argv: list[str]) -> list[str]:
-    """``argv`` without its ``--workers N`` (or ``--workers=N``)."""
-    kept: list[str] = []
-    skip = False
-    for argument in argv:
-        if skip:
-            skip = False
-        elif argument == "--workers":
-            skip = True
-        elif not argument.startswith("--workers="):
-            kept.append(argument)
-    return kept
 
 
 def _above_zero(text: str) -> float:

@@ -145,7 +145,7 @@ class Session:
         """Connect to nsqd (again, after ``leave``); raises ``ConnectionError`` when none answers."""
         self._left = False
         connection = await self._producer.connect()
-        self._auth_required = bool(connection.negotiated.get("auth_required"))
+        self._auth_required |= bool(connection.negotiated.get("auth_required"))
         self._joined = True
 
     def use_addresses(self, *addresses: str) -> None:
@@ -181,6 +181,7 @@ class Session:
         self._calls.fail_all(ConnectionFailed("the session left before the reply came"))
         self._discovery.clear()
         self._may_publish.clear()
+        self._auth_required = False  # it may join nsqd of other settings
         self._replies = self._replies_subscribed = None
         # nsqd deletes an ephemeral topic whose last channel left in the background, and a SUB to it
         # meanwhile fails (E_SUB_FAILED): a session that joins again reads a reply topic of its own.

@@ -5,12 +5,13 @@ nsqd hands a channel's messages out across its clients, so the calls spread
 over the workers as over instances on several hosts, and a CPU-bound
 procedure gets a core a worker. The supervisor:
 
-- passes SIGINT and SIGTERM on to every worker, which stops gracefully (its
-  calls finish and reply; a second signal stops it at once, as it does
-  ``almanet serve``), and exits once they all have: 0 when every worker
-  stopped cleanly. Workers run in a process session of their own, so a
-  terminal's Ctrl-C reaches them once, through the supervisor; under
-  systemd, use ``KillMode=mixed`` for the same reason;
+- passes SIGINT and SIGTERM on to every worker (SIGHUP as SIGTERM), which
+  stops gracefully (its calls finish and reply; a second signal stops it at
+  once, as it does ``almanet serve``), and exits once they all have: 0 when
+  every worker stopped cleanly. Workers run in a process session of their
+  own, so a terminal's Ctrl-C (or hang-up) reaches them once, through the
+  supervisor; under systemd, use ``KillMode=mixed`` for the same reason.
+  A supervisor killed with SIGKILL leaves its workers running;
 - starts again a worker that exits while not told to stop, after a pause
   of ``RESTART_DELAY`` seconds, doubled up to ``MAX_RESTART_DELAY`` while it
   keeps exiting within ``STABLE_AFTER`` seconds of its start.
@@ -30,6 +31,9 @@ logger = logging.getLogger("almanet")
 RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 10.0
+_PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The exit statuses of a worker that stopped, or that the signal ended before it set its handlers.
+_STOPPED_BY_SIGNAL = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 async def supervise(command: list[str], count: int) -> int:
@@ -44,9 +48,9 @@ async def supervise(command: list[str], count: int) -> int:
         stopping.set()
         for worker in workers.values():
             if worker.returncode is None:
-                worker.send_signal(signal_number)
+                worker.send_signal(signal.SIGTERM if signal_number == signal.SIGHUP else signal_number)
 
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
+    for signal_number in _PASSED_ON:
         loop.add_signal_handler(signal_number, pass_on, signal_number)
 
     async def keep_running(number: int) -> int:
@@ -59,7 +63,8 @@ async def supervise(command: list[str], count: int) -> int:
             logger.info("worker %d of %d started: pid %d", number, count, worker.pid)
             code = await worker.wait()
             if stopping.is_set():
-                return code
+                # Told to stop before its own handlers were set, it ended by the signal: stopped all the same.
+                return 0 if code in _STOPPED_BY_SIGNAL else code
             if loop.time() - started >= STABLE_AFTER:
                 delay = RESTART_DELAY
             logger.warning(
@@ -68,12 +73,12 @@ async def supervise(command: list[str], count: int) -> int:
             with contextlib.suppress(asyncio.TimeoutError):
                 await within(stopping.wait(), delay)
             if stopping.is_set():
-                return 0
+                return code
             delay = min(2 * delay, MAX_RESTART_DELAY)
 
     try:
         codes = await asyncio.gather(*(keep_running(number) for number in range(1, count + 1)))
     finally:
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
+        for signal_number in _PASSED_ON:
             loop.remove_signal_handler(signal_number)
     return 0 if all(code == 0 for code in codes) else 1

@@ -56,7 +56,8 @@ async def test_workers_share_the_calls_are_started_again_and_stop_together(
     almanet_broker: BrokerAddresses, tmp_path: Path
 ) -> None:
     (tmp_path / "workers_app.py").write_text(APP)
-    command = [sys.executable, "-m", "almanet", "serve", "workers_app:service", "--workers", "2"]
+    # --work: argparse takes an abbreviation, and a worker must not start workers of its own.
+    command = [sys.executable, "-m", "almanet", "serve", "workers_app:service", "--work", "2"]
     supervisor = subprocess.Popen([*command, "--address", almanet_broker.tcp_address], cwd=tmp_path)
     try:
         async with almanet.new_session(almanet_broker.tcp_address) as session:

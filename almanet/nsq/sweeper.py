@@ -111,11 +111,11 @@ class TopicSweeper:
             found = None
         except (ValueError, AttributeError):
             found = False
-        if not found and address not in self._said:
+        if not found and address not in self._said:  # not there, or not yet: asked again unless not there
             self._said.add(address)
             logger.info(
-                "nsqd at %s has no HTTP API at %s:%d (its TCP port + 1): topics that callers left behind "
-                "there are not deleted (docs/NSQD.md, 'Reply topics left behind')",
+                "nsqd at %s: its HTTP API does not answer at %s:%d (its TCP port + 1): topics that callers "
+                "left behind there are not deleted (docs/NSQD.md, 'Reply topics left behind')",
                 address,
                 *api,
             )
