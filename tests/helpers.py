@@ -5,10 +5,13 @@ import contextlib
 import importlib
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -125,3 +128,28 @@ def wait_until_served(address: str, uri: str) -> None:
         return True
 
     asyncio.run(asyncio.wait_for(served(), 60))
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def mypy_strict(directory: Path, *files: str, cache: str) -> subprocess.CompletedProcess[str]:
+    """``mypy --strict FILES`` in ``directory``, almanet read as an installed package is (cache: its own name)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--follow-imports=silent",
+            "--no-error-summary",
+            "--cache-dir",
+            str(PROJECT / ".mypy_cache" / cache),
+            *files,
+        ],
+        cwd=directory,
+        env={"MYPYPATH": str(PROJECT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

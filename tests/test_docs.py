@@ -26,7 +26,7 @@ import pytest
 
 import almanet
 from almanet.pytest_plugin import BrokerAddresses
-from helpers import wait_until_served
+from helpers import mypy_strict, wait_until_served
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -258,24 +258,7 @@ def test_mypy_strict_passes_on_the_pages_blocks(tmp_path: Path) -> None:
             files[f"docs_{number:02d}_{stem.lower().strip('_')}.py"] = block.code
     for name, code in files.items():
         (tmp_path / name).write_text(code)
-    checked = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--follow-imports=silent",
-            "--no-error-summary",
-            "--cache-dir",
-            str(ROOT / ".mypy_cache" / "docs-tests"),
-            *sorted(files),
-        ],
-        cwd=tmp_path,
-        env={"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    checked = mypy_strict(tmp_path, *sorted(files), cache="docs-tests")
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ from types import ModuleType
 import pytest
 
 from almanet.pytest_plugin import BrokerAddresses
+from helpers import mypy_strict
 
 PROJECT = Path(__file__).resolve().parent.parent
 APP = Path(__file__).resolve().parent / "typing_app" / "app.py"
@@ -64,30 +64,8 @@ def test_mypy_strict_passes_on_the_typical_app_and_the_readme(tmp_path: Path) ->
     assert len(files) > 5
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    checked = mypy(tmp_path, *sorted(files))
+    checked = mypy_strict(tmp_path, *sorted(files), cache="typing-tests")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-def mypy(directory: Path, *files: str) -> subprocess.CompletedProcess[str]:
-    """``mypy --strict FILES`` in ``directory``, almanet read as an installed package is."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--follow-imports=silent",
-            "--no-error-summary",
-            "--cache-dir",
-            str(PROJECT / ".mypy_cache" / "typing-tests"),
-            *files,
-        ],
-        cwd=directory,
-        env={"MYPYPATH": str(PROJECT), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 WRONG = """\
@@ -111,7 +89,7 @@ def test_mypy_strict_catches_what_users_get_wrong(tmp_path: Path) -> None:
         pytest.skip("mypy is not installed (pip install almanet[lint])")
     (tmp_path / "app.py").write_text(APP.read_text())
     (tmp_path / "wrong.py").write_text(WRONG)
-    checked = mypy(tmp_path, "app.py", "wrong.py")
+    checked = mypy_strict(tmp_path, "app.py", "wrong.py", cache="typing-tests")
     errors = [line.split(": error: ", 1)[1] for line in checked.stdout.splitlines() if ": error: " in line]
     expected = [
         'Unexpected keyword argument "msg_timout" for "new_session"',
