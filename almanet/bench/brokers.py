@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from almanet.bench.processes import stop, wait_for_line
-from almanet.broker.nsqd import broker_process, nsqd_process
+from almanet.broker.nsqd import Cluster, broker_process
 
 # nsqd's own flags for the bench: every workload's messages fit in memory (bench_writer publishes over 1M a
 # second), as in the embedded broker, which is given the same --mem-queue-size.
@@ -41,11 +41,12 @@ def name_prefix() -> str:
 
 @dataclasses.dataclass
 class Broker:
-    """A running NSQ broker: ``name`` is ``embedded`` or ``nsqd``."""
+    """A running NSQ broker: ``name`` is ``embedded`` or ``nsqd``; ``pid`` that of an nsqd the bench started."""
 
     name: str
     tcp_address: str
     http_address: str
+    pid: int | None = None
     _topics: list[str] = dataclasses.field(default_factory=list)
 
     def fresh_topic(self) -> str:
@@ -96,9 +97,16 @@ def embedded_broker(env: dict[str, str] | None = None) -> Iterator[Broker]:
 
 @contextlib.contextmanager
 def nsqd(executable: str) -> Iterator[Broker]:
-    """nsqd with NSQD_FLAGS and a temporary data path."""
-    with nsqd_process(executable, *NSQD_FLAGS) as addresses:
-        yield Broker("nsqd", *addresses)
+    """nsqd with NSQD_FLAGS and a temporary data path, its pid known (its CPU time is read from /proc).
+
+    It is a ``Cluster`` of one node without nsqlookupd (whose executable is
+    then never run), as the cluster section's one nsqd: the same command line
+    as ``nsqd_process``'s, which does not give the process.
+    """
+    with Cluster(executable, "", nodes=1, lookupds=0, nsqd_flags=NSQD_FLAGS) as single:
+        node = single.nodes[0]
+        assert node is not None
+        yield Broker("nsqd", node.tcp_address, node.http_address, node.process.pid)
 
 
 def running_nsqd(tcp_address: str, http_address: str | None = None) -> Broker:

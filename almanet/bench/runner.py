@@ -7,8 +7,11 @@ on free loopback ports. Every workload runs its service and its client in
 processes of their own (``workers``), ``rounds`` times, the brokers taking
 turns within a round, so that a machine whose speed drifts shifts them all
 alike; the table gives the median round (latency percentiles: of all rounds'
-calls). NSQ's Go clients (``go_clients``) measure what each broker gives a
-client that costs next to nothing. Every figure is measured in this run.
+calls). Its column NSQD_CPU gives, for every RPC row, nsqd's CPU time per
+call while that workload's calls ran on it, read from /proc at the workload's
+marks (``workers.measure``); it needs the pid of an nsqd the bench started.
+NSQ's Go clients (``go_clients``) measure what each broker gives a client that
+costs next to nothing. Every figure is measured in this run.
 
 Where nsqd and nsqlookupd are both found, a second table (the cluster
 section, alone with ``only``) gives RPC from 3 callers at once on one nsqd
@@ -42,6 +45,7 @@ from almanet.broker.nsqd import Cluster, find_nsqd, find_nsqlookupd
 
 # The table's columns of figures: almanet on each broker, then the NATS peers.
 EMBEDDED, NSQD, NATS, JETSTREAM = "embedded", "nsqd", "NATS", "JetStream"
+NSQD_CPU = "nsqd CPU µs/call"  # the column of nsqd's CPU time per call, on the RPC rows
 PAYLOADS = {7: "7 B", 1024: "1 KiB"}  # RPC payload sizes
 RPC_WINDOW = 256  # calls in flight
 MESSAGE_SIZE = 200  # bytes of every produced and consumed message
@@ -112,6 +116,7 @@ class Row:
     figure: str  # the measured figure the row shows
     percentile: float | None = None  # of the figure's latencies; None: the median round
     target: Target | None = None
+    rpc: bool = False  # its workload is calls: NSQD_CPU shows nsqd's CPU per call in it (figure _cpu(figure))
 
 
 def rows(pure: bool) -> list[Row]:
@@ -120,17 +125,23 @@ def rows(pure: bool) -> list[Row]:
     for size, shown in PAYLOADS.items():
         for name, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
             target = Target(1.0, at_most=True, reference=NATS) if name == "p50" else None
-            table.append(Row(f"RPC sequential {name}, {shown}", "µs", f"rpc sequential {size}", fraction, target))
+            table.append(
+                Row(f"RPC sequential {name}, {shown}", "µs", f"rpc sequential {size}", fraction, target, rpc=True)
+            )
     for size, shown in PAYLOADS.items():
         table.append(
             Row(f"RPC, {RPC_WINDOW} calls in flight, {shown}", "calls/s", f"rpc in flight {size}",
-                target=Target(2.0, at_most=False, reference=NATS))
+                target=Target(2.0, at_most=False, reference=NATS), rpc=True)
         )  # fmt: skip
     if not pure:
-        table.append(Row(f"RPC, {RPC_WINDOW} in flight, 7 B, ALMANET_NO_EXTENSIONS", "calls/s", "rpc in flight pure"))
+        table.append(
+            Row(f"RPC, {RPC_WINDOW} in flight, 7 B, ALMANET_NO_EXTENSIONS", "calls/s", "rpc in flight pure", rpc=True)
+        )
     table += [
-        Row(f"{STRESS_CALLS} sequential calls, total", "s", "stress sequential", target=Target(1.0, at_most=True)),
-        Row(f"{STRESS_CALLS} concurrent calls, total", "s", "stress concurrent", target=Target(1.0, at_most=True)),
+        Row(f"{STRESS_CALLS} sequential calls, total", "s", "stress sequential", target=Target(1.0, at_most=True),
+            rpc=True),
+        Row(f"{STRESS_CALLS} concurrent calls, total", "s", "stress concurrent", target=Target(1.0, at_most=True),
+            rpc=True),
         Row(f"produce() {MESSAGE_SIZE} B, {PUBLISH_WINDOW} in flight (JetStream: acked publish)", "msgs/s",
             "produce", target=Target(0.5, at_most=False, reference="bench_writer")),
         Row(f"produce_batch() {MESSAGE_SIZE} B, x{GO_BATCH}", "msgs/s", "produce_batch"),
@@ -140,6 +151,22 @@ def rows(pure: bool) -> list[Row]:
         Row(f"NSQ Go bench_reader, RDY {CONSUME_WINDOW}, FIN each", "msgs/s", "bench_reader"),
     ]  # fmt: skip
     return table
+
+
+def _cpu(figure: str) -> str:
+    """The figure of nsqd's CPU µs per call in the calls of ``figure``'s workload (column NSQD)."""
+    return f"{figure}, nsqd CPU"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Server:
+    """A service the RPC workloads call: on a broker's ``column`` (or NATS), through ``system``'s client."""
+
+    column: str
+    system: str
+    address: str
+    name: str
+    watched: dict[str, int]  # pid by name of the processes whose CPU time is read: nsqd's, when the bench started it
 
 
 def run(settings: Settings) -> str:
@@ -168,7 +195,7 @@ def run(settings: Settings) -> str:
             bench.publish_and_consume(running, nats, go_clients)
             for broker in running:
                 broker.delete_topics(brokers.name_prefix())  # on an nsqd that runs on, none of the bench's is left
-        tables.append(_table(rows(settings.pure), bench.samples))
+        tables.append(_table(rows(settings.pure), bench.samples, bench.nsqd_cpu_note(running)))
         if not settings.nsqd and not nsqd_executable:
             bench.notes.append("nsqd: not found (set ALMANET_NSQD, put nsqd on PATH or give --nsqd host:port).")
         if not nats:
@@ -235,50 +262,90 @@ class _Bench:
         sys.stderr.write(("\r" + line + " " * 10 + "\n") if self._live else line + "\n")
 
     def rpc(self, running: list[brokers.Broker], nats: str | None) -> None:
-        """RPC on every broker and on NATS: one service each (and one without extensions), serving every round."""
-        # (column, system, address, service name)
-        servers: list[tuple[str, str, str, str]] = []
-        pure_servers: list[tuple[str, str, str, str]] = []
+        """RPC on every broker and on NATS: one service each (and one without extensions), serving every round.
+
+        Every workload runs in the same harness whatever the system; on nsqd,
+        when the bench started it, nsqd's CPU time is read around its calls.
+        """
+        servers: list[_Server] = []
+        pure_servers: list[_Server] = []
         with contextlib.ExitStack() as services:
             for broker in running:
-                servers.append((broker.name, "almanet", broker.tcp_address, self._name("rpc")))
+                watched = {NSQD: broker.pid} if broker.name == NSQD and broker.pid is not None else {}
+                servers.append(_Server(broker.name, "almanet", broker.tcp_address, self._name("rpc"), watched))
                 if not self.settings.pure:
-                    pure_servers.append((broker.name, "almanet", broker.tcp_address, self._name("rpc")))
+                    pure_servers.append(_Server(broker.name, "almanet", broker.tcp_address, self._name("rpc"), watched))
             if nats:
-                servers.append((NATS, "nats", nats, self._name("rpc")))
+                servers.append(_Server(NATS, "nats", nats, self._name("rpc"), {}))
             for env, started in ((self.env, servers), (self.pure_env, pure_servers)):
-                for _, system, address, name in started:
-                    services.enter_context(service_process(system, address, name, env))
+                for server in started:
+                    services.enter_context(service_process(server.system, server.address, server.name, env))
             for _ in self._rounds():
                 for size, shown in PAYLOADS.items():
-                    for column, system, address, name in servers:
-                        count = self._count("rpc sequential")
-                        self._record(
-                            column, f"RPC sequential {shown}",
-                            partial(measure, system, address, name, "rpc", count, 1, size, self.env),
-                            latencies_us=f"rpc sequential {size}",
-                        )  # fmt: skip
+                    for server in servers:
+                        self._rpc(server, f"RPC sequential {shown}", "rpc", self._count("rpc sequential"), 1, size,
+                                  self.env, latencies_us=f"rpc sequential {size}")  # fmt: skip
                 for size, shown in PAYLOADS.items():
-                    for column, system, address, name in servers:
-                        count = self._count("rpc in flight")
-                        self._record(
-                            column, f"RPC {RPC_WINDOW} in flight {shown}",
-                            partial(measure, system, address, name, "rpc", count, RPC_WINDOW, size, self.env),
-                            per_second=f"rpc in flight {size}",
-                        )  # fmt: skip
-                for column, system, address, name in pure_servers:
-                    count = self._count("rpc in flight")
-                    self._record(
-                        column, f"RPC {RPC_WINDOW} in flight 7 B, ALMANET_NO_EXTENSIONS",
-                        partial(measure, system, address, name, "rpc", count, RPC_WINDOW, 7, self.pure_env),
-                        per_second="rpc in flight pure",
-                    )  # fmt: skip
-                for column, system, address, name in servers:
-                    self._record(
-                        column, f"{STRESS_CALLS} sequential calls, then concurrent, seconds",
-                        partial(measure, system, address, name, "stress", STRESS_CALLS, 1, 7, self.env),
-                        sequential_s="stress sequential", concurrent_s="stress concurrent",
-                    )  # fmt: skip
+                    for server in servers:
+                        self._rpc(server, f"RPC {RPC_WINDOW} in flight {shown}", "rpc", self._count("rpc in flight"),
+                                  RPC_WINDOW, size, self.env, per_second=f"rpc in flight {size}")  # fmt: skip
+                for server in pure_servers:
+                    self._rpc(server, f"RPC {RPC_WINDOW} in flight 7 B, ALMANET_NO_EXTENSIONS", "rpc",
+                              self._count("rpc in flight"), RPC_WINDOW, 7, self.pure_env,
+                              per_second="rpc in flight pure")  # fmt: skip
+                for server in servers:
+                    self._rpc(server, f"{STRESS_CALLS} sequential calls, then concurrent, seconds", "stress",
+                              STRESS_CALLS, 1, 7, self.env, sequential_s="stress sequential",
+                              concurrent_s="stress concurrent")  # fmt: skip
+
+    def _rpc(
+        self,
+        server: _Server,
+        label: str,
+        workload: str,
+        count: int,
+        window: int,
+        size: int,
+        env: dict[str, str],
+        **figures: str,
+    ) -> None:
+        """Record an RPC workload of ``count`` calls per span (``workloads``: between two marks) on ``server``.
+
+        ``figures`` as ``_record``'s, one for each span, in order: where
+        nsqd's CPU time is read, its CPU µs per call in each span is recorded
+        too, as ``_cpu`` of the span's figure.
+        """
+
+        def measured() -> dict[str, Any]:
+            results = measure(server.system, server.address, server.name, workload, count, window, size, env,
+                              server.watched)  # fmt: skip
+            for span, figure in zip(results.pop("cpu_s"), figures.values(), strict=True):
+                if NSQD in span:
+                    results[_cpu(figure)] = _per_call_us(span[NSQD], count)
+            return results
+
+        cpu_figures = {_cpu(figure): _cpu(figure) for figure in figures.values()} if NSQD in server.watched else {}
+        self._record(server.column, label, measured, **figures, **cpu_figures)
+
+    def nsqd_cpu_note(self, running: list[brokers.Broker]) -> str:
+        """What the main table's NSQD_CPU column shows, or why it is empty."""
+        if self.settings.nsqd:
+            return (
+                f"{NSQD_CPU}: not measured: the bench did not start the nsqd that --nsqd names, so it does not know "
+                "its pid and cannot read its CPU time from /proc."
+            )
+        if not any(broker.pid is not None for broker in running if broker.name == NSQD):
+            return f"{NSQD_CPU}: not measured (no nsqd)."
+        tick = 1 / os.sysconf("SC_CLK_TCK")
+        sequential, in_flight = self._count("rpc sequential"), self._count("rpc in flight")
+        return (
+            f"{NSQD_CPU}: nsqd's user+system time (/proc/<pid>/stat) while the row's calls ran on it (after the "
+            "caller's warm-up, before it leaves), over those calls; the p50, p90 and p99 rows share their workload's "
+            f"figure.\n/proc counts in ticks of {_format(tick * 1e3)} ms: one tick is "
+            f"{_format(_per_call_us(tick, sequential))} µs/call over the {sequential:,} sequential calls, "
+            f"{_format(_per_call_us(tick, in_flight))} over the {in_flight:,} in flight, "
+            f"{_format(_per_call_us(tick, STRESS_CALLS))} over {STRESS_CALLS}."
+        )
 
     def publish_and_consume(
         self, running: list[brokers.Broker], nats: str | None, go_clients: GoClients | None
@@ -354,7 +421,7 @@ class _Bench:
         measured = rpc_under_load(callers, name, self._count("rpc under load"), RPC_WINDOW, CALL_SIZE, watched,
                                   self.env)  # fmt: skip
         calls = measured["calls"]
-        per_call = {process: seconds * 1e6 / calls for process, seconds in measured["cpu_s"].items()}
+        per_call = {process: _per_call_us(seconds, calls) for process, seconds in measured["cpu_s"].items()}
         by_node = [per_call[process] for process in watched if process.startswith("nsqd")]
         return {
             "per_second": calls / measured["seconds"],
@@ -391,6 +458,10 @@ class _Bench:
                 f"bench_reader emptied its topic on {broker.name} in round {self._round + 1}: "
                 "its figure there is a lower bound."
             )
+
+
+def _per_call_us(cpu_seconds: float, calls: int) -> float:
+    return cpu_seconds * 1e6 / calls
 
 
 def _format(value: float | None) -> str:
@@ -434,9 +505,10 @@ def _result(row: Row, figures: dict[str, float | None], checked: str, samples: d
     return f"{ratio:.2f}x " + ("met" if met else "MISSED")
 
 
-def _table(table_rows: list[Row], samples: dict[tuple[str, str], list[Any]]) -> str:
+def _table(table_rows: list[Row], samples: dict[tuple[str, str], list[Any]], nsqd_cpu_note: str) -> str:
     checked = NSQD if any(column == NSQD for _, column in samples) else EMBEDDED
-    header = ["workload", "unit", EMBEDDED, NSQD, "embedded/nsqd", NATS, JETSTREAM, "target", f"result on {checked}"]
+    header = ["workload", "unit", EMBEDDED, NSQD, "embedded/nsqd", NATS, JETSTREAM, NSQD_CPU, "target",
+              f"result on {checked}"]  # fmt: skip
     cells = [header]
     apart = False
     for row in table_rows:
@@ -447,16 +519,18 @@ def _table(table_rows: list[Row], samples: dict[tuple[str, str], list[Any]]) -> 
             between = f"{embedded / nsqd:.2f}x"
             if max(embedded / nsqd, nsqd / embedded) > WITHIN:
                 between, apart = between + " *", True
+        nsqd_cpu = _median(samples, _cpu(row.figure), NSQD) if row.rpc else None
         cells.append(
             [row.workload, row.unit, *(_format(figures[column]) for column in (EMBEDDED, NSQD)), between,
-             *(_format(figures[column]) for column in (NATS, JETSTREAM)), str(row.target or ""),
-             _result(row, figures, checked, samples)]
+             *(_format(figures[column]) for column in (NATS, JETSTREAM)), "" if nsqd_cpu is None else _format(nsqd_cpu),
+             str(row.target or ""), _result(row, figures, checked, samples)]
         )  # fmt: skip
-    text = _aligned(cells, left=(0, 1, 7, 8))
+    text = _aligned(cells, left=(0, 1, 8, 9))
     text.append("")
     text.append(f"Targets are checked on {checked}'s column: its figure over the reference's, from the same run.")
     if apart:
         text.append(f"* the embedded broker and nsqd are more than {WITHIN:g}x apart on this workload.")
+    text.append(nsqd_cpu_note)
     return "\n".join(text)
 
 

@@ -5,8 +5,11 @@
   each answering with the payload it is given; prints ``ready`` once
   subscribed, serves until SIGTERM or SIGINT. almanet's takes several
   addresses, comma-separated (nsqd's, nsqlookupd's ``http://host:port``).
-- ``measure SYSTEM ADDRESS NAME WORKLOAD COUNT WINDOW SIZE``: one workload of
-  ``workloads.MEASURES``; prints its figures as one JSON line.
+- ``measure SYSTEM ADDRESS NAME WORKLOAD COUNT WINDOW SIZE [marked]``: one
+  workload of ``workloads.MEASURES``; prints its figures as one JSON line.
+  With ``marked``, at each of the workload's marks it prints ``mark`` and
+  waits for a line (``measure()`` reads CPU times meanwhile); without, the
+  marks are nothing.
 - ``load ADDRESS NAME COUNT WINDOW SIZE``: one of the almanet callers of
   ``rpc_under_load``: prints ``warm`` after its warm-up, starts its calls when
   it reads a line, then prints when they started and ended as one JSON line;
@@ -18,18 +21,24 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from almanet import loops
 from almanet.bench import workloads
 from almanet.bench.processes import cpu_seconds, stop, wait_for_line
+
+MARK = "mark"  # what a measure process prints at each of its workload's marks
+MEASURE_TIMEOUT = 600.0  # seconds a measure process may take
 
 
 def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
@@ -77,17 +86,26 @@ async def _serve(system: str, address: str, name: str) -> None:
         await serving
 
 
-async def _measure(system: str, workload: str, address: str, name: str, count: int, window: int, size: int) -> None:
-    figures = await workloads.MEASURES[system, workload](address, name, count, window, size)
+async def _told(word: str) -> None:
+    """Print ``word``, then wait until a line is read from stdin."""
+    print(word, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+async def _unmarked() -> None:
+    pass
+
+
+async def _measure(
+    system: str, workload: str, address: str, name: str, count: int, window: int, size: int, marked: bool
+) -> None:
+    mark = partial(_told, MARK) if marked else _unmarked
+    figures = await workloads.MEASURES[system, workload](address, name, count, window, size, mark)
     print(json.dumps(figures), flush=True)
 
 
 async def _load(address: str, name: str, count: int, window: int, size: int) -> None:
     loop = asyncio.get_running_loop()
-
-    async def go() -> None:
-        print("warm", flush=True)
-        await loop.run_in_executor(None, sys.stdin.readline)
 
     async def report(figures: dict[str, Any]) -> None:
         latencies = figures.pop("latencies_us")
@@ -96,7 +114,7 @@ async def _load(address: str, name: str, count: int, window: int, size: int) -> 
         await loop.run_in_executor(None, sys.stdin.read)
         print(json.dumps(latencies), flush=True)
 
-    await workloads.almanet_rpc_under_load(address, name, count, window, size, go, report)
+    await workloads.almanet_rpc_under_load(address, name, count, window, size, partial(_told, "warm"), report)
 
 
 def _command(*args: str) -> list[str]:
@@ -126,17 +144,40 @@ def measure(
     window: int,
     size: int,
     env: dict[str, str] | None = None,
+    watched: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run one workload in a client process of its own; its figures."""
-    done = subprocess.run(
-        _command("measure", system, address, name, workload, str(count), str(window), str(size)),
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        check=True,
-        timeout=600,
-    )
-    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    """Run one workload in a client process of its own; its figures, and ``cpu_s``.
+
+    At each of the workload's marks (``workloads``: where its measured calls
+    start and end) the process waits while the CPU time of the ``watched``
+    processes (pid by name) is read, as ``rpc_under_load`` reads it. ``cpu_s``
+    has one entry per span between two marks (none for a workload without
+    marks): each watched process's CPU seconds in it, by name (empty where
+    nothing is watched). Every workload, whatever the system, runs so.
+    """
+    command = _command("measure", system, address, name, workload, str(count), str(window), str(size), "marked")
+    readings, lines = [], []
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) as process:
+        timer = threading.Timer(MEASURE_TIMEOUT, process.kill)
+        timer.start()
+        try:
+            assert process.stdin is not None and process.stdout is not None
+            for line in process.stdout:
+                if line.strip() != MARK:
+                    lines.append(line)
+                    continue
+                readings.append(_cpu_seconds(watched or {}))
+                process.stdin.write("go\n")
+                process.stdin.flush()
+            status = process.wait()
+        finally:
+            timer.cancel()
+            stop(process)
+    if status != 0 or not lines:
+        why = f"not done within {MEASURE_TIMEOUT:g} s" if status == -signal.SIGKILL else f"exit status {status}"
+        raise RuntimeError(f"{command!r} failed ({why})")
+    figures: dict[str, Any] = json.loads(lines[-1])
+    figures["cpu_s"] = [_spent(before, after) for before, after in itertools.pairwise(readings)]
     return figures
 
 
@@ -169,13 +210,13 @@ def rpc_under_load(
         for caller in callers:
             assert caller.stdout is not None
             wait_for_line(caller, caller.stdout, lambda line: line.strip() == "warm")
-        before = _cpu_seconds(callers, watched)
+        before = _cpu_seconds(watched, callers)
         for caller in callers:
             assert caller.stdin is not None
             caller.stdin.write("go\n")
             caller.stdin.flush()
         spans = [_json_line(caller) for caller in callers]  # when each one's calls started and ended
-        after = _cpu_seconds(callers, watched)
+        after = _cpu_seconds(watched, callers)
         for caller in callers:
             assert caller.stdin is not None
             caller.stdin.close()
@@ -190,15 +231,21 @@ def rpc_under_load(
         "calls": count * len(callers),
         "seconds": max(span["ended"] for span in spans) - min(span["started"] for span in spans),
         "latencies_us": latencies,
-        "cpu_s": {process: after[process] - before[process] for process in before},
+        "cpu_s": _spent(before, after),
     }
 
 
-def _cpu_seconds(callers: list[subprocess.Popen[str]], watched: Mapping[str, int]) -> dict[str, float]:
-    """The CPU time of each watched process, and of the callers together."""
+def _cpu_seconds(watched: Mapping[str, int], callers: Sequence[subprocess.Popen[str]] = ()) -> dict[str, float]:
+    """The CPU time of each watched process (pid by name), and, when there are callers, of them together."""
     used = {name: cpu_seconds(pid) for name, pid in watched.items()}
-    used["callers"] = sum(cpu_seconds(caller.pid) for caller in callers)
+    if callers:
+        used["callers"] = sum(cpu_seconds(caller.pid) for caller in callers)
     return used
+
+
+def _spent(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """Each process's CPU seconds from one reading of ``_cpu_seconds`` to the next."""
+    return {process: after[process] - before[process] for process in before}
 
 
 def _json_line(caller: subprocess.Popen[str]) -> Any:
@@ -219,8 +266,8 @@ def main(argv: list[str]) -> None:
     if role == "serve":
         run_loop(_serve(system, address, name))
     else:
-        kind, count, window, size = workload
-        run_loop(_measure(system, kind, address, name, int(count), int(window), int(size)))
+        kind, count, window, size, *marked = workload
+        run_loop(_measure(system, kind, address, name, int(count), int(window), int(size), marked == ["marked"]))
 
 
 if __name__ == "__main__":

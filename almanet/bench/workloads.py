@@ -4,11 +4,14 @@ Each ``MEASURES`` coroutine runs in a client process of its own (see
 ``workers``), against a broker and, for RPC, a service in other processes,
 and returns its figures as JSON: ``latencies_us`` (sequential RPC),
 ``sequential_s`` and ``concurrent_s`` (the stress bar) or ``per_second``.
-Every one takes ``(address, name, count, window, size)``: ``name`` is the
-topic, subject or service prefix of its own, ``window`` how many calls or
+Every one takes ``(address, name, count, window, size, mark)``: ``name`` is
+the topic, subject or service prefix of its own, ``window`` how many calls or
 publishes are in flight (the most messages in flight for consumers), ``size``
-the payload's bytes. ``almanet_rpc_under_load`` is RPC in one of several
-callers measured together (``workers.rpc_under_load``).
+the payload's bytes. The RPC workloads (``rpc``, ``stress``), NATS's as
+almanet's, await ``mark()`` where their measured calls start and end, after
+their warm-up and before they leave: the harness reads other processes' CPU
+time there (``workers.measure``). ``almanet_rpc_under_load`` is RPC in one
+of several callers measured together (``workers.rpc_under_load``).
 """
 
 from __future__ import annotations
@@ -60,11 +63,19 @@ def timed(call: Callable[[], Awaitable[Any]], latencies: list[float]) -> Callabl
     return timed_call
 
 
-async def rpc(call: Callable[[], Awaitable[Any]], count: int, window: int) -> dict[str, Any]:
+Mark = Callable[[], Awaitable[None]]  # where measured calls start, or end (a span between two marks)
+
+
+async def rpc(call: Callable[[], Awaitable[Any]], count: int, window: int, mark: Mark) -> dict[str, Any]:
+    """A warm-up, then ``count`` calls, ``window`` in flight: one span between two marks."""
     await windowed(call, min(count, 1000), window)  # warm-up: connections, reply subscriptions, caches
+    await mark()
     if window == 1:
-        return {"latencies_us": await sequential(call, count)}
-    return {"per_second": count / await windowed(call, count, window)}
+        figures: dict[str, Any] = {"latencies_us": await sequential(call, count)}
+    else:
+        figures = {"per_second": count / await windowed(call, count, window)}
+    await mark()
+    return figures
 
 
 async def rpc_under_load(
@@ -83,27 +94,31 @@ async def rpc_under_load(
     return {"latencies_us": latencies, "started": started, "ended": time.time()}
 
 
-async def stress(call: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
-    """Seconds for STRESS_CALLS calls one after the other, then for as many started at once."""
+async def stress(call: Callable[[], Awaitable[Any]], mark: Mark) -> dict[str, Any]:
+    """Seconds for STRESS_CALLS calls one after the other, then for as many started at once: two spans."""
     await call()  # as the original test did: one call first
+    await mark()
     started = time.perf_counter()
     for _ in range(STRESS_CALLS):
         await call()
     sequential_s = time.perf_counter() - started
+    await mark()
     started = time.perf_counter()
     await asyncio.gather(*(call() for _ in range(STRESS_CALLS)))
-    return {"sequential_s": sequential_s, "concurrent_s": time.perf_counter() - started}
+    concurrent_s = time.perf_counter() - started
+    await mark()
+    return {"sequential_s": sequential_s, "concurrent_s": concurrent_s}
 
 
 # --- almanet ---------------------------------------------------------------------------
 
 
-async def almanet_rpc(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def almanet_rpc(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
         uri, payload = f"{name}.echo", b"x" * size
-        return await rpc(lambda: session.call(uri, payload), count, window)
+        return await rpc(lambda: session.call(uri, payload), count, window, mark)
 
 
 async def almanet_rpc_under_load(
@@ -123,15 +138,15 @@ async def almanet_rpc_under_load(
         await report(await rpc_under_load(lambda: session.call(uri, payload), count, window, go))
 
 
-async def almanet_stress(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def almanet_stress(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
         uri, payload = f"{name}.echo", b"x" * size
-        return await stress(lambda: session.call(uri, payload))
+        return await stress(lambda: session.call(uri, payload), mark)
 
 
-async def almanet_publish(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def almanet_publish(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
@@ -140,7 +155,9 @@ async def almanet_publish(address: str, name: str, count: int, window: int, size
     return {"per_second": count / elapsed}
 
 
-async def almanet_publish_batches(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def almanet_publish_batches(
+    address: str, name: str, count: int, window: int, size: int, mark: Mark
+) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
@@ -156,7 +173,7 @@ async def produce_in_batches(session: Any, topic: str, count: int, body: bytes) 
         await session.produce_batch(topic, [body] * min(BATCH, count - start), raw=True)
 
 
-async def almanet_consume(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def almanet_consume(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     import almanet
 
     async with almanet.new_session(address) as session:
@@ -182,29 +199,29 @@ async def almanet_consume(address: str, name: str, count: int, window: int, size
 # --- NATS: core request/reply, and JetStream (file storage) ------------------------------------
 
 
-async def nats_rpc(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def nats_rpc(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     import nats
 
     client = await nats.connect(f"nats://{address}")
     try:
         payload = b"x" * size
-        return await rpc(lambda: client.request(name, payload, timeout=30), count, window)
+        return await rpc(lambda: client.request(name, payload, timeout=30), count, window, mark)
     finally:
         await client.close()
 
 
-async def nats_stress(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def nats_stress(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     import nats
 
     client = await nats.connect(f"nats://{address}")
     try:
         payload = b"x" * size
-        return await stress(lambda: client.request(name, payload, timeout=30))
+        return await stress(lambda: client.request(name, payload, timeout=30), mark)
     finally:
         await client.close()
 
 
-async def jetstream_publish(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def jetstream_publish(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     """Publishes each acknowledged by the stream, ``window`` of them in flight."""
     import nats
 
@@ -221,7 +238,7 @@ async def jetstream_publish(address: str, name: str, count: int, window: int, si
     return {"per_second": count / elapsed}
 
 
-async def jetstream_consume(address: str, name: str, count: int, window: int, size: int) -> dict[str, Any]:
+async def jetstream_consume(address: str, name: str, count: int, window: int, size: int, mark: Mark) -> dict[str, Any]:
     """A durable pull consumer fetching ``window`` messages at a time and acknowledging each."""
     import nats
     from nats.js.api import ConsumerConfig
@@ -262,7 +279,7 @@ def _stream_name(subject: str) -> str:
     return subject.replace(".", "_")
 
 
-Measure = Callable[[str, str, int, int, int], Awaitable[dict[str, Any]]]
+Measure = Callable[[str, str, int, int, int, Mark], Awaitable[dict[str, Any]]]
 
 MEASURES: dict[tuple[str, str], Measure] = {
     ("almanet", "rpc"): almanet_rpc,
