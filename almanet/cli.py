@@ -21,7 +21,7 @@ from almanet.asyncapi import describe as describe_service
 from almanet.broker import Broker, BrokerOptions
 from almanet.broker.options import parse_bool, parse_duration
 from almanet.errors import rpc_error
-from almanet.loops import LOG_FORMAT, LOOPS
+from almanet.loops import LOG_FORMAT, LOOPS, default_loop
 from almanet.nsq import ConnectionOptions
 from almanet.service import Service
 from almanet.session import new_session
@@ -201,7 +201,9 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     bench.add_argument("--nsqd", metavar="HOST:PORT", help="a running nsqd to measure instead of starting one")
     bench.add_argument("--nsqd-http", metavar="HOST:PORT", help="that nsqd's HTTP address (default: its TCP port + 1)")
-    bench.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop (default: asyncio)")
+    bench.add_argument(
+        "--loop", choices=LOOPS, help="event loop of almanet and NATS alike (default: uvloop when installed, as serve)"
+    )
     bench.add_argument(
         "--pure", action="store_true", help="run almanet with ALMANET_NO_EXTENSIONS=1 (default: compiled)"
     )
@@ -227,7 +229,8 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from almanet.bench.runner import Settings, run
 
-    print(run(Settings(args.nsqd, args.nsqd_http, args.loop, args.pure, args.scale, args.rounds, args.only)))
+    loop = args.loop or default_loop()
+    print(run(Settings(args.nsqd, args.nsqd_http, loop, args.pure, args.scale, args.rounds, args.only)))
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:

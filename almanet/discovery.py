@@ -7,7 +7,10 @@ URI share one query; a URI stays known served for ``SERVED_FOR`` seconds
 after a service said so or a reply came from it. No reply: ``NoResponders``,
 unless nsqlookupd lists the URI's topic on other nsqd only (an nsqd that
 joined, which the services reach within their poll), when it asks again for
-up to two polls.
+up to two polls. A query gathers every answer within ``DISCOVERY_WAIT``: when
+all said they take batches, invocations to the URI go in batches
+(``almanet.rpc.BATCH_ITEMS``) until a query finds one that does not;
+``BATCHES_CHECKED_EVERY`` seconds on, it is asked again.
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+from almanet._speedups.envelope import Reply
+from almanet.calls import Call
 from almanet.errors import CallTimeout, NoResponders
 from almanet.nsq import Connection
 from almanet.nsq.lookupd import lookup
-from almanet.rpc import DISCOVERY_WAIT, SERVED_FOR
+from almanet.rpc import DISCOVERY_TOPIC, DISCOVERY_WAIT, SERVED_FOR, takes_batches
 
 SERVED_KEPT = 4096  # URIs known served, past which those no longer known are forgotten
 # After a wait in vain for the services of a URI listed on other nsqd (a topic left over), calls to it fail at
 # once for this long.
 NOT_WAITED_FOR_AGAIN = 60.0
+# How often the services of a URI whose invocations go in batches are asked again whether they all take them.
+BATCHES_CHECKED_EVERY = 10.0
 
 
 class Query(Protocol):
@@ -35,6 +42,36 @@ class Query(Protocol):
     origin: Connection | None  # the connection it went by; None: any of the session's nsqd
 
     def unanswered(self, doing: str) -> str: ...
+
+
+class DiscoveryQuery(Call):
+    """A query for ``uri``: over at the first answer, and gathering the others until its wait ends.
+
+    Then it tells ``discovery`` whether every service that answered takes
+    batches of invocations (one that does not would drop them).
+    """
+
+    __slots__ = ("all_take_batches", "asked", "discovery")
+
+    def __init__(self, future: asyncio.Future[Any], uri: str, discovery: Discovery) -> None:
+        super().__init__(future, DISCOVERY_TOPIC, DISCOVERY_WAIT)
+        self.asked = uri
+        self.discovery = discovery
+        self.all_take_batches = True
+
+    def reply(self, reply: Reply[Any]) -> bool:
+        self.all_take_batches &= takes_batches(reply.payload)
+        super().reply(reply)
+        return False  # in the table until the wait ends, for the answers of the other services
+
+    def expire(self) -> None:
+        self.discovery.answered(self.asked, self.future.done() and self.all_take_batches)
+        super().expire()
+
+
+def _ignore_outcome(asked: asyncio.Future[Query | None]) -> None:
+    if not asked.cancelled():
+        asked.exception()  # retrieved: a check that could not be asked (the session left) is no error
 
 
 class Addresses(Protocol):
@@ -56,12 +93,41 @@ class Discovery:
         self._ask = ask
         self._addresses = addresses
         self.served_until: dict[str, float] = {}  # URI -> loop time until which it is known served
+        self.batches: set[str] = set()  # URIs whose invocations go in batches (see DiscoveryQuery)
+        self._checks: dict[str, asyncio.TimerHandle] = {}  # URI -> when the batches to it are checked again
         self._asking: dict[str, asyncio.Future[None]] = {}  # URI -> its query, shared
         self._not_coming: dict[str, float] = {}  # URI -> loop time until which no service is waited for
+
+    def answered(self, uri: str, all_take_batches: bool) -> None:
+        """A query's wait for ``uri`` ended: the services that answered all take batches, or not (or none answered).
+
+        While they do and calls go to ``uri``, they are asked again every
+        ``BATCHES_CHECKED_EVERY`` seconds (calls go on in batches meanwhile):
+        an instance of an almanet that takes no batches may have joined them
+        (a rollback), and would drop them.
+        """
+        if not all_take_batches:
+            self.batches.discard(uri)
+            return
+        self.batches.add(uri)
+        if uri not in self._checks:
+            self._checks[uri] = asyncio.get_running_loop().call_later(BATCHES_CHECKED_EVERY, self._check_batches, uri)
+
+    def _check_batches(self, uri: str) -> None:
+        del self._checks[uri]
+        if self.served_until.get(uri, 0.0) < asyncio.get_running_loop().time():
+            self.batches.discard(uri)  # not called lately: its next call asks anyway
+        elif uri in self.batches:  # else found not to take them meanwhile
+            asked = asyncio.ensure_future(self._ask(uri))
+            asked.add_done_callback(_ignore_outcome)  # the query's end tells ``answered``
 
     def clear(self) -> None:
         """Forget what is known: the services may be gone when the session joins again."""
         self.served_until.clear()
+        self.batches.clear()
+        for check in self._checks.values():
+            check.cancel()
+        self._checks.clear()
         self._not_coming.clear()
 
     async def wait_served(self, uri: str, timeout: float) -> None:
@@ -126,4 +192,5 @@ class Discovery:
             if len(served_until) >= SERVED_KEPT:  # URIs called once (orders.<id>.get) are not kept forever
                 for known in [known for known, until in served_until.items() if until < now]:
                     del served_until[known]
+                    self.batches.discard(known)
             served_until[uri] = now + SERVED_FOR

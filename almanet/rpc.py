@@ -15,7 +15,7 @@ import re
 from typing import Any, Protocol
 
 from almanet import conversion
-from almanet._speedups.envelope import encode_invocation, encode_reply
+from almanet._speedups.envelope import encode_batch, encode_invocation, encode_reply
 from almanet._speedups.frames import is_valid_name
 from almanet.wire.protocol import EPHEMERAL_SUFFIX
 
@@ -52,6 +52,22 @@ DEFAULT_TIMEOUT = 60.0
 # no nsqd runs with less than 4 KiB.
 APART_SIZE = 4 * 1024
 
+# Invocations to one URI made in one loop iteration travel as one NSQ message,
+# a batch envelope, when every instance serving the URI said in its discovery
+# answer that it takes batches (SERVICE_FEATURES); the replies to the
+# invocations of a batch, finished in one loop iteration, go back to their
+# reply topic likewise. nsqd's work is by message, not by call: a batch of n
+# calls costs it about what one call does. A batch holds at most BATCH_ITEMS
+# envelopes (so that calls in flight still spread over the instances) and
+# BATCH_SIZE bytes (what every nsqd takes, as APART_SIZE). A lone call goes
+# at once and alone: nothing waits to be batched.
+BATCH_ITEMS = 32
+BATCH_SIZE = APART_SIZE
+# A batch's array header and item count, at most; each item adds its bin header.
+_BATCH_OVERHEAD = 3 + 3
+# What a service answers a discovery query with: the forms it takes besides an invocation a message.
+SERVICE_FEATURES = {"batch": True}
+
 # Before a call publishes an invocation to a URI not known to be served, it
 # asks: a discovery query (an invocation whose payload is the URI) goes to
 # this topic, where every running service has a channel of its own, and the
@@ -64,6 +80,32 @@ DISCOVERY_WAIT = 0.75
 # came from it: within it, calls publish at once. A service that died is
 # found out by the first call after that, or the first call that times out.
 SERVED_FOR = 5.0
+
+
+def takes_batches(discovery_answer: Any) -> bool:
+    """Whether the payload of a service's discovery answer says it takes batches (``SERVICE_FEATURES``)."""
+    return type(discovery_answer) is dict and discovery_answer.get("batch") is True
+
+
+def join_envelopes(bodies: list[bytes], max_msg_size: int) -> list[bytes]:
+    """``bodies`` (envelopes) joined, in order, into batch envelopes within ``BATCH_ITEMS`` and the size limits.
+
+    A body that shares its batch with no other goes as it is. For
+    ``almanet.nsq.Connection.publish``'s ``join``.
+    """
+    limit = min(max_msg_size, BATCH_SIZE)
+    joined: list[bytes] = []
+    group: list[bytes] = []
+    size = _BATCH_OVERHEAD
+    for body in bodies:
+        item_size = len(body) + (2 if len(body) <= 0xFF else 3)
+        if group and (len(group) == BATCH_ITEMS or size + item_size > limit):
+            joined.append(group[0] if len(group) == 1 else encode_batch(group))
+            group, size = [], _BATCH_OVERHEAD
+        group.append(body)
+        size += item_size
+    joined.append(group[0] if len(group) == 1 else encode_batch(group))
+    return joined
 
 
 @functools.lru_cache(maxsize=4096)

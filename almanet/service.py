@@ -27,14 +27,22 @@ if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated 
     from typing_extensions import Unpack
 
 from almanet import conversion, loops
-from almanet._speedups.envelope import EnvelopeError, Invocation, decode
+from almanet._speedups.envelope import EnvelopeError, Invocation, batch_items, decode
 from almanet._speedups.frames import check_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
-from almanet.nsq import ConnectionOptions, Consumer, Message, sweeper
+from almanet.nsq import ConnectionOptions, Consumer, Message, MessagePart, sweeper
 from almanet.nsq.lookupd import NsqdWatch
 from almanet.options import SessionOptions, check_keywords, connection_options
 from almanet.replies import Replies
-from almanet.rpc import DISCOVERY_TOPIC, REPLY_TOPIC_PREFIX, check_uri, is_reply_topic
+from almanet.rpc import (
+    BATCH_ITEMS,
+    DISCOVERY_TOPIC,
+    REPLY_TOPIC_PREFIX,
+    SERVICE_FEATURES,
+    check_uri,
+    is_reply_topic,
+    join_envelopes,
+)
 from almanet.session import Session
 from almanet.still_running import StillRunning
 from almanet.wire.errors import ConnectionFailed
@@ -121,6 +129,9 @@ class Procedure(Generic[P, R]):
 
     def context(self, session: Session, invocation: Invocation) -> dict[str, Any]:
         """The keyword arguments of a call: those of ``CONTEXT`` the function takes."""
+        names = self.context_names
+        if names == ():  # takes the payload alone: no dict built for nothing
+            return {}
         deadline = invocation.deadline
         context = {
             "session": session,
@@ -129,7 +140,6 @@ class Procedure(Generic[P, R]):
             "deadline": deadline / 1000 if deadline else None,
             "headers": invocation.headers,
         }
-        names = self.context_names
         return context if names is None else {name: context[name] for name in names}
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -163,6 +173,9 @@ class Service:
         self._replies = Replies()
         self._replies.know(DISCOVERY_TOPIC)
         self._served: frozenset[str] = frozenset()
+        # Those whose invocations may come in batches: a procedure running fewer than a batch's items at once
+        # takes them alone, so that they spread over its instances.
+        self._take_batches: frozenset[str] = frozenset()
         self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
         # What a reply's publish tells its failure to, by URI: one each, not one a reply.
@@ -267,7 +280,7 @@ class Service:
                 consumer = Consumer(
                     registered.uri,
                     registered.channel,
-                    functools.partial(self._receive_invocation, registered),
+                    functools.partial(self._receive_invocations, registered),
                     nsqd_tcp_addresses=session.nsqd_addresses,
                     nsqd_watch=self._nsqd_watch,
                     max_in_flight=registered.max_concurrency,
@@ -280,6 +293,9 @@ class Service:
                     raise ConnectionFailed("the service was stopped while it started")
             # Last: a session told that a URI is served finds its procedure subscribed.
             self._served = frozenset(registered.uri for registered in self.procedures)
+            self._take_batches = frozenset(
+                registered.uri for registered in self.procedures if registered.max_concurrency >= BATCH_ITEMS
+            )
             self._discovery = Consumer(
                 DISCOVERY_TOPIC,
                 f"service.{session.id}#ephemeral",
@@ -322,11 +338,10 @@ class Service:
         # RDY 0 on every connection at once, so what is requeued from now on is not handed back here.
         stopped = [consumer.stop(timeout) for consumer in consumers]
         for registered in self.procedures:  # never started: back to nsqd, for other instances
-            while registered.held:
-                held = registered.held.popleft()
-                self._still_running.pop(held, None)
-                held.req()
-        await asyncio.gather(*stopped)
+            registered.held = self._give_back(registered.held)
+        await asyncio.gather(*stopped)  # the calls running finish, and the parts of batches held
+        for registered in self.procedures:
+            registered.held = self._give_back(registered.held, batches_too=True)
         if self._nsqd_watch is not None:
             self._nsqd_watch.stop()
             self._nsqd_watch = None
@@ -335,6 +350,22 @@ class Service:
         self._still_running.clear()
         await self._replies.close(timeout)
         await self.session.leave(timeout)
+
+    def _give_back(self, held: deque[Message], *, batches_too: bool = False) -> deque[Message]:
+        """REQ the messages ``held`` (nsqd hands them to other instances); those kept.
+
+        The items of a batch (``MessagePart``) are kept to run, unless
+        ``batches_too``: the batch would be handed out whole again, and its
+        items already answered would run again.
+        """
+        kept: deque[Message] = deque()
+        for message in held:
+            if type(message) is MessagePart and not batches_too:
+                kept.append(message)
+            else:
+                self._still_running.pop(message, None)
+                message.req()
+        return kept
 
     def _nsqd_read(self) -> list[str]:
         return sorted({address for consumer in self._consumers for address in consumer.connections})
@@ -410,16 +441,36 @@ class Service:
                 and query.payload in self._served
                 and (not query.deadline or query.deadline > time.time() * 1000)
             ):
-                self._replies.send(message, DISCOVERY_TOPIC, query.reply_to, query.call_id, True, None)
+                features = SERVICE_FEATURES if query.payload in self._take_batches else None
+                self._replies.send(message, DISCOVERY_TOPIC, query.reply_to, query.call_id, True, features)
         message.fin()
+
+    def _receive_invocations(self, procedure: Procedure[..., Any], message: Message) -> None:
+        """An invocation, or a batch of them (``almanet.rpc.BATCH_ITEMS``): each is a part of the message."""
+        try:
+            items = batch_items(message.body)
+        except EnvelopeError as error:
+            logger.warning("%s: not a batch of invocations: %s", procedure.uri, error)
+            message.fin()
+            return
+        if items is None:
+            self._receive_invocation(procedure, message)
+        else:
+            for part in message.parts(items):
+                self._receive_invocation(procedure, part)
 
     def _receive_invocation(self, procedure: Procedure[..., Any], message: Message) -> None:
         if procedure.running >= procedure.max_concurrency:
-            if self._stopped:  # sent before nsqd had the RDY 0: back at once, for another instance
+            if type(message) is MessagePart:
+                # An invocation a batch brought past max_concurrency: back to nsqd (in a batch with the others
+                # of this loop iteration), for whichever instance is free; held here if it cannot go. Its batch
+                # is not given back whole: the invocations of it answered already would run again.
+                given_back = _GivenBack(self, procedure, message)
+                self._replies.publish_apart(message, procedure.uri, message.body, given_back, join_envelopes)
+            elif self._stopped:  # sent before nsqd had the RDY 0: back at once, for another instance
                 message.req()
             else:
-                procedure.held.append(message)
-                self._still_running.keep(message, 0)
+                self._hold(procedure, message)
             return
         try:
             invocation = decode(message.body)
@@ -462,8 +513,7 @@ class Service:
                 procedure.running += 1
                 task = _start_task(self._run(call, procedure, invocation, message))
                 if not task.done():
-                    self._running.add(task)  # a reference, so the task is not collected while it waits
-                    task.add_done_callback(self._running.discard)
+                    self._running.add(task)  # a reference, so the task is not collected while it waits (_run drops it)
                     self._still_running.keep(message, invocation.deadline)
             else:
                 work = functools.partial(procedure.serve, payload, **context)
@@ -487,6 +537,8 @@ class Service:
             self._answer(procedure, invocation, True, result, message)
         finally:
             self._call_ended(procedure)
+            # Here rather than in a done callback, which would cost a loop iteration's handle a call.
+            self._running.discard(asyncio.current_task())
 
     def _finish_sync(
         self, procedure: Procedure[..., Any], invocation: Invocation, message: Message, future: asyncio.Future[Any]
@@ -499,10 +551,20 @@ class Service:
             self._answer(procedure, invocation, True, future.result(), message)
         self._call_ended(procedure)
 
+    def _hold(self, procedure: Procedure[..., Any], message: Message) -> None:
+        """Run ``message`` once a call of ``procedure`` ends (at once if none runs)."""
+        procedure.held.append(message)
+        self._still_running.keep(message, 0)
+        self._run_held(procedure)
+
     def _call_ended(self, procedure: Procedure[..., Any]) -> None:
         procedure.running -= 1
+        self._run_held(procedure)
+
+    def _run_held(self, procedure: Procedure[..., Any]) -> None:
         # A held invocation may be answered at once (undecodable, past its deadline): then the next one's turn.
-        while procedure.held and procedure.running < procedure.max_concurrency and not self._stopped:
+        # Stopping, only the parts of batches are held: they run (see _give_back).
+        while procedure.held and procedure.running < procedure.max_concurrency:
             held = procedure.held.popleft()
             if held.connection_open:  # else nsqd hands it out again anyway
                 self._receive_invocation(procedure, held)
@@ -541,6 +603,25 @@ class Service:
             milliseconds = (time.perf_counter() - started) * 1000
             outcome = "ok" if ok else payload[0] if isinstance(payload, list) and payload else "error"
             logger.debug("%s: %s in %.3f ms", uri, outcome, milliseconds)
+
+
+class _GivenBack:
+    """Told nsqd's answer to an invocation of a batch published again: done with it (FIN), or it is held here."""
+
+    __slots__ = ("message", "procedure", "service")
+
+    def __init__(self, service: Service, procedure: Procedure[..., Any], message: MessagePart) -> None:
+        self.service = service
+        self.procedure = procedure
+        self.message = message
+
+    def answered(self, answer: bytes) -> None:
+        self.message.fin()
+
+    def failed(self, error: BaseException) -> None:
+        logger.debug("%s: an invocation of a batch could not be given back, held: %s", self.procedure.uri, error)
+        if self.message.connection_open:  # else nsqd hands its batch out again anyway
+            self.service._hold(self.procedure, self.message)
 
 
 def _describe(error: BaseException) -> str:

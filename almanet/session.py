@@ -31,12 +31,13 @@ if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated 
     from typing_extensions import Unpack
 
 from almanet import conversion
-from almanet._speedups.envelope import EnvelopeError, Reply, decode
+from almanet._speedups.envelope import EnvelopeError, Reply, batch_items, decode
 from almanet.calls import Call, Multicall, WaitingCalls
-from almanet.discovery import Discovery
+from almanet.discovery import Discovery, DiscoveryQuery
 from almanet.errors import CallTimeout, InvalidReply, rpc_error
 from almanet.loops import within
-from almanet.nsq import ConnectionOptions, Consumer, Message, Producer
+from almanet.nsq import Connection, ConnectionOptions, Consumer, Message, Producer
+from almanet.nsq.connection import Join
 from almanet.nsq.lookupd import POLL_INTERVAL, check_poll_interval
 from almanet.options import (
     CONSUME_OUTPUT_BUFFER,
@@ -55,6 +56,7 @@ from almanet.rpc import (
     NamedProcedure,
     check_uri,
     invocation_envelope,
+    join_envelopes,
     reply_topic,
 )
 from almanet.subscription import Subscription, encode_payload
@@ -298,16 +300,20 @@ class Session:
             raise
 
     async def _ask_who_serves(self, uri: str) -> Call | None:
-        """Publish one discovery query for ``uri``: None once a service answered, the query when none did."""
-        query = Call(asyncio.get_running_loop().create_future(), DISCOVERY_TOPIC, DISCOVERY_WAIT)
+        """Publish one discovery query for ``uri``: None once a service answered, the query when none did.
+
+        Answered, the query waits for the other services' answers until its wait ends (``DiscoveryQuery``).
+        """
+        query = DiscoveryQuery(asyncio.get_running_loop().create_future(), uri, self._discovery)
         call_id = self._invoke(query, DISCOVERY_TOPIC, uri, DISCOVERY_WAIT)
         try:
             await query.future
             return None
-        except CallTimeout:
+        except CallTimeout:  # expired: gone from the table
             return query
-        finally:
+        except BaseException:
             self._calls.table.pop(call_id)
+            raise
 
     def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
@@ -328,17 +334,20 @@ class Session:
             if len(body) > APART_SIZE or (self._auth_required and topic not in self._may_publish):
                 self._publish_call_apart(topic, body, call)
             else:
-                self._publish_call(topic, body, call)
+                self._publish_call(topic, body, call, join_envelopes if topic in self._discovery.batches else None)
         except BaseException:
             calls.table.pop(call_id)
             raise
         return call_id
 
-    def _publish_call(self, topic: str, body: bytes, call: Call) -> None:
-        """Publish an invocation through the connection its reply comes by (and the calls' FINs go by)."""
+    def _publish_call(self, topic: str, body: bytes, call: Call, join: Join | None) -> None:
+        """Publish an invocation through the connection its reply comes by (and the calls' FINs go by).
+
+        ``join``: with the others of this loop iteration to ``topic``, in batches.
+        """
         if self._replies is None:  # the session left (and maybe joined again) while the call waited
             raise ConnectionFailed("the session left before the call was sent")
-        connection = call.origin = self._replies.publish(topic, body, call)
+        connection = call.origin = self._replies.publish(topic, body, call, join)
         calls = self._calls
         if connection is not calls.connection:
             calls.connection = connection
@@ -390,9 +399,22 @@ class Session:
             self._auth_required |= any(connection.negotiated.get("auth_required") for connection in connections)
 
     def _receive_reply(self, message: Message) -> None:
+        """A reply, or a batch of them (to invocations this session sent in batches)."""
         message.fin()
         try:
-            reply = decode(message.body)
+            items = batch_items(message.body)
+        except EnvelopeError as error:
+            logger.warning("%s: dropped a message that is not a batch of replies: %s", self.reply_topic, error)
+            return
+        if items is None:
+            self._take_reply(message.body, message.connection)
+        else:
+            for item in items:
+                self._take_reply(item, message.connection)
+
+    def _take_reply(self, body: bytes, connection: Connection) -> None:
+        try:
+            reply = decode(body)
         except EnvelopeError as error:
             logger.warning("%s: dropped a message that is not a reply: %s", self.reply_topic, error)
             return
@@ -404,12 +426,12 @@ class Session:
         if call is None:
             logger.debug("%s: a reply to call %d, which is over", self.reply_topic, reply.call_id)
             return
-        if call.origin is not None and message.connection is not call.origin:
+        if call.origin is not None and connection is not call.origin:
             logger.warning(
                 "%s: dropped a reply to call %d from nsqd at %s: the call went to nsqd at %s, its replies come by it",
                 self.reply_topic,
                 reply.call_id,
-                message.connection.address,
+                connection.address,
                 call.origin.address,
             )
             return

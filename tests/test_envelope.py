@@ -436,12 +436,26 @@ def test_protocol_has_the_vectors_it_promises() -> None:
     kinds = [(fields["kind"], fields.get("ok")) for _, fields, _ in VECTORS]
     assert kinds.count(("invocation", None)) >= 3
     assert ("reply", True) in kinds and ("reply", False) in kinds and ("invalid", None) in kinds
+    assert kinds.count(("batch", None)) >= 2 and kinds.count(("invalid batch", None)) >= 3
 
 
 @pytest.mark.parametrize(("canonical", "fields", "body"), VECTORS, ids=[body.hex()[:24] for _, _, body in VECTORS])
 def test_protocol_vector(envelope: ModuleType, canonical: bool, fields: dict[str, Any], body: bytes) -> None:
     fields = dict(fields)
     kind = fields.pop("kind")
+    if kind == "batch":
+        items = [bytes.fromhex(item) for item in fields["items"]]
+        assert envelope.batch_items(body) == items
+        for item in items:
+            envelope.decode(item)  # each an envelope
+        if canonical:
+            assert envelope.encode_batch(items) == body
+        return
+    if kind == "invalid batch":
+        with pytest.raises(envelope.EnvelopeError):
+            envelope.batch_items(body)
+        return
+    assert envelope.batch_items(body) is None  # no batch
     if kind == "invalid":
         with pytest.raises(envelope.EnvelopeError) as caught:
             envelope.decode(body)
@@ -455,3 +469,49 @@ def test_protocol_vector(envelope: ModuleType, canonical: bool, fields: dict[str
     assert envelope.decode(body) == record(**fields)
     if canonical:
         assert encode(**fields) == body
+
+
+# --- batches ----------------------------------------------------------------------
+
+
+def test_a_batch_carries_its_items_in_order(envelope: ModuleType) -> None:
+    items = [envelope.encode_reply(number, True, "x" * number) for number in (1, 300, 70000)] * 6
+    body = envelope.encode_batch(items)
+    assert body[:4] == bytes([0x93, 1, 3, 0xDC])  # 18 items: an array16
+    assert envelope.batch_items(body) == items
+    assert [envelope.decode(item).call_id for item in envelope.batch_items(body)] == [1, 300, 70000] * 6
+
+
+def test_what_is_no_batch_is_told_apart(envelope: ModuleType) -> None:
+    for body in (
+        envelope.encode_reply(1, True, None),
+        envelope.encode_invocation(1, None, 0, None, [1, 3]),
+        b"",
+        b"\xc1",
+        msgpack.packb([2, 3, [b"x"]]),  # another version
+        msgpack.packb([True, 3, [b"x"]]),  # true is no version
+    ):
+        assert envelope.batch_items(body) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (msgpack.packb([1, 3]), "a batch has 3 elements, not 2"),
+        (msgpack.packb([1, 3, []]), "a batch's items are an array of one bin at least, not an array"),
+        (msgpack.packb([1, 3, {}]), "a batch's items are an array of one bin at least, not a map"),
+        (msgpack.packb([1, 3, ["x"]]), "a batch item must be a bin, not a str"),
+        (msgpack.packb([1, 3, [b"x"]]) + b"\x00", "1 byte after the end of the batch"),
+        (msgpack.packb([1, 3, [b"xy"]])[:-1], "the batch is truncated"),
+    ],
+)
+def test_a_bad_batch_is_refused_saying_why(envelope: ModuleType, body: bytes, message: str) -> None:
+    with pytest.raises(envelope.EnvelopeError, match=re.escape(message)):
+        envelope.batch_items(body)
+
+
+def test_a_batch_is_made_of_bytes(envelope: ModuleType) -> None:
+    with pytest.raises(ValueError, match="one item at least"):
+        envelope.encode_batch([])
+    with pytest.raises(TypeError, match="must be bytes, not str"):
+        envelope.encode_batch([b"x", "y"])

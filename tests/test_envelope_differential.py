@@ -190,3 +190,54 @@ def test_decoders_agree(body: bytes, container: Callable[[bytes], Any]) -> None:
     assert outcome(lambda: pure.decode(container(body))) == expected
     if expected[0] == "error":
         assert expected[1] == "EnvelopeError"
+
+
+# --- batches --------------------------------------------------------------------
+
+
+def batch_outcome(call: Callable[[], Any]) -> tuple[Any, ...]:
+    try:
+        return ("ok", call())
+    except (TypeError, ValueError) as error:
+        return ("error", type(error).__name__, str(error))
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> bytes:
+    """Batch envelopes, good or mutated, and msgpack arrays shaped like them."""
+    pure = load_twin("envelope", "py")
+    items = draw(st.lists(st.one_of(canonical(), st.binary(max_size=300)), min_size=1, max_size=20))
+    shaped = msgpack.packb([1, 3, draw(st.one_of(st.just(items), st.lists(field_values, max_size=3)))])
+    return mutate(draw, draw(st.sampled_from([pure.encode_batch(items), shaped])))
+
+
+@codec_settings
+@given(st.one_of(batches(), bodies()), st.sampled_from([bytes, bytearray, memoryview]))
+def test_batch_readers_agree(body: bytes, container: Callable[[bytes], Any]) -> None:
+    compiled, pure = twins()
+    expected = batch_outcome(lambda: pure.batch_items(body))
+    assert batch_outcome(lambda: compiled.batch_items(container(body))) == expected
+    assert batch_outcome(lambda: pure.batch_items(container(body))) == expected
+    if expected[0] == "error":
+        assert expected[1] == "EnvelopeError"
+
+
+def test_every_cut_of_a_batch_agrees() -> None:
+    compiled, pure = twins()
+    items = [pure.encode_reply(1, True, "x" * 300), pure.encode_reply(2, False, None), b"", b"\x01" * 70000]
+    for whole in (pure.encode_batch(items), pure.encode_batch(items[:1]), pure.encode_batch(items * 6)):
+        for cut in range(min(len(whole), 400) + 1):
+            body = whole[:cut]
+            assert batch_outcome(partial(compiled.batch_items, body)) == batch_outcome(
+                partial(pure.batch_items, body)
+            ), body.hex()
+
+
+@codec_settings
+@given(st.lists(st.binary(max_size=300), max_size=20), st.sampled_from([0, 255, 256, 65535, 65536]))
+def test_batch_writers_agree(items: list[bytes], big: int) -> None:
+    """Items of every size class (bin8, bin16, bin32), as many as an array16 needs."""
+    compiled, pure = twins()
+    items = [*items, bytes(big)] * (2 if big < 300 else 1)
+    assert batch_outcome(lambda: compiled.encode_batch(items)) == batch_outcome(lambda: pure.encode_batch(items))
+    assert pure.batch_items(compiled.encode_batch(items)) == items

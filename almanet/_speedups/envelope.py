@@ -9,7 +9,9 @@ __all__ = [
     "EnvelopeError",
     "Invocation",
     "Reply",
+    "batch_items",
     "decode",
+    "encode_batch",
     "encode_invocation",
     "encode_reply",
 ]
@@ -23,7 +25,9 @@ if TYPE_CHECKING or NO_EXTENSIONS:
         EnvelopeError,
         Invocation,
         Reply,
+        batch_items,
         decode,
+        encode_batch,
         encode_invocation,
         encode_reply,
     )
@@ -34,7 +38,9 @@ else:
             EnvelopeError,
             Invocation,
             Reply,
+            batch_items,
             decode,
+            encode_batch,
             encode_invocation,
             encode_reply,
         )
@@ -46,7 +52,9 @@ else:
             EnvelopeError,
             Invocation,
             Reply,
+            batch_items,
             decode,
+            encode_batch,
             encode_invocation,
             encode_reply,
         )

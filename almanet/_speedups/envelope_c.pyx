@@ -50,6 +50,8 @@ from almanet._speedups.envelope_py import (
     _uint64_field,
 )
 from almanet._speedups.envelope_py import __all__  # the same API, by construction
+from almanet._speedups.envelope_py import batch_items as _batch_items_py
+from almanet._speedups.envelope_py import encode_batch as _encode_batch_py
 
 
 cdef extern from "Python.h":
@@ -64,6 +66,8 @@ cdef enum:
     KIND_REPLY_ERROR = 2
     INVOCATION_LENGTH = 7
     REPLY_LENGTH = 4
+    KIND_BATCH = 3
+    BATCH_LENGTH = 3
     MAX_REPLY_TO_BYTES = 255
     # Far below msgpack's own nesting limits, so what is inlined never
     # reaches them; deeper values take the pure path.
@@ -497,6 +501,41 @@ def encode_reply(call_id, ok, payload):
         writer_free(&w)
 
 
+cdef inline Py_ssize_t bin_header_size(Py_ssize_t size) noexcept:
+    return 2 if size <= 0xFF else 3 if size <= 0xFFFF else 5
+
+
+def encode_batch(items):
+    cdef Writer w
+    cdef Py_ssize_t count, index, size, total
+    cdef uint8_t* p
+    if type(items) is not list or not items:
+        return _encode_batch_py(items)
+    count = len(<list>items)
+    total = 3 + 5
+    for index in range(count):
+        item = (<list>items)[index]
+        if type(item) is not bytes:
+            return _encode_batch_py(items)  # raises its TypeError
+        size = PyBytes_GET_SIZE(item)
+        total += bin_header_size(size) + size
+    writer_init(&w)
+    try:
+        reserve(&w, total)
+        put_byte(&w, 0x90 | BATCH_LENGTH)
+        put_byte(&w, VERSION)
+        put_byte(&w, KIND_BATCH)
+        put_length(&w, <uint64_t>count, 0x90, 16, 0, 0xDC)
+        for index in range(count):
+            item = (<list>items)[index]
+            size = PyBytes_GET_SIZE(item)
+            put_length(&w, <uint64_t>size, 0, 0, 0xC4, 0xC5)
+            put_raw(&w, PyBytes_AS_STRING(item), size)
+        return PyBytes_FromStringAndSize(<const char*>w.data, w.length)
+    finally:
+        writer_free(&w)
+
+
 # --- reading -----------------------------------------------------------------
 
 
@@ -757,6 +796,58 @@ cdef object from_fields(list fields):
     if fields[1] == KIND_INVOCATION:
         return make_invocation(fields[2], fields[3], fields[4], fields[5], fields[6])
     return make_reply(fields[2], fields[1] == KIND_REPLY_OK, fields[3])
+
+
+cdef object read_batch(const uint8_t* data, Py_ssize_t size):
+    """The items of the batch in ``data[:size]``; None for a body that is no batch; UNREAD for a bad batch."""
+    cdef Reader r
+    cdef uint64_t count = 0, version = 0, kind = 0, item_size = 0
+    cdef const uint8_t* p
+    cdef uint8_t type_byte
+    cdef list items
+    cdef Py_ssize_t index
+    r.data = data
+    r.pos = 0
+    r.end = size
+    if not (
+        read_array_header(&r, &count) and read_uint(&r, &version) and version == VERSION
+        and read_uint(&r, &kind) and kind == KIND_BATCH
+    ):
+        return None
+    # Each item takes two bytes at least (an empty bin): no more items than that are read.
+    if count != BATCH_LENGTH or not read_array_header(&r, &count) or count == 0 or count > <uint64_t>((r.end - r.pos) // 2):
+        return UNREAD
+    items = [None] * <Py_ssize_t>count
+    for index in range(<Py_ssize_t>count):
+        p = take(&r, 1)
+        if p == NULL:
+            return UNREAD
+        type_byte = p[0]
+        if type_byte == 0xC4 and (p := take(&r, 1)) != NULL:
+            item_size = p[0]
+        elif type_byte == 0xC5 and (p := take(&r, 2)) != NULL:
+            item_size = load_u16(p)
+        elif type_byte == 0xC6 and (p := take(&r, 4)) != NULL:
+            item_size = load_u32(p)
+        else:
+            return UNREAD
+        item = read_bin(&r, item_size)
+        if item is UNREAD:
+            return UNREAD
+        items[index] = item
+    if r.pos != r.end:
+        return UNREAD
+    return items
+
+
+def batch_items(body):
+    if type(body) is bytes:
+        items = read_batch(<const uint8_t*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+    else:
+        return _batch_items_py(body)  # the fast path is for what nsqd hands out: bytes
+    if items is UNREAD:
+        return _batch_items_py(body)  # raises the EnvelopeError that says what is wrong
+    return items
 
 
 def decode(body):

@@ -6,6 +6,8 @@ its reply. It is itself one msgpack array, so any msgpack library can read it
 
 - invocation: ``[1, 0, call_id, reply_to, deadline, headers, payload]``
 - reply: ``[1, 1, call_id, payload]`` (ok) or ``[1, 2, call_id, payload]`` (error)
+- batch: ``[1, 3, [item, ...]]``, each item a bin holding one invocation or
+  reply envelope: several calls, or several replies, in one NSQ message
 
 The encoders write the canonical layout: call id and deadline as uint64
 (``0xcf``), the reply topic as str8 (``0xd9``), headers and payload exactly as
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import GenericAlias
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -34,7 +37,9 @@ __all__ = [
     "EnvelopeError",
     "Invocation",
     "Reply",
+    "batch_items",
     "decode",
+    "encode_batch",
     "encode_invocation",
     "encode_reply",
 ]
@@ -44,6 +49,7 @@ ENVELOPE_VERSION = 1
 _INVOCATION = 0
 _REPLY_OK = 1
 _REPLY_ERROR = 2
+_BATCH = 3
 _INVOCATION_LENGTH = 7
 _REPLY_LENGTH = 4
 _UINT64_MAX = 2**64 - 1
@@ -53,6 +59,7 @@ _MAX_REPLY_TO_BYTES = 255
 _INVOCATION_START = bytes([0x97, ENVELOPE_VERSION, _INVOCATION])
 _REPLY_START = bytes([0x94, ENVELOPE_VERSION])
 _NIL = b"\xc0"
+_BATCH_START = bytes([0x93, ENVELOPE_VERSION, _BATCH])  # fixarray 3, version 1, kind 3
 _UINT64_FIELD = struct.Struct(">BQ")  # 0xcf, then the value
 _STR8_HEADER = struct.Struct(">BB")  # 0xd9, then the length
 
@@ -192,7 +199,75 @@ def encode_reply(call_id: int, ok: bool, payload: Any) -> bytes:
     return b"".join((_REPLY_START, bytes((_ok_kind(ok),)), call_id_field, _packed("the payload", payload)))
 
 
+def encode_batch(items: Sequence[bytes]) -> bytes:
+    """The batch envelope of ``items``, each the bytes of an envelope (not checked), in order.
+
+    Raises TypeError for an item that is not ``bytes`` and ValueError for no items.
+    """
+    if not items:
+        raise ValueError("a batch holds one item at least")
+    parts = [_BATCH_START, _array_header(len(items))]
+    for item in items:
+        if type(item) is not bytes:
+            raise TypeError(f"a batch item must be bytes, not {type(item).__name__}")
+        parts.append(_bin_header(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count <= 0xFFFF:
+        return struct.pack(">BH", 0xDC, count)
+    return struct.pack(">BI", 0xDD, count)
+
+
+def _bin_header(size: int) -> bytes:
+    if size <= 0xFF:
+        return bytes((0xC4, size))
+    if size <= 0xFFFF:
+        return struct.pack(">BH", 0xC5, size)
+    return struct.pack(">BI", 0xC6, size)
+
+
 # --- decoding ----------------------------------------------------------------
+
+
+def batch_items(body: bytes | bytearray | memoryview) -> list[bytes] | None:
+    """The items of the batch envelope ``body``; None if ``body`` is no batch (its kind is not 3).
+
+    EnvelopeError for a body whose kind is 3 that is not a valid batch: the
+    array must have 3 elements, the last an array of one bin at least, and
+    nothing may follow it. The items themselves are not checked: each is
+    decoded (``decode``) on its own.
+    """
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(memoryview(body).nbytes, 1))
+    unpacker.feed(body)
+    try:
+        count = unpacker.read_array_header()
+        version, kind = unpacker.unpack(), unpacker.unpack()
+    except (ValueError, TypeError, msgpack.OutOfData):
+        return None
+    if type(version) is not int or version != ENVELOPE_VERSION or type(kind) is not int or kind != _BATCH:
+        return None
+    if count != 3:
+        raise EnvelopeError(f"a batch has 3 elements, not {count}")
+    try:
+        items = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise EnvelopeError("the batch is truncated") from None
+    except (ValueError, TypeError) as error:
+        raise EnvelopeError(f"the batch is not valid msgpack: {error}") from None
+    if type(items) is not list or not items:
+        raise EnvelopeError(f"a batch's items are an array of one bin at least, not {_describe(items)}")
+    for item in items:
+        if type(item) is not bytes:
+            raise EnvelopeError(f"a batch item must be a bin, not {_describe(item)}")
+    extra = len(unpacker.read_bytes(memoryview(body).nbytes))
+    if extra:
+        raise EnvelopeError(f"{extra} byte{'s' if extra > 1 else ''} after the end of the batch")
+    return items
 
 
 def decode(body: bytes | bytearray | memoryview) -> Invocation | Reply[Any]:

@@ -9,7 +9,7 @@ the deleting of topics left behind. The protocol's facts and errors are in
 ``almanet.wire``.
 """
 
-from almanet.nsq.connection import Connection, Message
+from almanet.nsq.connection import Connection, Message, MessagePart
 from almanet.nsq.consumer import Consumer
 from almanet.nsq.options import ConnectionOptions
 from almanet.nsq.producer import Producer
@@ -23,6 +23,7 @@ __all__ = [
     "Consumer",
     "FrameError",
     "Message",
+    "MessagePart",
     "MessageTooBig",
     "Producer",
     "ProtocolError",

@@ -78,12 +78,12 @@ class Message:
         """Give it back for redelivery after ``delay`` seconds (REQ); ``backoff`` counts it as a failure."""
         self._answer(encode_req(self.id, round(delay * 1000)), requeued=True, backoff=backoff)
 
-    def publish(self, topic: str, body: bytes, answer: OnAnswer) -> None:
+    def publish(self, topic: str, body: bytes, answer: OnAnswer, join: Join | None = None) -> None:
         """Publish through the connection this message came by (see ``Connection.publish``).
 
         What a handler publishes in answer to it (a reply) leaves in one write with its FIN.
         """
-        self._connection.publish(topic, body, answer)
+        self._connection.publish(topic, body, answer, join=join)
 
     @property
     def connection(self) -> Connection:
@@ -107,8 +107,75 @@ class Message:
         self._answered = True
         self._connection.answered(command, requeued=requeued, backoff=backoff)
 
+    def parts(self, bodies: list[bytes]) -> list[MessagePart]:
+        """This message as the items it carries (a batch), each answered on its own (see ``MessagePart``).
+
+        Until it is answered, its connection counts the items beyond the
+        first in its RDY (``Connection.carry``).
+        """
+        whole = _Whole(self, len(bodies))
+        self._connection.carry(whole.left - 1)
+        return [MessagePart(whole, body) for body in bodies]
+
     def __repr__(self) -> str:
         return f"Message(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
+
+
+class _Whole:
+    """A message split into parts: how many are not answered yet, and whether one was given back."""
+
+    __slots__ = ("left", "message", "parts", "requeued")
+
+    def __init__(self, message: Message, parts: int) -> None:
+        self.message = message
+        self.parts = parts
+        self.left = parts
+        self.requeued = False
+
+
+class MessagePart(Message):
+    """One item of a message that carries several, answered as a message is; its ``body`` is the item.
+
+    The message is answered once all its parts are: FIN, or REQ when any
+    part was given back (``req``), so that nsqd hands all of it out again.
+    ``touch`` touches the message.
+    """
+
+    __slots__ = ("_whole",)
+
+    def __init__(self, whole: _Whole, body: bytes) -> None:
+        message = whole.message
+        self.id = message.id
+        self.body = body
+        self.timestamp = message.timestamp
+        self.attempts = message.attempts
+        self._connection = message.connection
+        self._answered = False
+        self._whole = whole
+
+    def touch(self) -> None:
+        if self._answered:
+            raise RuntimeError("the message was already answered")
+        if not self._whole.message.answered:
+            self._whole.message.touch()
+
+    def _answer(self, command: bytes, *, requeued: bool, backoff: bool) -> None:
+        if self._answered:
+            raise RuntimeError("the message was already answered")
+        self._answered = True
+        whole = self._whole
+        whole.requeued |= requeued
+        whole.left -= 1
+        if not whole.left:
+            message = whole.message
+            message.connection.carry(1 - whole.parts)
+            if whole.requeued:
+                message.req()
+            else:
+                message.fin()
+
+    def __repr__(self) -> str:
+        return f"MessagePart(id={self.id!r}, attempts={self.attempts}, body={self.body[:40]!r})"
 
 
 class OnAnswer(Protocol):
@@ -153,13 +220,21 @@ _MPUB_SIZE_FIELD = 4
 _FRAMES_PER_ITERATION = 64
 
 
+# What joins the bodies published to a topic in one loop iteration into fewer
+# messages of at most the size given (almanet.rpc.join_envelopes: batches).
+Join = Callable[[list[bytes], int], list[bytes]]
+
+
 class Publish:
     """One PUB, MPUB or DPUB to send, and what each publish in it does with nsqd's answer (an ``OnAnswer`` itself)."""
 
-    __slots__ = ("bodies", "body_size", "command", "largest", "topic", "waiters")
+    __slots__ = ("bodies", "body_size", "command", "join", "largest", "topic", "waiters")
 
-    def __init__(self, topic: str, command: bytes, first_body: bytes | None = None, largest: int = 0) -> None:
+    def __init__(
+        self, topic: str, command: bytes, first_body: bytes | None = None, largest: int = 0, join: Join | None = None
+    ) -> None:
         self.topic = topic
+        self.join = join  # bodies joined into fewer messages as the publish is sent, or None: a message each
         self.command = command  # PUB of the first body, or a command that takes no more (DPUB, explicit MPUB)
         self.bodies = [] if first_body is None else [first_body]  # the bodies coalesced, a waiter each
         self.body_size = _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in self.bodies)
@@ -167,17 +242,25 @@ class Publish:
         self.waiters: list[OnAnswer] = []
 
     @classmethod
-    def joined(cls, topic: str, bodies: list[tuple[bytes, OnAnswer]]) -> Publish:
+    def joined(cls, topic: str, bodies: list[tuple[bytes, OnAnswer]], join: Join | None) -> Publish:
         """The coalesced publish of ``bodies`` to ``topic``, each with its waiter."""
-        publish = cls(topic, encode_pub(topic, bodies[0][0]), bodies[0][0])
+        publish = cls(topic, encode_pub(topic, bodies[0][0]), bodies[0][0], join=join)
         for body, _ in bodies[1:]:
             publish.bodies.append(body)
             publish.body_size += _MPUB_SIZE_FIELD + len(body)
         publish.waiters = [waiter for _, waiter in bodies]
         return publish
 
-    def encode(self) -> bytes:
-        return encode_mpub(self.topic, self.bodies) if len(self.bodies) > 1 else self.command
+    def encode(self, max_msg_size: int) -> bytes:
+        """The command: PUB of a lone body, else MPUB of the bodies (joined, if told how, within ``max_msg_size``)."""
+        bodies = self.bodies
+        if len(bodies) < 2:
+            return self.command
+        if self.join is not None:
+            bodies = self.join(bodies, max_msg_size)
+            if len(bodies) == 1:
+                return encode_pub(self.topic, bodies[0])
+        return encode_mpub(self.topic, bodies)
 
     def answered(self, answer: bytes) -> None:
         for waiter in self.waiters:
@@ -207,7 +290,7 @@ def sort_out(publishes: list[Publish], limit: int, address: str) -> list[Publish
                 else:
                     fitting.append((body, waiter))
             if fitting:
-                kept.append(Publish.joined(publish.topic, fitting))
+                kept.append(Publish.joined(publish.topic, fitting, publish.join))
     return kept
 
 
@@ -254,6 +337,8 @@ class Connection(asyncio.Protocol):
         self.options = options
         self.negotiated: dict[str, Any] = {}
         self.in_flight = 0  # messages received and not answered yet
+        self.carried = 0  # the items those messages carry beyond one each (batches: Message.parts)
+        self._ready_share = 0  # the RDY the consumer gives this connection
         self._ready_count = 0  # the last RDY sent
         self.limits = limits or NsqdLimits(options)
         self._loop = asyncio.get_running_loop()
@@ -481,11 +566,15 @@ class Connection(asyncio.Protocol):
         self._output.append(command)
         self._schedule_flush()
 
-    def publish(self, topic: str, body: bytes, answer: OnAnswer, *, delay: float = 0.0) -> None:
+    def publish(
+        self, topic: str, body: bytes, answer: OnAnswer, *, delay: float = 0.0, join: Join | None = None
+    ) -> None:
         """Publish ``body`` to ``topic`` (DPUB after ``delay`` seconds); ``answer`` gets nsqd's answer.
 
         Publishes to one topic in one loop iteration join one MPUB, split at
-        max_body_size. An MPUB nsqd refuses fails every publish in it, but on a
+        max_body_size; given ``join``, their bodies are joined into fewer
+        messages as the MPUB is sent (what the iteration's first publish to
+        the topic said goes for all). An MPUB nsqd refuses fails every publish in it, but on a
         producer's connection (``on_unrun``): refused for a message too big,
         the others go again. Bad arguments raise ``ValueError``
         (``MessageTooBig``) or ``TypeError`` at once.
@@ -510,7 +599,7 @@ class Connection(asyncio.Protocol):
             self._open_publishes.pop(topic, None)
             publish = Publish(topic, encode_dpub(topic, round(delay * 1000), body), largest=size)
         else:
-            publish = self._open_publishes[topic] = Publish(topic, encode_pub(topic, body), body)
+            publish = self._open_publishes[topic] = Publish(topic, encode_pub(topic, body), body, join=join)
         publish.waiters.append(answer)
         self._publishes.append(publish)
         self._schedule_flush()
@@ -544,8 +633,9 @@ class Connection(asyncio.Protocol):
         if self._publishes:
             publishes, self._publishes = self._publishes, []
             self._open_publishes.clear()
+            max_msg_size = self.limits.max_msg_size
             for publish in publishes:
-                self.send_request(publish.encode(), publish)  # still scheduled: no flush of its own
+                self.send_request(publish.encode(max_msg_size), publish)  # still scheduled: no flush of its own
         output = self._output
         transport = self._transport
         if output and transport is not None and not transport.is_closing():
@@ -560,7 +650,25 @@ class Connection(asyncio.Protocol):
         return self._ready_count
 
     def set_ready(self, count: int) -> None:
-        """Send RDY ``count`` unless it is the last one sent (capped by nsqd's max_rdy_count)."""
+        """Take ``count`` messages in flight at most: RDY (capped by nsqd's max_rdy_count), less what batches carry.
+
+        nsqd counts messages; a consumer that runs the items of batches one
+        by one means ``count`` items. Near it, the RDY sent is ``count``
+        less the items carried beyond one each (``carry``), so that nsqd
+        sends no batch that would wait here while other consumers are free.
+        """
+        self._ready_share = count
+        self._send_ready()
+
+    def carry(self, extra: int) -> None:
+        """The messages in flight here carry ``extra`` more items (or fewer) than one each: see ``set_ready``."""
+        self.carried += extra
+        self._send_ready()
+
+    def _send_ready(self) -> None:
+        share, carried = self._ready_share, self.carried
+        # Far from full, what batches carry changes nothing nsqd does: no RDY sent a batch for it.
+        count = share if self.in_flight + carried < share // 2 else max(0, share - carried)
         count = min(count, self.negotiated.get("max_rdy_count", count))
         if count != self._ready_count and self.is_open:
             self._ready_count = count

@@ -19,7 +19,7 @@ from typing import Any
 
 from almanet._speedups.frames import check_name, encode_sub
 from almanet.loops import within
-from almanet.nsq.connection import Connection, Message, OnAnswer, OnMessage
+from almanet.nsq.connection import Connection, Join, Message, OnAnswer, OnMessage
 from almanet.nsq.lookupd import POLL_INTERVAL, NsqdWatch
 from almanet.nsq.options import ConnectionOptions, NsqdLimits
 from almanet.nsq.ready import ReadyCounts
@@ -180,7 +180,7 @@ class Consumer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._retire(connection, timeout) for connection in list(self.connections.values())))
 
-    def publish(self, topic: str, body: bytes, answer: OnAnswer) -> Connection:
+    def publish(self, topic: str, body: bytes, answer: OnAnswer, join: Join | None = None) -> Connection:
         """Publish through a connection this consumer reads from; that connection.
 
         What its nsqd sends back for it (a reply to an invocation) comes by the
@@ -198,7 +198,7 @@ class Consumer:
             )
             if connection is None:
                 raise ConnectionFailed(f"no connection to nsqd open for {self.topic}/{self.channel}")
-        connection.publish(topic, body, answer)
+        connection.publish(topic, body, answer, join=join)
         return connection
 
     def _rank(self, address: str) -> int:
