@@ -68,10 +68,9 @@ class DiscoveryQuery(Call):
         self.discovery.answered(self.asked, self.future.done() and self.all_take_batches)
         super().expire()
 
-
-def _ignore_outcome(asked: asyncio.Future[Query | None]) -> None:
-    if not asked.cancelled():
-        asked.exception()  # retrieved: a check that could not be asked (the session left) is no error
+    def failed(self, error: BaseException) -> None:
+        self.discovery.answered(self.asked, False)  # not asked, or its connection lost: no batches, to be safe
+        super().failed(error)
 
 
 class Addresses(Protocol):
@@ -119,7 +118,11 @@ class Discovery:
             self.batches.discard(uri)  # not called lately: its next call asks anyway
         elif uri in self.batches:  # else found not to take them meanwhile
             asked = asyncio.ensure_future(self._ask(uri))
-            asked.add_done_callback(_ignore_outcome)  # the query's end tells ``answered``
+            asked.add_done_callback(functools.partial(self._checked, uri))  # the query's end tells ``answered``
+
+    def _checked(self, uri: str, asked: asyncio.Future[Query | None]) -> None:
+        if asked.cancelled() or asked.exception() is not None:  # could not be asked (the session left, say)
+            self.batches.discard(uri)  # to be safe: the next query after SERVED_FOR tells again
 
     def clear(self) -> None:
         """Forget what is known: the services may be gone when the session joins again."""

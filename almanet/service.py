@@ -41,7 +41,6 @@ from almanet.rpc import (
     SERVICE_FEATURES,
     check_uri,
     is_reply_topic,
-    join_envelopes,
 )
 from almanet.session import Session
 from almanet.still_running import StillRunning
@@ -94,6 +93,7 @@ class Procedure(Generic[P, R]):
         # each, ``Consumer.ready_everywhere``) when max_concurrency is below the number of nsqd.
         self.running = 0
         self.held: deque[Message] = deque()
+        self.running_held = False  # Service._run_held's loop runs
         self.options = options  # of the connections its invocations come by
         self.raises = raises
         self.is_async = inspect.iscoroutinefunction(function)
@@ -126,6 +126,8 @@ class Procedure(Generic[P, R]):
             return check(payload)
         except conversion.ConversionError as error:
             raise InvalidPayload(f"{self.uri} does not take this payload: {error}") from None
+        except Exception as error:  # the payload type's own check (an assert in __post_init__, say)
+            raise InvalidPayload(f"{self.uri} does not take this payload: {type(error).__name__}: {error}") from None
 
     def context(self, session: Session, invocation: Invocation) -> dict[str, Any]:
         """The keyword arguments of a call: those of ``CONTEXT`` the function takes."""
@@ -293,9 +295,9 @@ class Service:
                     raise ConnectionFailed("the service was stopped while it started")
             # Last: a session told that a URI is served finds its procedure subscribed.
             self._served = frozenset(registered.uri for registered in self.procedures)
-            self._take_batches = frozenset(
-                registered.uri for registered in self.procedures if registered.max_concurrency >= BATCH_ITEMS
-            )
+            self._take_batches = self._served - {
+                registered.uri for registered in self.procedures if registered.max_concurrency < BATCH_ITEMS
+            }
             self._discovery = Consumer(
                 DISCOVERY_TOPIC,
                 f"service.{session.id}#ephemeral",
@@ -345,7 +347,8 @@ class Service:
         if self._nsqd_watch is not None:
             self._nsqd_watch.stop()
             self._nsqd_watch = None
-        for task in list(self._running):  # past the timeout: nsqd redelivers their invocations
+        running, self._running = self._running, set()  # one cancelled before its first step never drops itself
+        for task in running:  # past the timeout: nsqd redelivers their invocations
             task.cancel()
         self._still_running.clear()
         await self._replies.close(timeout)
@@ -455,19 +458,23 @@ class Service:
             return
         if items is None:
             self._receive_invocation(procedure, message)
-        else:
-            for part in message.parts(items):
-                self._receive_invocation(procedure, part)
+            return
+        for part in message.parts(items):
+            self._receive_part(procedure, part)
+
+    def _receive_part(self, procedure: Procedure[..., Any], part: MessagePart) -> None:
+        try:
+            self._receive_invocation(procedure, part)
+        except Exception:  # a bug: the other parts go on, and the batch is answered once they are (never REQ)
+            logger.exception("%s: an invocation of a batch failed", procedure.uri)
+            if not part.answered:
+                part.fin()
 
     def _receive_invocation(self, procedure: Procedure[..., Any], message: Message) -> None:
         if procedure.running >= procedure.max_concurrency:
-            if type(message) is MessagePart:
-                # An invocation a batch brought past max_concurrency: back to nsqd (in a batch with the others
-                # of this loop iteration), for whichever instance is free; held here if it cannot go. Its batch
-                # is not given back whole: the invocations of it answered already would run again.
-                given_back = _GivenBack(self, procedure, message)
-                self._replies.publish_apart(message, procedure.uri, message.body, given_back, join_envelopes)
-            elif self._stopped:  # sent before nsqd had the RDY 0: back at once, for another instance
+            # An invocation of a batch is held even while stopping: its batch given back whole, the invocations
+            # of it answered already would run again. (The RDY sent counts what batches carry: see Connection.)
+            if self._stopped and type(message) is not MessagePart:  # sent before nsqd had the RDY 0: back at once
                 message.req()
             else:
                 self._hold(procedure, message)
@@ -562,12 +569,19 @@ class Service:
         self._run_held(procedure)
 
     def _run_held(self, procedure: Procedure[..., Any]) -> None:
-        # A held invocation may be answered at once (undecodable, past its deadline): then the next one's turn.
+        # A held invocation may be answered at once (undecodable, past its deadline, a call that never waits
+        # with eager tasks): then the next one's turn, in the loop below rather than a call deeper.
         # Stopping, only the parts of batches are held: they run (see _give_back).
-        while procedure.held and procedure.running < procedure.max_concurrency:
-            held = procedure.held.popleft()
-            if held.connection_open:  # else nsqd hands it out again anyway
-                self._receive_invocation(procedure, held)
+        if procedure.running_held:
+            return
+        procedure.running_held = True
+        try:
+            while procedure.held and procedure.running < procedure.max_concurrency:
+                held = procedure.held.popleft()
+                if held.connection_open:  # else nsqd hands it out again anyway
+                    self._receive_invocation(procedure, held)
+        finally:
+            procedure.running_held = False
 
     def _answer_error(
         self, error: BaseException, procedure: Procedure[..., Any], invocation: Invocation, message: Message
@@ -603,25 +617,6 @@ class Service:
             milliseconds = (time.perf_counter() - started) * 1000
             outcome = "ok" if ok else payload[0] if isinstance(payload, list) and payload else "error"
             logger.debug("%s: %s in %.3f ms", uri, outcome, milliseconds)
-
-
-class _GivenBack:
-    """Told nsqd's answer to an invocation of a batch published again: done with it (FIN), or it is held here."""
-
-    __slots__ = ("message", "procedure", "service")
-
-    def __init__(self, service: Service, procedure: Procedure[..., Any], message: MessagePart) -> None:
-        self.service = service
-        self.procedure = procedure
-        self.message = message
-
-    def answered(self, answer: bytes) -> None:
-        self.message.fin()
-
-    def failed(self, error: BaseException) -> None:
-        logger.debug("%s: an invocation of a batch could not be given back, held: %s", self.procedure.uri, error)
-        if self.message.connection_open:  # else nsqd hands its batch out again anyway
-            self.service._hold(self.procedure, self.message)
 
 
 def _describe(error: BaseException) -> str:

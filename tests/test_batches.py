@@ -11,6 +11,7 @@ prefix of its own, so tests share the broker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from almanet.discovery import DiscoveryQuery
 from almanet.nsq import Producer
 from almanet.pytest_plugin import BrokerAddresses, broker_in_thread
 from almanet.rpc import BATCH_ITEMS, BATCH_SIZE, DISCOVERY_TOPIC
+from almanet.wire.errors import ConnectionFailed
 from helpers import eventually, topic_stats
 
 pytestmark = pytest.mark.asyncio
@@ -491,3 +493,164 @@ async def test_bad_batches_to_a_procedure_leave_the_service_serving(
             assert (await session.call(uri, "later", timeout=TIMEOUT)).payload == "later"
         finally:
             await service.stop(timeout=0)
+
+
+# --- what the review of batches found ----------------------------------------------
+
+
+async def test_an_item_given_back_is_not_run_again_by_any_channel(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    """docs/RPC.md: each channel gets every call, once. What a batch brings past max_concurrency on channel "a"
+    is held there: published again to the URI's topic, nsqd would copy it to every channel (and "b" would run it
+    again, and give back in turn, without end)."""
+    runs: dict[str, Counter[int]] = {"a": Counter(), "b": Counter()}
+    service_a = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+    service_b = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service_a.procedure(name="work", channel="a", max_concurrency=BATCH_ITEMS)
+    async def slow(payload: int, **kwargs: Any) -> int:
+        runs["a"][payload] += 1
+        await asyncio.sleep(0.05)
+        return payload
+
+    @service_b.procedure(name="work", channel="b", max_concurrency=4 * BATCH_ITEMS)
+    async def fast(payload: int, **kwargs: Any) -> int:
+        runs["b"][payload] += 1
+        return payload
+
+    uri = f"{prefix}.work"
+    async with service_a, service_b:
+        await session.call(uri, -1, timeout=TIMEOUT)
+        await eventually(lambda: uri in session._discovery.batches)
+        await asyncio.sleep(0.2)
+        runs["a"].clear()
+        runs["b"].clear()
+        calls = 8 * BATCH_ITEMS
+        await asyncio.wait_for(asyncio.gather(*(session.call(uri, n) for n in range(calls))), TIMEOUT)
+        await asyncio.sleep(0.5)  # what channel "a" gave back reaches channel "b" too
+    expected = Counter(range(calls))
+    again = {channel: sum((counter - expected).values()) for channel, counter in runs.items()}
+    assert again == {"a": 0, "b": 0}, f"calls run again: {again}"
+
+
+async def test_one_busy_instance_does_not_bounce_items_through_nsqd(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    """The RDY counts the items of batches: nsqd counts messages, and one instance with max_concurrency 32 would
+    be handed all 8 batches of a 256-call burst at once. Each batch is one message to the URI, nothing more."""
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure(name="work", max_concurrency=BATCH_ITEMS)
+    async def slow(payload: int, **kwargs: Any) -> int:
+        await asyncio.sleep(0.05)
+        return payload
+
+    uri = f"{prefix}.work"
+    async with service:
+        await session.call(uri, -1, timeout=TIMEOUT)
+        await eventually(lambda: uri in session._discovery.batches)
+        before = await messages_on(almanet_broker.http_address, uri)
+        calls = 8 * BATCH_ITEMS
+        await asyncio.wait_for(asyncio.gather(*(session.call(uri, n) for n in range(calls))), TIMEOUT)
+        messages = await messages_on(almanet_broker.http_address, uri) - before
+    batches = calls // BATCH_ITEMS
+    assert messages <= 2 * batches, f"{messages} NSQ messages to the URI for {calls} calls in {batches} batches"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+    def __post_init__(self) -> None:
+        assert self.x >= 0, "negative"  # msgspec lets an AssertionError through (not a ValidationError)
+
+
+async def test_an_item_whose_payload_check_raises_leaves_its_batch_and_the_rdy_sound(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    """An item of a batch whose payload check raises (a payload's __post_init__ assert, which msgspec passes on)
+    is refused as InvalidPayload; the others are answered, the batch FINed (never REQ'd while its items ran), and
+    the connection's count of the items batches carry goes back to 0: nothing stalls the procedure there."""
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+    runs: Counter[int] = Counter()
+
+    @service.procedure(name="work", max_concurrency=BATCH_ITEMS)
+    async def work(payload: Point) -> int:
+        runs[payload.x] += 1
+        return payload.x
+
+    uri = f"{prefix}.work"
+    async with service:
+        await session.call(uri, {"x": 1000}, timeout=TIMEOUT)
+        await eventually(lambda: uri in session._discovery.batches)
+        runs.clear()
+        for _ in range(2):
+            payloads = [{"x": n} for n in range(5)] + [{"x": -1}] + [{"x": n} for n in range(5, 20)]
+            await asyncio.gather(*(session.call(uri, p, timeout=2) for p in payloads), return_exceptions=True)
+        connection = next(iter(service._consumers[0].connections.values()))
+        state = {"carried": connection.carried, "in_flight": connection.in_flight, "rdy": connection.ready_count}
+        later = await asyncio.gather(
+            *(session.call(uri, {"x": n}, timeout=2) for n in range(100, 110)), return_exceptions=True
+        )
+    assert state["carried"] == state["in_flight"] == 0 and state["rdy"] >= 1, state
+    assert runs == Counter({**{n: 2 for n in range(20)}, **{n: 1 for n in range(100, 110)}})  # each valid call once
+    assert all(isinstance(o, almanet.Reply) for o in later), [type(o).__name__ for o in later]
+
+
+async def test_joining_keeps_an_mpub_within_max_body_size(prefix: str) -> None:
+    """Publish.encode joins the bodies an MPUB was filled with up to max_body_size; two 2040-byte envelopes in a
+    batch take 4094 bytes of MPUB body against 4088 alone: joined, a full MPUB would pass nsqd's --max-body-size
+    (E_BAD_BODY, fatal, closing the connection every call and reply goes by), so it goes unjoined."""
+    from almanet.broker.nsqd import find_nsqd, nsqd_process
+
+    executable = find_nsqd()
+    if executable is None:
+        pytest.skip("no nsqd")
+    body = 2040  # the invocation envelope of a 1972-byte payload
+    calls = 8
+    max_body = 4 + calls * (4 + body)  # exactly what 8 such invocations take in one MPUB
+    with nsqd_process(executable, f"--max-body-size={max_body}") as (tcp, _http):
+        service = almanet.new_service(tcp, prefix=prefix)
+
+        @service.procedure(name="echo", max_concurrency=BATCH_ITEMS)
+        async def echo(payload: Any) -> int:
+            return len(payload)
+
+        uri = f"{prefix}.echo"
+        async with service, almanet.new_session(tcp, max_body_size=max_body) as session:
+            await session.call(uri, b"", timeout=TIMEOUT)
+            await eventually(lambda: uri in session._discovery.batches)
+            payload = b"x" * 1972
+            outcomes = await asyncio.gather(
+                *(session.call(uri, payload, timeout=5) for _ in range(calls)), return_exceptions=True
+            )
+    assert all(isinstance(outcome, almanet.Reply) for outcome in outcomes), outcomes
+
+
+async def test_a_batches_check_that_could_not_be_asked_is_asked_again(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check whose query fails (its publish raises, as Consumer.publish does with no connection open, or the
+    connection it went by is lost) stops the batches to the URI, to be safe: else they would go on, never checked
+    again while calls keep ``served_until`` fresh, and an older instance joining later would not be noticed."""
+    uri = f"{prefix}.echo"
+    async with echo_service(almanet_broker.tcp_address, prefix):
+        await session.call(uri, "first", timeout=TIMEOUT)
+        await eventually(lambda: uri in session._discovery.batches)
+        discovery = session._discovery
+        discovery._checks[uri].cancel()  # the check is due now: run below
+        publish_call = session._publish_call
+
+        def no_connection(topic: str, body: bytes, call: Any, join: Any) -> None:
+            if topic == DISCOVERY_TOPIC:
+                raise ConnectionFailed("no connection to nsqd open")
+            publish_call(topic, body, call, join)
+
+        monkeypatch.setattr(session, "_publish_call", no_connection)
+        discovery._check_batches(uri)
+        await asyncio.sleep(0.1)
+        monkeypatch.setattr(session, "_publish_call", publish_call)
+        for _ in range(3):  # calls go on, renewing served_until
+            await session.call(uri, "again", timeout=TIMEOUT)
+        assert uri not in discovery.batches or uri in discovery._checks, "batches go on, never checked again"

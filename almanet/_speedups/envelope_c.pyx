@@ -515,8 +515,8 @@ def encode_batch(items):
     total = 3 + 5
     for index in range(count):
         item = (<list>items)[index]
-        if type(item) is not bytes:
-            return _encode_batch_py(items)  # raises its TypeError
+        if type(item) is not bytes or <uint64_t>PyBytes_GET_SIZE(item) > UINT32_MAX:
+            return _encode_batch_py(items)  # raises its error
         size = PyBytes_GET_SIZE(item)
         total += bin_header_size(size) + size
     writer_init(&w)

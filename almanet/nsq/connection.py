@@ -220,6 +220,11 @@ _MPUB_SIZE_FIELD = 4
 _FRAMES_PER_ITERATION = 64
 
 
+# How much the last message weighs in a connection's items a message (batches), and the
+# average under which messages count as one item each again.
+_ITEMS_WEIGHT = 0.25
+_LONE = 1.05
+
 # What joins the bodies published to a topic in one loop iteration into fewer
 # messages of at most the size given (almanet.rpc.join_envelopes: batches).
 Join = Callable[[list[bytes], int], list[bytes]]
@@ -251,15 +256,21 @@ class Publish:
         publish.waiters = [waiter for _, waiter in bodies]
         return publish
 
-    def encode(self, max_msg_size: int) -> bytes:
-        """The command: PUB of a lone body, else MPUB of the bodies (joined, if told how, within ``max_msg_size``)."""
+    def encode(self, max_msg_size: int, max_body_size: int) -> bytes:
+        """The command: PUB of a lone body, else MPUB of the bodies (joined, if told how, within ``max_msg_size``).
+
+        Joined bodies that would make the MPUB bigger than ``max_body_size``
+        (their headers may outweigh the size fields they save) go unjoined.
+        """
         bodies = self.bodies
         if len(bodies) < 2:
             return self.command
         if self.join is not None:
-            bodies = self.join(bodies, max_msg_size)
-            if len(bodies) == 1:
-                return encode_pub(self.topic, bodies[0])
+            joined = self.join(bodies, max_msg_size)
+            if len(joined) == 1:
+                return encode_pub(self.topic, joined[0])
+            if _MPUB_COUNT_SIZE + sum(_MPUB_SIZE_FIELD + len(body) for body in joined) <= max_body_size:
+                bodies = joined
         return encode_mpub(self.topic, bodies)
 
     def answered(self, answer: bytes) -> None:
@@ -338,6 +349,7 @@ class Connection(asyncio.Protocol):
         self.negotiated: dict[str, Any] = {}
         self.in_flight = 0  # messages received and not answered yet
         self.carried = 0  # the items those messages carry beyond one each (batches: Message.parts)
+        self.items_a_message = 1.0  # the items a message carries lately: an average of those received
         self._ready_share = 0  # the RDY the consumer gives this connection
         self._ready_count = 0  # the last RDY sent
         self.limits = limits or NsqdLimits(options)
@@ -480,6 +492,9 @@ class Connection(asyncio.Protocol):
 
     def _receive_message(self, frame: MessageFrame) -> None:
         self.in_flight += 1
+        if self.items_a_message > 1.0:  # batches came: one item more in the average (carry adds the rest)
+            self.items_a_message = 1.0 + (self.items_a_message - 1.0) * (1.0 - _ITEMS_WEIGHT)
+            self._send_ready()
         if self._on_message is None:
             raise ProtocolError("nsqd sent a message to a connection that did not subscribe")
         self._on_message(Message(frame, self))
@@ -633,9 +648,9 @@ class Connection(asyncio.Protocol):
         if self._publishes:
             publishes, self._publishes = self._publishes, []
             self._open_publishes.clear()
-            max_msg_size = self.limits.max_msg_size
+            max_msg_size, max_body_size = self.limits.max_msg_size, self.options.max_body_size
             for publish in publishes:
-                self.send_request(publish.encode(max_msg_size), publish)  # still scheduled: no flush of its own
+                self.send_request(publish.encode(max_msg_size, max_body_size), publish)  # no flush of its own
         output = self._output
         transport = self._transport
         if output and transport is not None and not transport.is_closing():
@@ -653,22 +668,35 @@ class Connection(asyncio.Protocol):
         """Take ``count`` messages in flight at most: RDY (capped by nsqd's max_rdy_count), less what batches carry.
 
         nsqd counts messages; a consumer that runs the items of batches one
-        by one means ``count`` items. Near it, the RDY sent is ``count``
-        less the items carried beyond one each (``carry``), so that nsqd
-        sends no batch that would wait here while other consumers are free.
+        by one means ``count`` items. Once batches come (``carry``), the RDY
+        sent lets nsqd send as many more messages as the items room left
+        makes at the items a message lately (an average that lone messages
+        bring back to one), so that a burst of batches does not wait here
+        while other consumers are free.
         """
         self._ready_share = count
         self._send_ready()
 
     def carry(self, extra: int) -> None:
-        """The messages in flight here carry ``extra`` more items (or fewer) than one each: see ``set_ready``."""
+        """The messages in flight here carry ``extra`` more items (or fewer) than one each: see ``set_ready``.
+
+        ``extra`` > 0: the message just received carries ``extra + 1``.
+        """
         self.carried += extra
+        if extra > 0:
+            self.items_a_message += extra * _ITEMS_WEIGHT
         self._send_ready()
 
     def _send_ready(self) -> None:
-        share, carried = self._ready_share, self.carried
-        # Far from full, what batches carry changes nothing nsqd does: no RDY sent a batch for it.
-        count = share if self.in_flight + carried < share // 2 else max(0, share - carried)
+        share, carried, in_flight, per_message = self._ready_share, self.carried, self.in_flight, self.items_a_message
+        count = share
+        if share and (carried or per_message > _LONE):
+            # Batches come: as many more messages as the items room left makes, at the items a message lately
+            # (one at least, nothing in flight); not resent for a change under a sixteenth of the share in items.
+            room = share - in_flight - carried
+            count = max(in_flight + int(max(0, room) / per_message), 1)
+            if abs(count - self._ready_count) < max(1, int(share / 16 / per_message)):
+                return
         count = min(count, self.negotiated.get("max_rdy_count", count))
         if count != self._ready_count and self.is_open:
             self._ready_count = count
