@@ -2,12 +2,11 @@
 
 Small replies go through the connection the invocation came by, in the
 loop iteration's write with its FIN; the replies to invocations that came in
-a batch, to one reply topic, are joined into batches as they leave. Replies over ``APART_SIZE``
-go apart, through a producer of their own to that nsqd: nsqd closes the
-connection that sent a message over its --max-msg-size, and the
-invocations in flight on it would be handed out again. A reply nsqd refuses
-as too big is answered with an ``InternalError`` saying so. The service gives
-back the invocations of a batch it cannot run yet through those producers too.
+a batch, to one reply topic, are joined into batches as they leave. Replies
+over ``APART_SIZE`` go apart, through a producer of their own to that nsqd:
+nsqd closes the connection that sent a message over its --max-msg-size, and
+the invocations in flight on it would be handed out again. A reply nsqd
+refuses as too big is answered with an ``InternalError`` saying so.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any
 from almanet._speedups.envelope import encode_reply
 from almanet.errors import InternalError
 from almanet.nsq import ConnectionOptions, Message, MessagePart, Producer
-from almanet.nsq.connection import Join, OnAnswer
+from almanet.nsq.connection import OnAnswer
 from almanet.rpc import APART_SIZE, join_envelopes, reply_envelope
 from almanet.wire.errors import ConnectionFailed, MessageTooBig
 
@@ -88,7 +87,7 @@ class Replies:
             body = encode_reply(call_id, False, unencodable.to_reply_payload())
         try:
             if len(body) > APART_SIZE:
-                self.publish_apart(message, reply_to, body, _BigReplyPublished(self, uri, message, reply_to, call_id))
+                self._publish_apart(message, reply_to, body, _BigReplyPublished(self, uri, message, reply_to, call_id))
             else:
                 # The caller of an invocation that came in a batch takes its reply in one too.
                 join = join_envelopes if type(message) is MessagePart else None
@@ -106,16 +105,11 @@ class Replies:
         if invocation.connection_open:
             invocation.publish(reply_to, reply, published)
         else:
-            self.publish_apart(invocation, reply_to, reply, published)
+            self._publish_apart(invocation, reply_to, reply, published)
 
-    def publish_apart(
-        self, invocation: Message, topic: str, body: bytes, answer: OnAnswer, join: Join | None = None
-    ) -> None:
-        """Publish ``body`` to ``topic`` apart from the replies in flight (as a session publishes big calls), to
-        the nsqd ``invocation`` came from: on a cluster, the caller reads its replies there only.
-
-        For big replies, and the invocations of a batch a procedure gives back (``Service``).
-        """
+    def _publish_apart(self, invocation: Message, reply_to: str, body: bytes, answer: OnAnswer) -> None:
+        """Publish a reply apart from the replies in flight (as a session publishes big calls), to the nsqd
+        ``invocation`` came from: on a cluster, the caller reads its replies there only."""
         if self._big_reply_producers is None:  # a call that ended after stop() closed the producers
             answer.failed(ConnectionFailed("the service stopped before the reply was sent"))
             return
@@ -123,4 +117,4 @@ class Replies:
         producer = self._big_reply_producers.get(address)
         if producer is None:
             producer = self._big_reply_producers[address] = Producer(address, options=self.options)
-        producer.publish_with(answer, topic, body, join=join)
+        producer.publish_with(answer, reply_to, body)

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from almanet.loops import within
-from almanet.nsq.connection import Connection, FutureAnswer, Join, OnAnswer, Publish, check_message, encode_batch
+from almanet.nsq.connection import Connection, FutureAnswer, OnAnswer, Publish, check_message, encode_batch
 from almanet.nsq.options import ConnectionOptions, NsqdLimits
 from almanet.wire.addresses import split_address
 from almanet.wire.errors import ConnectionFailed, ProtocolError
@@ -74,21 +74,15 @@ class Producer:
         self.publish_with(FutureAnswer(answer), topic, body, delay=delay)
         return answer
 
-    def publish_with(
-        self, answer: OnAnswer, topic: str, body: bytes, *, delay: float = 0.0, join: Join | None = None
-    ) -> None:
-        """``publish``, telling nsqd's answer to ``answer`` instead of a new future (for callers that have one).
-
-        ``join``: as ``Connection.publish``'s.
-        """
+    def publish_with(self, answer: OnAnswer, topic: str, body: bytes, *, delay: float = 0.0) -> None:
+        """``publish``, telling nsqd's answer to ``answer`` instead of a new future (for callers that have one)."""
         connection = self._connection
         if connection is not None and connection.is_open and not self._unsent and not self._closing:
-            connection.publish(topic, body, answer, delay=delay, join=join)
+            connection.publish(topic, body, answer, delay=delay)
             return
         check_message(topic, body, self.limits.max_msg_size)
         self._send_when_connected(
-            functools.partial(Connection.publish, topic=topic, body=body, answer=answer, delay=delay, join=join),
-            answer,
+            functools.partial(Connection.publish, topic=topic, body=body, answer=answer, delay=delay), answer
         )
 
     def publish_batch(self, topic: str, bodies: Sequence[bytes]) -> asyncio.Future[bytes]:
