@@ -18,6 +18,7 @@ from authserver import AuthServer, allow, grant
 import almanet
 from almanet.broker.nsqd import find_nsqd, nsqd_process
 from almanet.pytest_plugin import broker_in_thread
+from helpers import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -59,6 +60,10 @@ async def test_calls_and_consuming_work_with_the_secret(broker_with_auth: str) -
 
     async with service, almanet.new_session(address, auth_secret=SECRET) as session:
         assert (await session.call(greet, "you", timeout=10)).payload == "hello you"
+        await eventually(lambda: greet.uri in session._discovery.batches)  # and in batches, once they may
+        names = [f"n{number}" for number in range(200)]
+        replies = await asyncio.gather(*(session.call(greet, name, timeout=10) for name in names))
+        assert [reply.payload for reply in replies] == [f"hello {name}" for name in names]
         await session.produce("auth.events", {"n": 1})
         async with session.consume("auth.events", "ch") as messages:
             async for message in messages:

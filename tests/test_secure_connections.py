@@ -110,6 +110,9 @@ async def call_and_consume(address: str, http_address: str = "", **options: Any)
     async with service, almanet.new_session(address, **options) as session:
         for payload in ("hello " * 500, big):
             assert (await session.call(echo, payload, timeout=TIMEOUT)).payload == payload
+        await eventually(lambda: echo.uri in session._discovery.batches)  # calls in batches over it too
+        replies = await asyncio.gather(*(session.call(echo, f"n{number}", timeout=TIMEOUT) for number in range(200)))
+        assert [reply.payload for reply in replies] == [f"n{number}" for number in range(200)]
         await session.produce(f"{name}.events", {"n": 1, "text": "x" * 2000})
         async with session.consume(f"{name}.events", "ch") as messages:
             async for message in messages:
