@@ -654,3 +654,27 @@ async def test_a_batches_check_that_could_not_be_asked_is_asked_again(
         for _ in range(3):  # calls go on, renewing served_until
             await session.call(uri, "again", timeout=TIMEOUT)
         assert uri not in discovery.batches or uri in discovery._checks, "batches go on, never checked again"
+
+
+async def test_lone_calls_after_batches_bring_the_rdy_back_to_the_share(
+    almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str
+) -> None:
+    """The RDY counts the calls batches carry, at the calls a message lately: lone messages bring that back to
+    one, and the RDY to max_concurrency (nothing more done a message from then on)."""
+    service = almanet.new_service(almanet_broker.tcp_address, prefix=prefix)
+
+    @service.procedure(name="work", max_concurrency=BATCH_ITEMS)
+    async def work(payload: int, **kwargs: Any) -> int:
+        await asyncio.sleep(0.001)
+        return payload
+
+    uri = f"{prefix}.work"
+    async with service:
+        await batching_on(session, uri, -1)
+        await asyncio.gather(*(session.call(uri, number) for number in range(4 * BATCH_ITEMS)))
+        connection = next(iter(service._consumers[0].connections.values()))
+        assert connection.items_a_message > 1.0  # batches came
+        for number in range(40):
+            await session.call(uri, number)
+        assert connection.items_a_message == 1.0
+        assert connection.ready_count == BATCH_ITEMS

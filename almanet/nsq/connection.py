@@ -493,7 +493,8 @@ class Connection(asyncio.Protocol):
     def _receive_message(self, frame: MessageFrame) -> None:
         self.in_flight += 1
         if self.items_a_message > 1.0:  # batches came: one item more in the average (carry adds the rest)
-            self.items_a_message = 1.0 + (self.items_a_message - 1.0) * (1.0 - _ITEMS_WEIGHT)
+            decayed = 1.0 + (self.items_a_message - 1.0) * (1.0 - _ITEMS_WEIGHT)
+            self.items_a_message = decayed if decayed > _LONE else 1.0  # lone again: no more work a message
             self._send_ready()
         if self._on_message is None:
             raise ProtocolError("nsqd sent a message to a connection that did not subscribe")
