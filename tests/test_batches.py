@@ -78,6 +78,16 @@ def takes_no_batches(service: almanet.Service, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(service._replies, "send", send_without_features)
 
 
+async def assert_calls_go_alone(broker: BrokerAddresses, session: almanet.Session, uri: str) -> None:
+    """After a first call and its discovery wait, ``uri`` is not batched: 200 concurrent calls, 200 messages."""
+    assert (await session.call(uri, "first")).payload == "first"
+    await eventually(lambda: discovery_over(session))
+    assert uri not in session._discovery.batches
+    replies = await asyncio.gather(*(session.call(uri, number) for number in range(200)))
+    assert [reply.payload for reply in replies] == list(range(200))
+    assert await messages_on(broker.http_address, uri) == 1 + 200
+
+
 def echo_service(address: str, prefix: str, **options: Any) -> almanet.Service:
     service = almanet.new_service(address, prefix=prefix, **options)
 
@@ -356,14 +366,8 @@ async def test_a_service_that_does_not_announce_batches_gets_one_invocation_a_me
     almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(almanet.service, "SERVICE_FEATURES", None)  # as an almanet before batches answers
-    uri = f"{prefix}.echo"
     async with echo_service(almanet_broker.tcp_address, prefix):
-        assert (await session.call(uri, "first")).payload == "first"
-        await eventually(lambda: discovery_over(session))
-        assert uri not in session._discovery.batches
-        replies = await asyncio.gather(*(session.call(uri, number) for number in range(200)))
-        assert [reply.payload for reply in replies] == list(range(200))
-        assert await messages_on(almanet_broker.http_address, uri) == 1 + 200
+        await assert_calls_go_alone(almanet_broker, session, f"{prefix}.echo")
 
 
 async def test_one_instance_that_does_not_announce_batches_keeps_them_all_from_batches(
@@ -372,14 +376,8 @@ async def test_one_instance_that_does_not_announce_batches_keeps_them_all_from_b
     announcing = echo_service(almanet_broker.tcp_address, prefix)
     silent = echo_service(almanet_broker.tcp_address, prefix)
     takes_no_batches(silent, monkeypatch)
-    uri = f"{prefix}.echo"
     async with announcing, silent:
-        assert (await session.call(uri, "first")).payload == "first"
-        await eventually(lambda: discovery_over(session))
-        assert uri not in session._discovery.batches
-        replies = await asyncio.gather(*(session.call(uri, number) for number in range(200)))
-        assert [reply.payload for reply in replies] == list(range(200))
-        assert await messages_on(almanet_broker.http_address, uri) == 1 + 200
+        await assert_calls_go_alone(almanet_broker, session, f"{prefix}.echo")
 
 
 async def test_batches_stop_when_an_instance_that_takes_none_joins(
@@ -628,7 +626,7 @@ async def test_joining_keeps_an_mpub_within_max_body_size(prefix: str) -> None:
     assert all(isinstance(outcome, almanet.Reply) for outcome in outcomes), outcomes
 
 
-async def test_a_batches_check_that_could_not_be_asked_is_asked_again(
+async def test_a_batches_check_that_could_not_be_asked_stops_the_batches(
     almanet_broker: BrokerAddresses, session: almanet.Session, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A check whose query fails (its publish raises, as Consumer.publish does with no connection open, or the

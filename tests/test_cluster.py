@@ -95,6 +95,26 @@ async def test_a_service_answers_callers_on_every_nsqd_once_it_serves(
         assert {reply.payload for reply in replies} == {"Hello, cluster!"}
 
 
+async def test_calls_in_batches_on_every_nsqd_are_answered_through_the_nsqd_they_went_to(
+    almanet_cluster: Cluster, callers: list[almanet.Session], prefix: str
+) -> None:
+    """A caller on each nsqd batches its calls; each batch of replies comes back by the nsqd its calls went to."""
+    uri = f"{prefix}.greeting"
+    async with cluster_service(almanet_cluster, prefix, lookupd_poll_interval=60.0):
+        for session in callers:
+            await first_answer(session, uri, within=2.0)
+        await eventually(lambda: all(uri in session._discovery.batches for session in callers))
+        before = [await topic_stats(almanet_cluster.http(node), uri) for node in range(len(callers))]
+        names = [f"n{number}" for number in range(300)]
+        for session in callers:
+            replies = await asyncio.gather(*(session.call(uri, name) for name in names))
+            assert [reply.payload for reply in replies] == [f"Hello, {name}!" for name in names]
+        for node, stats in enumerate(before):
+            after = await topic_stats(almanet_cluster.http(node), uri)
+            assert stats is not None and after is not None
+            assert after["message_count"] - stats["message_count"] < 300 / 2  # in batches, on that nsqd
+
+
 async def test_an_nsqd_that_joins_is_served_within_a_poll(almanet_cluster: Cluster, prefix: str) -> None:
     """A caller given only its nsqd hears of no service until one reads there; one also given nsqlookupd waits."""
     uri = f"{prefix}.greeting"
