@@ -15,13 +15,14 @@ from almanet._speedups.envelope import Reply
 from almanet._speedups.pending import PendingCalls
 from almanet.errors import CallTimeout, rpc_error
 from almanet.nsq import Connection
+from almanet.observer import Sending
 from almanet.wire.errors import ConnectionFailed
 
 
 class Call:
     """A call waiting for its reply: in the pending-call table, and told nsqd's answer to its invocation's publish."""
 
-    __slots__ = ("future", "origin", "published", "timeout", "uri")
+    __slots__ = ("future", "origin", "published", "sending", "timeout", "uri")
 
     def __init__(self, future: asyncio.Future[Any], uri: str, timeout: float) -> None:
         self.future = future
@@ -30,6 +31,7 @@ class Call:
         # The connection the invocation went by, which its replies come by; None: any of the session's nsqd.
         self.origin: Connection | None = None
         self.published = False  # nsqd said OK to the invocation's publish
+        self.sending: Sending | None = None  # the observer's, when there is one (almanet.observer)
 
     def reply(self, reply: Reply[Any]) -> bool:
         """Take ``reply``; True when the call is over."""

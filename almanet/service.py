@@ -14,6 +14,7 @@ whatever goes wrong with one message, it is FINed, never redelivered forever.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -26,12 +27,13 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated at run time
     from typing_extensions import Unpack
 
-from almanet import conversion, loops
+from almanet import conversion, loops, observer
 from almanet._speedups.envelope import EnvelopeError, Invocation, batch_items, decode
 from almanet._speedups.frames import check_name
 from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
 from almanet.nsq import ConnectionOptions, Consumer, Message, MessagePart, sweeper
 from almanet.nsq.lookupd import NsqdWatch
+from almanet.observer import Invoked
 from almanet.options import SessionOptions, check_keywords, connection_options
 from almanet.replies import Replies
 from almanet.rpc import (
@@ -182,6 +184,7 @@ class Service:
         self._stopped = False
         # What a reply's publish tells its failure to, by URI: one each, not one a reply.
         self._calls_started: dict[Message, float] = {}  # while DEBUG is on: time.perf_counter() at each call
+        self._invoked: dict[Message, Invoked] = {}  # the observer's, of the calls running (almanet.observer)
         self._still_running = StillRunning()  # invocations kept from timing out while their call runs
         self._sweeping: asyncio.Task[None] | None = None  # almanet.nsq.sweeper
 
@@ -353,6 +356,10 @@ class Service:
         self._still_running.clear()
         await self._replies.close(timeout)
         await self.session.leave(timeout)
+        # Those of tasks cancelled before their first step, which never answer.
+        invoked, self._invoked = self._invoked, {}
+        for left in invoked.values():
+            left.answered(False, InternalError("CancelledError: the call was cancelled").to_reply_payload())
 
     def _give_back(self, held: deque[Message], *, batches_too: bool = False) -> deque[Message]:
         """REQ the messages ``held`` (nsqd hands them to other instances); those kept.
@@ -469,6 +476,9 @@ class Service:
             logger.exception("%s: an invocation of a batch failed", procedure.uri)
             if not part.answered:
                 part.fin()
+            invoked = self._invoked.pop(part, None)
+            if invoked is not None:
+                invoked.answered(False, InternalError("the invocation could not be handled").to_reply_payload())
 
     def _receive_invocation(self, procedure: Procedure[..., Any], message: Message) -> None:
         if procedure.running >= procedure.max_concurrency:
@@ -503,33 +513,57 @@ class Service:
             )
             message.fin()
             return
-        if logger.isEnabledFor(logging.DEBUG):  # ~75 ns a call; at DEBUG, each call is timed and logged (_answer)
-            self._calls_started[message] = time.perf_counter()
-        payload = invocation.payload
-        if not procedure.takes(payload):
-            try:
-                payload = procedure.receive(payload)
-            except InvalidPayload as refused:
-                logger.warning("refused a payload: %s", refused.args[0])  # which names the URI
-                self._answer(procedure, invocation, False, refused.to_reply_payload(), message)
-                return
+        # Observed (almanet.observer), the call starts within what the observer made current: its task, or
+        # the thread of a sync procedure, inherits it (contextvars).
+        watching = observer.current
+        invoked = entered = None
+        if watching is not None:
+            invoked = watching.invoked(
+                procedure.uri,
+                procedure.channel,
+                invocation.headers,
+                message.connection.address,
+                len(message.body),
+                message.attempts,
+                message.id,
+            )
+            entered = invoked.enter()
+            self._invoked[message] = invoked
         try:
-            context = procedure.context(self.session, invocation)
-            if procedure.is_async:
-                call = procedure.serve(payload, **context)
-                procedure.running += 1
-                task = _start_task(self._run(call, procedure, invocation, message))
-                if not task.done():
-                    self._running.add(task)  # a reference, so the task is not collected while it waits (_run drops it)
+            if logger.isEnabledFor(logging.DEBUG):  # ~75 ns a call; at DEBUG, each call is timed and logged (_answer)
+                self._calls_started[message] = time.perf_counter()
+            payload = invocation.payload
+            if not procedure.takes(payload):
+                try:
+                    payload = procedure.receive(payload)
+                except InvalidPayload as refused:
+                    logger.warning("refused a payload: %s", refused.args[0])  # which names the URI
+                    self._answer(procedure, invocation, False, refused.to_reply_payload(), message)
+                    return
+            try:
+                context = procedure.context(self.session, invocation)
+                if procedure.is_async:
+                    call = procedure.serve(payload, **context)
+                    procedure.running += 1
+                    task = _start_task(self._run(call, procedure, invocation, message))
+                    if not task.done():
+                        self._running.add(
+                            task
+                        )  # a reference, so the task is not collected while it waits (_run drops it)
+                        self._still_running.keep(message, invocation.deadline)
+                else:
+                    work = functools.partial(procedure.serve, payload, **context)
+                    if invoked is not None:  # the thread runs it within what the observer made current
+                        work = functools.partial(contextvars.copy_context().run, work)
+                    future = asyncio.get_running_loop().run_in_executor(None, work)
+                    procedure.running += 1
+                    future.add_done_callback(functools.partial(self._finish_sync, procedure, invocation, message))
                     self._still_running.keep(message, invocation.deadline)
-            else:
-                work = functools.partial(procedure.serve, payload, **context)
-                future = asyncio.get_running_loop().run_in_executor(None, work)
-                procedure.running += 1
-                future.add_done_callback(functools.partial(self._finish_sync, procedure, invocation, message))
-                self._still_running.keep(message, invocation.deadline)
-        except Exception as error:  # the call could not start: answered all the same, never redelivered
-            self._answer_error(error, procedure, invocation, message)
+            except Exception as error:  # the call could not start: answered all the same, never redelivered
+                self._answer_error(error, procedure, invocation, message)
+        finally:
+            if invoked is not None:
+                invoked.leave(entered)
 
     async def _run(
         self, call: Coroutine[Any, Any, Any], procedure: Procedure[..., Any], invocation: Invocation, message: Message
@@ -586,6 +620,10 @@ class Service:
     def _answer_error(
         self, error: BaseException, procedure: Procedure[..., Any], invocation: Invocation, message: Message
     ) -> None:
+        if self._invoked:
+            invoked = self._invoked.get(message)
+            if invoked is not None:
+                invoked.raised(error)
         if isinstance(error, asyncio.CancelledError):  # the service stopped at once, most likely: no bug to trace
             logger.warning("%s: call %d cancelled", procedure.uri, invocation.call_id)
             error = InternalError("CancelledError: the call was cancelled")
@@ -609,6 +647,10 @@ class Service:
             self._still_running.pop(message, None)
         if self._calls_started:  # DEBUG was on when a call came (an empty dict's check otherwise)
             self._log_call(procedure.uri, ok, payload, message)
+        if self._invoked:
+            invoked = self._invoked.pop(message, None)
+            if invoked is not None:
+                invoked.answered(ok, payload)
 
     def _log_call(self, uri: str, ok: bool, payload: Any, message: Message) -> None:
         """At DEBUG: the call's URI, time (from its receipt to its reply) and outcome (ok, or the error's name)."""

@@ -24,13 +24,13 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated at run time
     from typing_extensions import Unpack
 
-from almanet import conversion
+from almanet import conversion, observer
 from almanet._speedups.envelope import EnvelopeError, Reply, batch_items, decode
 from almanet.calls import Call, Multicall, WaitingCalls
 from almanet.discovery import Discovery, DiscoveryQuery
@@ -39,6 +39,7 @@ from almanet.loops import within
 from almanet.nsq import Connection, ConnectionOptions, Consumer, Message, Producer
 from almanet.nsq.connection import Join
 from almanet.nsq.lookupd import POLL_INTERVAL, check_poll_interval
+from almanet.observer import Observer, Sending
 from almanet.options import (
     CONSUME_OUTPUT_BUFFER,
     SessionOptions,
@@ -59,7 +60,7 @@ from almanet.rpc import (
     join_envelopes,
     reply_topic,
 )
-from almanet.subscription import Subscription, encode_payload
+from almanet.subscription import Subscription, encode_payload, traced_body
 from almanet.wire.errors import ConnectionFailed
 
 logger = logging.getLogger("almanet")
@@ -248,7 +249,11 @@ class Session:
             if conversion.needs_builtins(getattr(uri, "payload_type", Any)):
                 payload = conversion.to_builtins(payload)  # rather than after the envelope refused it
         convert = conversion.converter(result_type) if result_type is not None else None
-        reply: Reply[Any] = await self._request(uri, payload, timeout, Call)
+        watching = observer.current
+        if watching is None:
+            reply: Reply[Any] = await self._send(uri, payload, timeout, Call, None)
+        else:
+            reply = await self._send_observed(watching, "call", uri, payload, timeout, Call)
         if convert is None:
             return reply
         try:
@@ -267,17 +272,34 @@ class Session:
 
         Returns when ``count`` replies have come, if given, else when the timeout passes.
         """
-        replies: list[Reply[Any] | rpc_error] = await self._request(
-            uri, payload, timeout, functools.partial(Multicall, expected=count)
-        )
+        new_call = functools.partial(Multicall, expected=count)
+        watching = observer.current
+        if watching is None:
+            replies: list[Reply[Any] | rpc_error] = await self._send(uri, payload, timeout, new_call, None)
+        else:
+            replies = await self._send_observed(watching, "multicall", uri, payload, timeout, new_call)
         return replies
 
-    async def _request(
+    def _send_observed(
+        self,
+        watching: Observer,
+        kind: str,
+        uri: str | NamedProcedure,
+        payload: Any,
+        timeout: float | None,
+        new_call: Callable[[asyncio.Future[Any], str, float], Call],
+    ) -> Awaitable[Any]:
+        """``_send`` through the observer (``kind``: "call" or "multicall")."""
+        name = uri if isinstance(uri, str) else uri.uri
+        return watching.call(kind, name, functools.partial(self._send, uri, payload, timeout, new_call))
+
+    async def _send(
         self,
         uri: str | NamedProcedure,
         payload: Any,
         timeout: float | None,
         new_call: Callable[[asyncio.Future[Any], str, float], Call],
+        sending: Sending | None,
     ) -> Any:
         """Publish an invocation and wait for what ``new_call``'s waiter makes of the replies."""
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
@@ -290,6 +312,7 @@ class Session:
             await self._discovery.wait_served(topic, timeout)
             timeout -= loop.time() - started
         call = new_call(loop.create_future(), topic, timeout)
+        call.sending = sending
         call_id = self._invoke(call, topic, payload, timeout)
         try:
             return await call.future
@@ -318,7 +341,15 @@ class Session:
     def delay_call(self, uri: str | NamedProcedure, payload: Any, delay: float) -> asyncio.Future[bytes]:
         """Invoke ``uri`` after ``delay`` seconds (DPUB), expecting no reply; awaitable for nsqd's OK."""
         topic = check_uri(uri if isinstance(uri, str) else uri.uri)
-        body = invocation_envelope(0, None, 0, None, payload)
+        watching = observer.current
+        if watching is None:
+            return self._delay_call(topic, payload, delay, None)
+        return watching.delayed_call(topic, functools.partial(self._delay_call, topic, payload, delay))
+
+    def _delay_call(self, topic: str, payload: Any, delay: float, sending: Sending | None) -> asyncio.Future[bytes]:
+        body = invocation_envelope(0, None, 0, None if sending is None else sending.headers, payload)
+        if sending is not None:
+            sending.sent(len(body), self._producer.connected_to)
         return self._producer.publish(topic, body, delay=delay)
 
     def _invoke(self, call: Call, topic: str, payload: Any, timeout: float) -> int:
@@ -329,8 +360,11 @@ class Session:
         if connection is not None and not connection.is_open:
             calls.lost(connection)  # closing: its calls are all that wait, and cannot be answered
         call_id = calls.add(call, asyncio.get_running_loop().time() + timeout)
+        sending = call.sending
         try:
-            body = invocation_envelope(call_id, self.reply_topic, int((time.time() + timeout) * 1000), None, payload)
+            deadline = int((time.time() + timeout) * 1000)
+            headers = None if sending is None else sending.headers
+            body = invocation_envelope(call_id, self.reply_topic, deadline, headers, payload)
             if len(body) > APART_SIZE or (self._auth_required and topic not in self._may_publish):
                 self._publish_call_apart(topic, body, call)
             else:
@@ -338,6 +372,8 @@ class Session:
         except BaseException:
             calls.table.pop(call_id)
             raise
+        if sending is not None:
+            sending.sent(len(body), None if call.origin is None else call.origin.address)
         return call_id
 
     def _publish_call(self, topic: str, body: bytes, call: Call, join: Join | None) -> None:
@@ -454,11 +490,31 @@ class Session:
         that are not almanet's; they read ``message.body``). Publishes of
         one loop iteration to one topic leave as one MPUB.
         """
-        return self._producer.publish(topic, encode_payload(payload, raw), delay=delay)
+        watching = observer.current
+        if watching is None:
+            return self._producer.publish(topic, encode_payload(payload, raw), delay=delay)
+        return watching.produce(topic, 1, functools.partial(self._produce, topic, [payload], raw, delay, False))
 
     def produce_batch(self, topic: str, payloads: Iterable[Any], *, raw: bool = False) -> asyncio.Future[bytes]:
         """Publish several payloads in one MPUB: all of them or none (``raw`` as for ``produce``)."""
-        return self._producer.publish_batch(topic, [encode_payload(payload, raw) for payload in payloads])
+        watching = observer.current
+        if watching is None:
+            return self._producer.publish_batch(topic, [encode_payload(payload, raw) for payload in payloads])
+        payloads = list(payloads)
+        return watching.produce(topic, len(payloads), functools.partial(self._produce, topic, payloads, raw, 0.0, True))
+
+    def _produce(
+        self, topic: str, payloads: list[Any], raw: bool, delay: float, batch: bool, sending: Sending
+    ) -> asyncio.Future[bytes]:
+        """``produce`` or ``produce_batch`` observed: each body but a raw one carries ``sending``'s headers."""
+        headers = None if raw else sending.headers
+        bodies = [encode_payload(payload, raw) for payload in payloads]
+        if headers:
+            bodies = [traced_body(headers, body) for body in bodies]
+        sending.sent(sum(map(len, bodies)), self._producer.connected_to)
+        if batch:
+            return self._producer.publish_batch(topic, bodies)
+        return self._producer.publish(topic, bodies[0], delay=delay)
 
     def consume(
         self,

@@ -1,4 +1,10 @@
-"""Produce and consume: the body a payload is produced as, and the messages a subscription hands out."""
+"""Produce and consume: the body a payload is produced as, and the messages a subscription hands out.
+
+A produced body is the payload msgpack-encoded. With an observer installed
+(``almanet.observer``: tracing) it is that body wrapped with the trace
+context, as one msgpack ext value (``traced_body``), which a subscription
+unwraps: docs/PROTOCOL.md, "Produce and consume".
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,14 @@ from typing import Any
 
 import msgpack
 
-from almanet import conversion
+from almanet import conversion, observer
 from almanet.errors import UnreadableBody
 from almanet.nsq import Consumer, Message
+from almanet.observer import Consumed
+
+# The msgpack ext type of a body wrapped with headers: its data is the msgpack array [headers, body].
+TRACED_BODY_EXT = 84
+_EXT_MARKERS = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})  # the first byte of each ext format
 
 
 def encode_payload(payload: Any, raw: bool) -> bytes:
@@ -26,17 +37,50 @@ def encode_payload(payload: Any, raw: bool) -> bytes:
     return bytes(payload)
 
 
-class ConsumedMessage:
-    """A message of a consumed topic: commit it (FIN) or roll it back (REQ) once; ``touch()`` meanwhile."""
+def traced_body(headers: dict[str, str], body: bytes) -> bytes:
+    """``body`` wrapped with ``headers`` (the trace context), as ``ConsumedMessage`` unwraps it."""
+    return msgpack.packb(msgpack.ExtType(TRACED_BODY_EXT, msgpack.packb([headers, body])))  # type: ignore[no-any-return]
 
-    __slots__ = ("_message", "attempts", "body", "id", "timestamp")
+
+def untraced(body: bytes) -> tuple[dict[str, str] | None, bytes]:
+    """The headers a body produced by ``traced_body`` carries, and the body it wraps; else None and ``body``."""
+    if not body or body[0] not in _EXT_MARKERS:
+        return None, body
+    try:
+        value = msgpack.unpackb(body)
+        if type(value) is msgpack.ExtType and value.code == TRACED_BODY_EXT:
+            headers, inner = msgpack.unpackb(value.data, raw=False)
+            if (
+                type(headers) is dict
+                and type(inner) is bytes
+                and all(type(name) is str and type(text) is str for name, text in headers.items())
+            ):
+                return headers, inner
+    except Exception:  # not one: a payload of its own, read as it is
+        pass
+    return None, body
+
+
+class ConsumedMessage:
+    """A message of a consumed topic: commit it (FIN) or roll it back (REQ) once; ``touch()`` meanwhile.
+
+    ``body`` is what was produced (unwrapped from the trace context it may
+    carry: ``headers``, None when it carries none).
+    """
+
+    __slots__ = ("_message", "_observed", "attempts", "body", "headers", "id", "timestamp")
 
     def __init__(self, message: Message) -> None:
         self._message = message
-        self.body: bytes = message.body
+        body = message.body
+        self.headers: dict[str, str] | None = None
+        if body and body[0] in _EXT_MARKERS:  # the first byte's check here: a call less a message
+            self.headers, body = untraced(body)
+        self.body: bytes = body
         self.id: bytes = message.id
         self.timestamp: int = message.timestamp  # ns since the epoch, when published
         self.attempts: int = message.attempts
+        self._observed: Consumed | None = None
 
     @property
     def payload(self) -> Any:
@@ -52,10 +96,14 @@ class ConsumedMessage:
     def commit(self) -> None:
         """Done with it (FIN)."""
         self._message.fin()
+        if self._observed is not None:
+            self._observed.answered(True)
 
     def rollback(self, delay: float = 0.0) -> None:
         """Give it back for redelivery after ``delay`` seconds (REQ); its attempts grow by one."""
         self._message.req(delay)
+        if self._observed is not None:
+            self._observed.answered(False)
 
     def touch(self) -> None:
         """Restart its msg_timeout (TOUCH)."""
@@ -93,7 +141,20 @@ class Subscription:
         if self._stopped:  # sent before nsqd had our RDY 0: back at once
             message.req()
             return
-        self._received.append(ConsumedMessage(message))
+        consumed = ConsumedMessage(message)
+        watching = observer.current
+        if watching is not None:
+            consumer = self._consumer
+            consumed._observed = watching.consumed(
+                consumer.topic,
+                consumer.channel,
+                consumed.headers,
+                message.connection.address,
+                len(message.body),
+                message.attempts,
+                message.id,
+            )
+        self._received.append(consumed)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

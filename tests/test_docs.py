@@ -81,6 +81,9 @@ THE_TEST_FILE = {("README.md", "Testing"), ("docs/TESTING.md", "Testing")}
 WITH_CERTIFICATES = {("docs/SECURITY.md", "TLS, AUTH and compression")}
 RUN_ELSEWHERE = {
     ("docs/CLUSTER.md", "Three nodes on one machine"): "tests/test_cluster.py::test_the_cluster_page_runs_as_written",
+    ("docs/OBSERVABILITY.md", "In code: an example exporting to the console"): (
+        "tests/test_otel.py::test_the_observability_page_runs_as_written"
+    ),
 }
 NOT_AS_THEY_STAND = SERVICE_AND_CALLER | THE_TEST_FILE | WITH_CERTIFICATES | RUN_ELSEWHERE.keys()
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "almanet"
 # Lowest first. A module may import its own floor and those below; the
 # client (nsq) and the broker share a floor and never import each other.
 FLOORS: list[tuple[str, ...]] = [
-    ("almanet._version", "almanet.wire", "almanet.loops"),
+    ("almanet._version", "almanet.wire", "almanet.loops", "almanet.observer"),
     ("almanet._speedups", "almanet.conversion"),
     ("almanet.nsq", "almanet.broker"),
     ("almanet.errors",),
@@ -25,7 +25,15 @@ FLOORS: list[tuple[str, ...]] = [
     ("almanet.session",),
     ("almanet.service",),
     ("almanet.asyncapi",),
-    ("almanet", "almanet.cli", "almanet.workers", "almanet.pytest_plugin", "almanet.bench", "almanet.__main__"),
+    (
+        "almanet",
+        "almanet.cli",
+        "almanet.workers",
+        "almanet.pytest_plugin",
+        "almanet.bench",
+        "almanet.__main__",
+        "almanet.otel",
+    ),
 ]
 APART = [("almanet.nsq", "almanet.broker")]
 

@@ -13,6 +13,7 @@ import pytest
 
 import almanet
 from almanet.pytest_plugin import BrokerAddresses
+from almanet.subscription import ConsumedMessage, traced_body
 from helpers import eventually
 
 pytestmark = pytest.mark.asyncio
@@ -262,3 +263,13 @@ async def test_several_readers_of_one_subscription_all_end_when_it_stops(session
     await subscription.stop()
     results = await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), TIMEOUT)
     assert sum(isinstance(result, StopAsyncIteration) for result in results) == 2
+
+
+async def test_a_consumer_not_traced_unwraps_a_traced_body(session: almanet.Session, topic: str) -> None:
+    headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    await session.produce(topic, traced_body(headers, msgpack.packb({"n": 1})), raw=True)
+    async for message in session.consume(topic, "ch"):
+        assert isinstance(message, ConsumedMessage)
+        assert (message.headers, message.payload) == (headers, {"n": 1})
+        message.commit()
+        break

@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from almanet import observer
 from almanet._speedups.frames import check_name, encode_sub
 from almanet.loops import within
 from almanet.nsq.connection import Connection, Join, Message, OnAnswer, OnMessage
@@ -284,23 +285,25 @@ class Consumer:
         self._stop_publishing_through(connection)
         if self._wanted(connection.address):
             logger.warning("lost %s (%s); reconnecting", connection.address, error)
-            self._reconnect_later(connection.address)
+            self._reconnect_later(connection.address, lost=True)
         self._ready.distribute()
         self._check_drained(connection)
 
-    def _reconnect_later(self, address: str) -> None:
+    def _reconnect_later(self, address: str, *, lost: bool = False) -> None:
         if address not in self._reconnecting:
             self._reconnecting.add(address)
-            self._spawn(self._reconnect(address))
+            self._spawn(self._reconnect(address, lost))
 
-    async def _reconnect(self, address: str) -> None:
-        """Exponential backoff with jitter, for as long as the address is wanted."""
+    async def _reconnect(self, address: str, lost: bool) -> None:
+        """Exponential backoff with jitter, for as long as the address is wanted; told to the observer if ``lost``."""
         delay = 0.1
         try:
             while self._wanted(address) and address not in self.connections:
                 await asyncio.sleep(delay * random.uniform(0.75, 1.25))
                 try:
                     await self._connect(address)
+                    if lost and observer.current is not None and address in self.connections:
+                        observer.current.reconnected(address)
                 except (ConnectionError, ProtocolError) as error:
                     # nsqd refusing IDENTIFY, AUTH or SUB (CommandError) may be fixed
                     # on its side: retried as well, and told louder.
