@@ -15,7 +15,9 @@
   it reads a line, then prints when they started and ended as one JSON line;
   once its stdin is closed, their latencies as another, and it leaves.
 
-``ALMANET_BENCH_LOOP=uvloop`` runs the process on uvloop.
+``ALMANET_BENCH_LOOP=uvloop`` runs the process on uvloop. ``ALMANET_BENCH_OTEL=RATIO``
+instruments almanet in it with OpenTelemetry's SDK, sampling that share of the
+traces (1: every call; ``traced``).
 """
 
 from __future__ import annotations
@@ -256,8 +258,42 @@ def _json_line(caller: subprocess.Popen[str]) -> Any:
     return json.loads(line)
 
 
+def traced(ratio: float) -> None:
+    """almanet traced through OpenTelemetry's SDK, as an application would: ``ratio`` of the traces sampled
+    (the others' spans not recorded) and exported (by the SDK's batch processor, to an exporter that drops
+    them), metrics read every 10 s (and dropped)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from almanet.otel import AlmanetInstrumentor
+
+    class DroppedSpans(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    class DroppedMetrics(MetricExporter):
+        def export(self, metrics_data: Any, timeout_millis: float = 0, **kwargs: Any) -> MetricExportResult:
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: float = 0) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 0, **kwargs: Any) -> None:
+            pass
+
+    tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    tracer_provider.add_span_processor(BatchSpanProcessor(DroppedSpans()))
+    meter_provider = MeterProvider([PeriodicExportingMetricReader(DroppedMetrics(), 10_000)])
+    AlmanetInstrumentor().instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+
 def main(argv: list[str]) -> None:
     role, *args = argv
+    if os.environ.get("ALMANET_BENCH_OTEL"):
+        traced(float(os.environ["ALMANET_BENCH_OTEL"]))
     if role == "load":
         address, name, count, window, size = args
         run_loop(_load(address, name, int(count), int(window), int(size)))
