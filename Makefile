@@ -37,7 +37,8 @@ test: lint docs
 test-pure: $(INSTALLED)
 	ALMANET_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q
 
-# The suite again with CPython 3.10, 3.12 and 3.13 from pyenv (CI runs it after `make test`).
+# The suite again with CPython 3.13 from pyenv, and a chosen part of it with 3.10 and 3.12
+# (tools/test-pythons; CI runs it after `make test`).
 test-pythons:
 	tools/test-pythons
 
