@@ -547,9 +547,8 @@ class Service:
                     procedure.running += 1
                     task = _start_task(self._run(call, procedure, invocation, message))
                     if not task.done():
-                        self._running.add(
-                            task
-                        )  # a reference, so the task is not collected while it waits (_run drops it)
+                        # A reference, so the task is not collected while it waits (_run drops it).
+                        self._running.add(task)
                         self._still_running.keep(message, invocation.deadline)
                 else:
                     work = functools.partial(procedure.serve, payload, **context)

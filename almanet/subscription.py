@@ -3,7 +3,7 @@
 A produced body is the payload msgpack-encoded. With an observer installed
 (``almanet.observer``: tracing) it is that body wrapped with the trace
 context, as one msgpack ext value (``traced_body``), which a subscription
-unwraps: docs/PROTOCOL.md, "Produce and consume".
+unwraps: docs/PROTOCOL.md, "Traced bodies".
 """
 
 from __future__ import annotations
