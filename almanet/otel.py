@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from timeit import default_timer
 from typing import Any, TypeVar
@@ -34,6 +35,8 @@ from almanet.errors import CallTimeout, NoResponders, rpc_error
 from almanet.observer import Consumed, Invoked, Sending
 
 T = TypeVar("T")
+
+logger = logging.getLogger("almanet")
 
 SYSTEM = "almanet"  # rpc.system.name
 MESSAGING_SYSTEM = "nsq"  # messaging.system
@@ -57,9 +60,16 @@ class AlmanetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         watching = OpenTelemetryObserver(
             kwargs.get("tracer_provider"), kwargs.get("meter_provider"), kwargs.get("trace_produced", True)
         )
-        # No-op providers (OTEL_SDK_DISABLED, say) stay so: then nothing is observed, and nothing paid for.
-        if not watching.inert:
+        # With neither a tracer nor a meter provider that records (none set up yet, or OTEL_SDK_DISABLED's no-op
+        # ones), nothing is installed, and almanet's calls pay for nothing: OpenTelemetry's no-op API costs
+        # more per call than almanet's own work.
+        if watching.records:
             observer.install(watching)
+        elif watching.waits_for_providers:
+            logger.warning(
+                "almanet is not instrumented: OpenTelemetry has no tracer provider or meter provider set up yet "
+                "(set them up first, or pass them to instrument())"
+            )
 
     def _uninstrument(self, **kwargs: Any) -> None:
         observer.install(None)
@@ -181,8 +191,14 @@ class OpenTelemetryObserver:
     ) -> None:
         self._tracer = trace.get_tracer(__name__, __version__, tracer_provider)
         meter = metrics.get_meter(__name__, __version__, meter_provider)
-        # A provider set later is taken up by the global proxies; one that made no-ops never will.
-        self.inert = isinstance(self._tracer, trace.NoOpTracer) and isinstance(meter, metrics.NoOpMeter)
+        # The global proxies, while no provider is set; the no-op ones, for good.
+        tracer_waits = isinstance(self._tracer, trace.ProxyTracer)
+        meter_waits = type(meter).__name__ == "_ProxyMeter"  # opentelemetry.metrics gives it no public name
+        self.waits_for_providers = tracer_waits or meter_waits
+        self.records = not (
+            (tracer_waits or isinstance(self._tracer, trace.NoOpTracer))
+            and (meter_waits or isinstance(meter, metrics.NoOpMeter))
+        )
         self._trace_produced = trace_produced
         self._calls_in_flight: dict[str, int] = {}
         self._outcomes: dict[tuple[str, str], dict[str, str]] = {}

@@ -375,6 +375,20 @@ def test_no_op_providers_install_no_observer() -> None:
         instrumentor.uninstrument()
 
 
+def test_instrumenting_before_anything_is_set_up_installs_nothing_and_says_so() -> None:
+    """opentelemetry-instrument without an SDK, or instrument() before the providers: nothing is installed."""
+    code = (
+        "import logging; logging.basicConfig()\n"
+        "from almanet import observer\n"
+        "from almanet.otel import AlmanetInstrumentor\n"
+        "AlmanetInstrumentor().instrument()\n"
+        "print(observer.current)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout == "None\n"
+    assert "almanet is not instrumented: OpenTelemetry has no tracer provider or meter provider" in done.stderr
+
+
 def test_importing_almanet_imports_no_opentelemetry() -> None:
     code = "import sys, almanet, almanet.cli; almanet.new_service('127.0.0.1:4150'); print(sorted(sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
