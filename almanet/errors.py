@@ -123,6 +123,14 @@ class rpc_error(AlmanetError):  # lower case: the name users know from the origi
         return error
 
 
+def describe_error(error: BaseException) -> str:
+    """``str(error)``, or its ``repr`` when its ``__str__`` fails (an exception built from what came off the wire)."""
+    try:
+        return str(error)
+    except Exception:
+        return object.__repr__(error)
+
+
 def _encodable(value: Any) -> Any:
     """``value`` if msgpack can encode it, else its ``str()``."""
     try:

@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from almanet import observer
 from almanet._version import __version__
-from almanet.errors import CallTimeout, NoResponders, rpc_error
+from almanet.errors import CallTimeout, NoResponders, describe_error, rpc_error
 from almanet.observer import Consumed, Invoked, Sending
 
 T = TypeVar("T")
@@ -91,10 +91,7 @@ def _record_error(span: Span, error: BaseException) -> str:
     the wire, say), and an observer must not change what almanet does."""
     name = _error_type(error)
     if span.is_recording():
-        try:
-            description = str(error)
-        except Exception:
-            description = object.__repr__(error)
+        description = describe_error(error)
         span.set_status(Status(StatusCode.ERROR, f"{name}: {description}"))
         span.set_attribute("error.type", name)
         try:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # Python 3.11's typing has it; annotations are not evaluated 
 from almanet import conversion, loops, observer
 from almanet._speedups.envelope import EnvelopeError, Invocation, batch_items, decode
 from almanet._speedups.frames import check_name
-from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, rpc_error
+from almanet.errors import InternalError, InvalidEnvelope, InvalidPayload, describe_error, rpc_error
 from almanet.nsq import ConnectionOptions, Consumer, Message, MessagePart, sweeper
 from almanet.nsq.lookupd import NsqdWatch
 from almanet.observer import Invoked
@@ -628,11 +628,11 @@ class Service:
             error = InternalError("CancelledError: the call was cancelled")
         elif not isinstance(error, rpc_error):
             logger.error("%s raised", procedure.uri, exc_info=error)
-            error = InternalError(f"{type(error).__name__}: {_describe(error)}")
+            error = InternalError(f"{type(error).__name__}: {describe_error(error)}")
         try:
             payload = error.to_reply_payload()
         except Exception:  # args whose str() raises
-            payload = InternalError(f"{type(error).__name__}: {_describe(error)}").to_reply_payload()
+            payload = InternalError(f"{type(error).__name__}: {describe_error(error)}").to_reply_payload()
         self._answer(procedure, invocation, False, payload, message)
 
     def _answer(
@@ -658,14 +658,6 @@ class Service:
             milliseconds = (time.perf_counter() - started) * 1000
             outcome = "ok" if ok else payload[0] if isinstance(payload, list) and payload else "error"
             logger.debug("%s: %s in %.3f ms", uri, outcome, milliseconds)
-
-
-def _describe(error: BaseException) -> str:
-    """``str(error)``, or its ``repr`` when its ``__str__`` fails too."""
-    try:
-        return str(error)
-    except Exception:
-        return object.__repr__(error)
 
 
 CONTEXT = ("session", "uri", "caller", "deadline", "headers")

@@ -33,7 +33,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import almanet
 from almanet import observer
+from almanet.broker.nsqd import Cluster
 from almanet.otel import AlmanetInstrumentor
+from almanet.pytest_plugin import brokers_available
 from helpers import PROJECT, broker_of_kind, eventually, free_port, wait_until_served
 
 
@@ -61,17 +63,11 @@ class Telemetry:
             for point in found.data.data_points
         ]
 
-    def count(self, metric: str, **attributes: Any) -> int:
-        """The sum of a counter's points (or a histogram's counts) whose attributes include ``attributes``.
-
-        An attribute's name is written with ``_`` for ``.``, ``__`` for ``_``.
-        """
-        wanted = {
-            name.replace("__", "-").replace("_", ".").replace("-", "_"): value for name, value in attributes.items()
-        }
+    def count(self, metric: str, attributes: dict[str, Any]) -> int:
+        """The sum of a counter's points (or a histogram's counts) whose attributes include ``attributes``."""
         total = 0
         for point in self.points(metric):
-            if all(point.attributes.get(name) == value for name, value in wanted.items()):
+            if all(point.attributes.get(name) == value for name, value in attributes.items()):
                 total += point.count if hasattr(point, "count") else point.value
         return total
 
@@ -141,11 +137,11 @@ async def test_calls_and_invocations_are_spans_parent_and_child_with_their_metri
     (nobody,) = telemetry.finished(f"{prefix}.nobody", SpanKind.CLIENT)
     assert (nobody.attributes or {})["error.type"] == "NoResponders"
 
-    assert telemetry.count("rpc.client.call.duration", rpc_method=uri) == 2
-    assert telemetry.count("rpc.client.call.duration", rpc_method=uri, error_type="traced_denied") == 1
-    assert telemetry.count("rpc.server.call.duration", rpc_method=uri, rpc_response_status__code="ok") == 1
-    assert telemetry.count("almanet.rpc.client.no_responders", rpc_method=f"{prefix}.nobody") == 1
-    assert telemetry.count("almanet.rpc.client.active_calls", rpc_method=uri) == 0
+    assert telemetry.count("rpc.client.call.duration", {"rpc.method": uri}) == 2
+    assert telemetry.count("rpc.client.call.duration", {"rpc.method": uri, "error.type": "traced_denied"}) == 1
+    assert telemetry.count("rpc.server.call.duration", {"rpc.method": uri, "rpc.response.status_code": "ok"}) == 1
+    assert telemetry.count("almanet.rpc.client.no_responders", {"rpc.method": f"{prefix}.nobody"}) == 1
+    assert telemetry.count("almanet.rpc.client.active_calls", {"rpc.method": uri}) == 0
 
 
 async def test_a_call_a_procedure_makes_is_a_child_of_its_invocation_async_or_sync(
@@ -206,7 +202,7 @@ async def test_multicall_delay_call_and_timeouts(telemetry: Telemetry, tcp: str,
     assert (multicall.attributes or {})["almanet.call.kind"] == "multicall"
     assert (multicall.attributes or {})["almanet.multicall.replies"] == 1
     assert (timed_out.attributes or {})["error.type"] == "CallTimeout"
-    assert telemetry.count("almanet.rpc.client.timeouts", rpc_method=f"{prefix}.slow") == 1
+    assert telemetry.count("almanet.rpc.client.timeouts", {"rpc.method": f"{prefix}.slow"}) == 1
     (deferred,) = telemetry.finished(f"{prefix}.later", SpanKind.CLIENT)
     assert (deferred.attributes or {})["almanet.call.kind"] == "delay_call"
     await eventually(lambda: telemetry.finished(f"{prefix}.later", SpanKind.SERVER))
@@ -249,9 +245,9 @@ async def test_a_consumed_message_is_a_child_of_its_produce(telemetry: Telemetry
         "commit",
         "rollback",
     ]
-    assert telemetry.count("messaging.client.sent.messages", messaging_destination_name=topic) == 4
-    assert telemetry.count("messaging.client.consumed.messages", messaging_destination_name=topic) == 5
-    assert telemetry.count("almanet.redeliveries", messaging_destination_name=topic) == 1
+    assert telemetry.count("messaging.client.sent.messages", {"messaging.destination.name": topic}) == 4
+    assert telemetry.count("messaging.client.consumed.messages", {"messaging.destination.name": topic}) == 5
+    assert telemetry.count("almanet.redeliveries", {"messaging.destination.name": topic}) == 1
 
 
 async def test_trace_produced_false_leaves_produced_bodies_as_they_are(session: almanet.Session) -> None:
@@ -343,7 +339,38 @@ async def test_an_error_that_cannot_be_printed_is_answered_and_its_spans_end(
         assert not service._invoked
 
 
-async def test_a_connection_lost_and_open_again_is_a_reconnect(telemetry: Telemetry) -> None:
+async def test_on_a_cluster_each_call_is_traced_through_the_nsqd_it_went_by(
+    telemetry: Telemetry, almanet_cluster: Cluster, prefix: str
+) -> None:
+    """3 nsqd behind 2 nsqlookupd, the service on every nsqd (given nsqlookupd), a caller on each nsqd: every
+    invocation's span is a child of its call's, and both name the caller's nsqd."""
+    service = almanet.new_service(almanet_cluster.tcp(0), *almanet_cluster.lookupd_http, prefix=prefix)
+
+    @service.procedure
+    async def echo(payload: str) -> str:
+        return payload
+
+    nodes = [almanet_cluster.tcp(node) for node in range(len(almanet_cluster.nodes))]
+    async with service:
+        for node, address in enumerate(nodes):
+            async with almanet.new_session(address) as session:
+                assert (await session.call(f"{prefix}.echo", f"node {node}")).payload == f"node {node}"
+    clients = telemetry.finished(f"{prefix}.echo", SpanKind.CLIENT)
+    servers = {
+        span.parent.span_id: span for span in telemetry.finished(f"{prefix}.echo", SpanKind.SERVER) if span.parent
+    }
+    assert len(clients) == len(servers) == len(nodes)
+    for client, address in zip(clients, nodes, strict=True):
+        server = servers[client.context.span_id]
+        assert server.context.trace_id == client.context.trace_id
+        host, port = address.rsplit(":", 1)
+        for span in (client, server):
+            attributes = span.attributes or {}
+            assert (attributes["server.address"], attributes["server.port"]) == (host, int(port))
+
+
+@pytest.mark.parametrize("kind", brokers_available())
+async def test_a_connection_lost_and_open_again_is_a_reconnect(telemetry: Telemetry, kind: str) -> None:
     address = f"127.0.0.1:{free_port()}"
     service = almanet.new_service(address, prefix="reconnects")
 
@@ -351,14 +378,14 @@ async def test_a_connection_lost_and_open_again_is_a_reconnect(telemetry: Teleme
     async def echo(payload: str) -> str:
         return payload
 
-    with broker_of_kind("embedded", address):
+    with broker_of_kind(kind, address):
         await service.start()
     try:
         await asyncio.sleep(0.5)  # gone: the service's connections reconnect until it is back
-        with broker_of_kind("embedded", address):
+        with broker_of_kind(kind, address):
             host, port = address.rsplit(":", 1)
-            counted = {"server_address": host, "server_port": int(port)}
-            await eventually(lambda: telemetry.count("almanet.nsq.reconnects", **counted) >= 2)  # procedure, discovery
+            counted = {"server.address": host, "server.port": int(port)}
+            await eventually(lambda: telemetry.count("almanet.nsq.reconnects", counted) >= 2)  # procedure, discovery
     finally:
         await service.stop(timeout=1)
 
